@@ -1,0 +1,24 @@
+// Helpers turning at::Tensor metadata into the plain structs of csrc/include/hass (CPU and CUDA bindings).
+#pragma once
+#include <ATen/ATen.h>
+
+#include "hass/compact_kv.h"
+
+namespace hass_bind {
+
+// Geometry of a KV cache [B,H,S,D] or [lead,B,H,S,D] (leading dims must be collapsible into one).
+inline hass::CacheGeom cache_geom(const at::Tensor& t, int64_t B) {
+  TORCH_CHECK(t.dim() == 4 || t.dim() == 5, "compact_kv: a cache must be [B,H,S,D] or [lead,B,H,S,D], got ",
+              t.sizes());
+  TORCH_CHECK(t.stride(-1) == 1, "compact_kv: the last (head) dim of a cache must be contiguous");
+  const int64_t o = t.dim() - 4;
+  TORCH_CHECK(t.size(o) == B, "compact_kv: cache batch ", t.size(o), " != src_slots batch ", B);
+  hass::CacheGeom g;
+  g.lead = o ? t.size(0) : 1;
+  g.s_lead = o ? t.stride(0) : 0;
+  g.B = t.size(o); g.H = t.size(o + 1); g.S = t.size(o + 2); g.D = t.size(o + 3);
+  g.s_b = t.stride(o); g.s_h = t.stride(o + 1); g.s_s = t.stride(o + 2);
+  return g;
+}
+
+}  // namespace hass_bind

