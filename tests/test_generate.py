@@ -10,17 +10,14 @@ import torch
 import hass_ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EVAL_DIR = os.path.join(ROOT, "..", "shared", "data", "eval")
+EVAL_DIR = os.path.join(ROOT, "hass_ext", "data", "eval")  # MT-bench, HumanEval, GSM8K (80 questions each)
 
 
 def eval_prompts(per_file):
-    """First turns of the eval question files (shared data beside the checkout, else the packaged copy)."""
+    """First turns of the first ``per_file`` questions of each packaged eval file."""
     prompts = []
     for name in ("mt_bench", "humaneval", "gsm8k"):
-        path = os.path.join(EVAL_DIR, f"{name}.jsonl")
-        if not os.path.exists(path):
-            path = os.path.join(ROOT, "bench", "data", f"{name}.jsonl")
-        with open(path) as f:
+        with open(os.path.join(EVAL_DIR, f"{name}.jsonl")) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         prompts += [r["turns"][0] for r in rows[:per_file]]
     return prompts
