@@ -1,5 +1,6 @@
 """The hass-ext command line: generate, chat (and the training/evaluation commands as they land)."""
 import argparse
+import os
 import sys
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -88,6 +89,40 @@ def cmd_chat(args):
     return 0
 
 
+def _parse_drafts(specs, target):
+    """--draft NAME=PATH (or PATH, or "default") -> {name: loaded draft}."""
+    drafts = {}
+    for spec in specs or []:
+        name, _, path = spec.partition("=") if "=" in spec else (os.path.basename(spec.rstrip("/")), "", spec)
+        if path == "default":
+            drafts[name] = "default"
+            continue
+        from . import load_draft
+
+        drafts[name] = load_draft(path, target=target)
+    return drafts
+
+
+def cmd_eval(args):
+    import shlex
+
+    from .evaluate import evaluate, markdown_table, write_results
+
+    target = _load(args)
+    drafts = _parse_drafts(args.draft, target)
+    settings = dict(datasets=args.datasets, temperatures=args.temperatures, num_questions=args.num_questions,
+                    max_new_tokens=args.max_new_tokens, turns=args.turns, target=target.name,
+                    drafts=args.draft or [])
+    results = evaluate(target, drafts, datasets=args.datasets, temperatures=args.temperatures,
+                       num_questions=args.num_questions, max_new_tokens=args.max_new_tokens, turns=args.turns,
+                       seed=args.seed or 0)
+    command = "hass-ext " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    paths = write_results(results, args.out_dir, args.name, command, settings)
+    print(markdown_table(results))
+    print("written: " + ", ".join(paths.values()), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hass-ext",
@@ -110,6 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
+
+    e = sub.add_parser("eval", help="tau and speedup over MT-bench / HumanEval / GSM8K",
+                       description="Run vanilla decoding and each --draft side by side, interleaved per prompt, "
+                                   "and write JSON, Markdown and PNG results.")
+    e.add_argument("--draft", action="append", metavar="[NAME=]PATH",
+                   help="a draft to evaluate (repeatable); 'default' for the packaged draft")
+    e.add_argument("--datasets", nargs="+", default=["mt_bench", "humaneval", "gsm8k"],
+                   help="packaged dataset names or JSONL question files (default: all three)")
+    e.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    e.add_argument("--num-questions", type=int, default=None, help="first N questions of each dataset")
+    e.add_argument("--turns", type=int, default=2, help="turns per question (MT-bench has 2)")
+    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out-dir", default="bench/results")
+    e.add_argument("--name", default="eval", help="file name prefix of the results")
+    _add_model_args(e)
+    e.set_defaults(func=cmd_eval)
     return parser
 
 
