@@ -53,7 +53,7 @@ hass::NodeDist node_dist(const scalar_t* row, int64_t V, const Params& p) {
         const uint32_t key = hass::order_key(static_cast<float>(row[j]));
         if (hass::radix_in_bucket(key, prefix, level)) ++hist[hass::radix_digit(key, level)];
       }
-      const int digit = hass::radix_pick<uint32_t>(hist, &above, static_cast<uint32_t>(p.top_k));
+      const int digit = hass::radix_pick<uint32_t>(hist, 0, hass::kRadixBins, &above, static_cast<uint32_t>(p.top_k));
       prefix = hass::radix_extend(prefix, level, digit);
     }
     d.thr = prefix;
@@ -74,7 +74,7 @@ hass::NodeDist node_dist(const scalar_t* row, int64_t V, const Params& p) {
         for (int i = 0; i < hass::kRadixBins; ++i) total += hist[i];
         target = hass::top_p_target(total, p.top_p);
       }
-      const int digit = hass::radix_pick<uint64_t>(hist, &above, target);
+      const int digit = hass::radix_pick<uint64_t>(hist, 0, hass::kRadixBins, &above, target);
       pre = hass::radix_extend(pre, level, digit);
     }
     d.thr = pre;

@@ -88,6 +88,35 @@ HASS_HD float kept_mass(const NodeDist& d, float x, float inv_t) {
   return order_key(x) < d.thr ? 0.f : scaled_exp(x, d.xmax, inv_t);
 }
 
+// Running softmax statistics of logits: max m, lowest index of the max, sum of exp((x - m) / T).
+struct MaxSum {
+  float m;
+  float s;
+  int32_t arg;  // INT32_MAX when no finite logit was seen
+};
+
+// Adds logit x at index j (finite or -inf; j increasing within one accumulator).
+HASS_HD void maxsum_add(MaxSum* a, float x, int32_t j, float inv_t, bool with_sum) {
+  if (x > a->m) {
+    if (with_sum) a->s = (a->m == -INFINITY ? 0.f : a->s * scaled_exp(a->m, x, inv_t)) + 1.f;
+    a->m = x;
+    a->arg = j;
+  } else if (with_sum && x != -INFINITY) {
+    a->s += scaled_exp(x, a->m, inv_t);
+  }
+}
+
+// Merges two accumulators; symmetric (merge(a, b) == merge(b, a) bit for bit), so butterfly reductions agree.
+HASS_HD MaxSum maxsum_merge(const MaxSum& a, const MaxSum& b, float inv_t) {
+  MaxSum r;
+  r.m = a.m > b.m ? a.m : b.m;
+  r.arg = a.m > b.m ? a.arg : (b.m > a.m ? b.arg : (a.arg < b.arg ? a.arg : b.arg));
+  const float sa = a.m == -INFINITY ? 0.f : a.s * scaled_exp(a.m, r.m, inv_t);
+  const float sb = b.m == -INFINITY ? 0.f : b.s * scaled_exp(b.m, r.m, inv_t);
+  r.s = sa + sb;
+  return r;
+}
+
 HASS_HD uint64_t mass_fixed(float e) { return static_cast<uint64_t>(e * kMassScale); }
 
 // Fixed-point mass the kept top-p set must reach: ceil(top_p * total), at least 1.
@@ -107,14 +136,15 @@ HASS_HD bool radix_in_bucket(uint32_t key, uint32_t prefix, int level) {
 }
 
 // One level of "largest key t with weight{key >= t} >= target": hist holds the weight of each digit among the
-// keys of the current bucket, *above the weight of all keys above the bucket. Returns the digit of t and adds
-// the weight of the higher digits to *above. If rounding left the target unreached, takes the lowest
-// non-empty digit (keeps everything). Returns -1 for an empty bucket.
+// keys of the current bucket, *above the weight of all keys above the bucket (< target). Scans the digits
+// [lo, hi) downwards (a caller may split the 256 digits into ranges, *above then counting the higher ranges).
+// Returns the digit of t and adds the weight of the higher digits to *above. If rounding left the target
+// unreached, takes the lowest non-empty digit (keeps everything). Returns -1 for an empty range.
 template <typename W>
-HASS_HD int radix_pick(const W* hist, W* above, W target) {
+HASS_HD int radix_pick(const W* hist, int lo, int hi, W* above, W target) {
   W acc = *above;
   int last = -1;
-  for (int d = kRadixBins - 1; d >= 0; --d) {
+  for (int d = hi - 1; d >= lo; --d) {
     if (hist[d] == 0) continue;
     if (acc + hist[d] >= target) {
       *above = acc;
