@@ -44,6 +44,8 @@ TORCH_LIBRARY_IMPL(hass, CUDA, m) { m.impl("compact_kv", &compact_kv_cuda); }
 // ---- verify_tree ------------------------------------------------------------------------------------
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 
+#include <algorithm>
+#include <cfloat>
 #include <mutex>
 #include <optional>
 #include <tuple>
@@ -134,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(const at::Tensor
   HASS_CUDA_CHECK(cudaMemsetAsync(status, 0, sizeof(int), stream), "verify_tree status reset");
   HASS_CUDA_CHECK(hass_verify_tree_cuda(logits.data_ptr(), dtype, B, n, V, logits.stride(0), logits.stride(1),
                                         tok.data_ptr<int64_t>(), par.data_ptr<int64_t>(),
-                                        greedy ? 1.f : static_cast<float>(1.0 / temperature), greedy ? 1 : 0, top_k,
+                                        greedy ? 1.f : static_cast<float>(std::min(1.0 / temperature, double{FLT_MAX})), greedy ? 1 : 0, top_k,
                                         top_p, u.defined() ? u.data_ptr<float>() : nullptr, rng,
                                         reinterpret_cast<hass::NodeDist*>(status + 1),
                                         accepted.data_ptr<int64_t>(), accept_len.data_ptr<int64_t>(),

@@ -138,8 +138,6 @@ def verify_tree(target_logits: torch.Tensor, draft_tokens: torch.Tensor, parents
         uniforms = uniforms[None] if unbatched else uniforms
         if tuple(uniforms.shape) != (B, n):
             raise ValueError(f"uniforms must have shape {(B, n)}, got {_describe(uniforms)}")
-        if device.type == "cpu" and bool(((uniforms < 0) | (uniforms >= 1)).any()):
-            raise ValueError("uniforms must lie in [0, 1)")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator is not None and generator.device.type != device.type:

@@ -1,108 +1,212 @@
 // CPU kernel of hass::verify_tree (semantics and shared math: csrc/include/hass/verify_tree.h).
-// Batch rows run in parallel; per row only the nodes on the walk are read, each with a few streaming passes
-// (max/argmax, the radix-select passes of top-k/top-p when asked for, the kept mass), and the last node once
-// more for the residual draw. Sums are accumulated in double.
+// Batch rows run in parallel; per row only the nodes on the walk are read. Per visited node: one pass for
+// max/argmax/finiteness, one vectorised pass for the masses exp((x - xmax) / T) into a scratch buffer, the
+// radix-select passes of top-k/top-p when asked for, and the kept mass; the last node's buffer then serves the
+// residual draw. Sums are accumulated in double.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <bit>
+#include <cfloat>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "hass/verify_tree.h"
 
 namespace {
 
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
 struct Params {
   bool greedy;
-  float inv_t;
+  float inv_t;  // 1/T clamped to FLT_MAX, so (x - xmax) * inv_t is never NaN
   int64_t top_k;
   double top_p;
 };
 
-template <typename scalar_t>
-hass::NodeDist node_dist(const scalar_t* row, int64_t V, const Params& p) {
-  hass::NodeDist d{-std::numeric_limits<float>::infinity(), 0u, 0.f, -1, hass::kOk};
-  int64_t arg = -1;
-  for (int64_t j = 0; j < V; ++j) {
-    const float x = static_cast<float>(row[j]);
-    if (hass::bad_logit(x)) {
-      d.status = hass::kNonFinite;
-      return d;
-    }
-    if (x > d.xmax) {
-      d.xmax = x;
-      arg = j;
-    }
+// exp(x) for x <= 0 (never NaN) in branch-free arithmetic and integer masks, which compilers vectorise (libm's
+// expf does not): 2^n * p(r) with |r| <= ln2/2 and a degree-7 Taylor polynomial; at most 1.6 ulp from exp.
+// Exactly 1 at 0; exactly 0 below -87.3 (so at -inf), where the result would be subnormal.
+inline float exp_nonpos(float x) {
+  const int32_t lo = std::bit_cast<int32_t>(-87.3f);
+  int32_t ix = std::bit_cast<int32_t>(x);
+  const int32_t tiny = -static_cast<int32_t>((ix < 0) & (ix > lo));  // all ones below -87.3
+  ix = (ix & ~tiny) | (lo & tiny);
+  const float xc = std::bit_cast<float>(ix);
+  const int32_t n = static_cast<int32_t>(xc * 1.44269504f - 0.5f);  // ceil of a negative: |xc/ln2 - n| <= 1/2
+  const float fn = static_cast<float>(n);
+  const float r = (xc - fn * 0.693145752f) - fn * 1.42860677e-6f;  // Cody-Waite: ln2 = hi + lo
+  float q = r * (1.f / 5040.f) + 1.f / 720.f;
+  q = q * r + 1.f / 120.f;
+  q = q * r + 1.f / 24.f;
+  q = q * r + 1.f / 6.f;
+  q = q * r + 0.5f;
+  q = q * r + 1.f;
+  q = q * r + 1.f;
+  const float v = q * std::bit_cast<float>(static_cast<int32_t>(n + 127) << 23);
+  return std::bit_cast<float>(std::bit_cast<int32_t>(v) & ~tiny);
+}
+
+// AVX2 and baseline versions of the hot loop, picked at load time (same arithmetic: no FMA contraction in
+// ISO C++ mode, so the same results).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HASS_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define HASS_CPU_CLONES
+#endif
+
+// out[j] = exp((x[j] - m) * inv_t) for j < V (x[j] <= m).
+HASS_CPU_CLONES void masses(const float* __restrict x, int64_t V, float m, float inv_t, float* __restrict out) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) out[j] = exp_nonpos((x[j] - m) * inv_t);
+}
+
+// Per-thread buffers: a node's logits as floats (half types only), its masses, order keys and the candidate
+// tokens of a radix selection.
+struct Scratch {
+  std::vector<float> x, e;
+  std::vector<uint32_t> keys;
+  std::vector<int32_t> cand;
+};
+
+// The 4-level radix selection of hass/verify_tree.h over the tokens with key >= min_key: the largest key t
+// with weight{key >= t} >= target (top_p >= 0: target = top_p of the level-0 total). After level 0 only the
+// tokens of the chosen bucket are visited again.
+template <typename W, typename Weight>
+uint32_t radix_select(const uint32_t* keys, int64_t V, uint32_t min_key, Weight weight, W target, double top_p,
+                      std::vector<int32_t>& cand) {
+  W hist[hass::kRadixBins] = {};
+  for (int64_t j = 0; j < V; ++j)
+    if (keys[j] >= min_key) hist[hass::radix_digit(keys[j], 0)] += weight(j);
+  if (top_p >= 0.0) {
+    W total = 0;
+    for (W h : hist) total += h;
+    target = static_cast<W>(hass::top_p_target(total, top_p));
   }
-  if (arg < 0) {  // every logit is -inf: no distribution
+  W above = 0;
+  int digit = hass::radix_pick<W>(hist, 0, hass::kRadixBins, &above, target);
+  uint32_t prefix = hass::radix_extend(0u, 0, digit);
+  cand.clear();
+  for (int64_t j = 0; j < V; ++j)
+    if (keys[j] >= min_key && hass::radix_digit(keys[j], 0) == digit) cand.push_back(static_cast<int32_t>(j));
+  for (int level = 1; level < 4; ++level) {
+    W h[hass::kRadixBins] = {};
+    for (int32_t j : cand) h[hass::radix_digit(keys[j], level)] += weight(j);
+    digit = hass::radix_pick<W>(h, 0, hass::kRadixBins, &above, target);
+    prefix = hass::radix_extend(prefix, level, digit);
+    size_t m = 0;
+    for (int32_t j : cand)
+      if (hass::radix_digit(keys[j], level) == digit) cand[m++] = j;
+    cand.resize(m);
+  }
+  return prefix;
+}
+
+template <typename scalar_t>
+const float* as_float(const scalar_t* row, int64_t V, Scratch& s) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row;
+  } else {
+    s.x.resize(V);
+    for (int64_t j = 0; j < V; ++j) s.x[j] = static_cast<float>(row[j]);
+    return s.x.data();
+  }
+}
+
+// The NodeDist of one row (x: V floats); for T > 0 leaves kept_mass of every token in s.e (kept(x) as a float
+// comparison: key(x) >= thr  <=>  x >= key_float(thr)).
+hass::NodeDist node_dist(const float* x, int64_t V, const Params& p, Scratch& s) {
+  hass::NodeDist d{-kInf, 0u, 0.f, -1, hass::kOk};
+  float m = -kInf;
+  int bad = 0;
+#pragma omp simd reduction(max : m) reduction(| : bad)
+  for (int64_t j = 0; j < V; ++j) {
+    const float v = x[j];
+    bad |= static_cast<int>(v != v) | static_cast<int>(v == kInf);
+    m = v > m ? v : m;
+  }
+  if (bad || m == -kInf) {  // NaN/+Inf, or every logit is -inf: no distribution
     d.status = hass::kNonFinite;
     return d;
   }
+  d.xmax = m;
+  int64_t arg = 0;
+  while (x[arg] != m) ++arg;
   d.argmax = static_cast<int32_t>(arg);
   if (p.greedy) return d;
 
-  if (p.top_k > 0 && p.top_k < V) {  // k-th largest key
-    uint32_t prefix = 0, above = 0;
-    for (int level = 0; level < 4; ++level) {
-      uint32_t hist[hass::kRadixBins] = {};
-      for (int64_t j = 0; j < V; ++j) {
-        const uint32_t key = hass::order_key(static_cast<float>(row[j]));
-        if (hass::radix_in_bucket(key, prefix, level)) ++hist[hass::radix_digit(key, level)];
-      }
-      const int digit = hass::radix_pick<uint32_t>(hist, 0, hass::kRadixBins, &above, static_cast<uint32_t>(p.top_k));
-      prefix = hass::radix_extend(prefix, level, digit);
-    }
-    d.thr = prefix;
+  s.e.resize(V);
+  float* ep = s.e.data();
+  masses(x, V, m, p.inv_t, ep);
+
+  const bool by_k = p.top_k > 0 && p.top_k < V, by_p = p.top_p < 1.0;
+  if (by_k || by_p) {
+    s.keys.resize(V);
+    for (int64_t j = 0; j < V; ++j) s.keys[j] = hass::order_key(x[j]);
   }
-  if (p.top_p < 1.0) {  // smallest kept key whose cumulative mass (from the top) reaches top_p
-    uint64_t above = 0, target = 0;
-    uint32_t pre = 0;
-    for (int level = 0; level < 4; ++level) {
-      uint64_t hist[hass::kRadixBins] = {};
-      for (int64_t j = 0; j < V; ++j) {
-        const float x = static_cast<float>(row[j]);
-        const uint32_t key = hass::order_key(x);
-        if (key >= d.thr && hass::radix_in_bucket(key, pre, level))
-          hist[hass::radix_digit(key, level)] += hass::mass_fixed(hass::scaled_exp(x, d.xmax, p.inv_t));
-      }
-      if (level == 0) {
-        uint64_t total = 0;
-        for (int i = 0; i < hass::kRadixBins; ++i) total += hist[i];
-        target = hass::top_p_target(total, p.top_p);
-      }
-      const int digit = hass::radix_pick<uint64_t>(hist, 0, hass::kRadixBins, &above, target);
-      pre = hass::radix_extend(pre, level, digit);
-    }
-    d.thr = pre;
+  if (by_k)  // the k-th largest key
+    d.thr = radix_select<uint32_t>(s.keys.data(), V, 0u, [](int64_t) { return 1u; },
+                                   static_cast<uint32_t>(p.top_k), -1.0, s.cand);
+  if (by_p)  // the smallest kept key whose mass from the top reaches top_p of the kept mass
+    d.thr = radix_select<uint64_t>(s.keys.data(), V, d.thr, [&](int64_t j) { return hass::mass_fixed(ep[j]); }, 0,
+                                   p.top_p, s.cand);
+  if (d.thr != 0u) {  // from here on e holds kept_mass: zero outside the kept set
+    const float tv = hass::key_float(d.thr);
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) ep[j] = x[j] >= tv ? ep[j] : 0.f;
   }
   double sum = 0.0;
-  for (int64_t j = 0; j < V; ++j) sum += hass::kept_mass(d, static_cast<float>(row[j]), p.inv_t);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < V; ++j) sum += ep[j];
   d.sum = static_cast<float>(sum);
   return d;
 }
 
-// Inverse-CDF draw from the residual of the last node (tokens in rej, sorted, excluded).
-template <typename scalar_t>
-int64_t draw_residual(const scalar_t* row, int64_t V, const hass::NodeDist& d, const Params& p, const int64_t* rej,
-                      int nrej, float u) {
+// Inverse-CDF draw from the residual of the last node: e holds its kept masses (the rejected tokens are zeroed
+// in place). Block sums first, so only one block of 256 is scanned token by token.
+int64_t draw_residual(const hass::NodeDist& d, std::vector<float>& e, const int64_t* rej, int nrej, float u) {
+  constexpr int64_t kBlock = 256;
+  const int64_t V = static_cast<int64_t>(e.size());
+  float* ep = e.data();
+  for (int i = 0; i < nrej; ++i) ep[rej[i]] = 0.f;
+  std::vector<double> bsum((V + kBlock - 1) / kBlock);
   double total = 0.0;
-  int cur = 0;
-  for (int64_t j = 0; j < V; ++j) total += hass::residual_mass(d, static_cast<float>(row[j]), p.inv_t, j, rej, nrej, &cur);
+  for (size_t k = 0; k < bsum.size(); ++k) {
+    const int64_t lo = k * kBlock, hi = std::min(V, lo + kBlock);
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = lo; j < hi; ++j) s += ep[j];
+    bsum[k] = s;
+    total += s;
+  }
   if (!(total > 0.0)) return d.argmax;  // everything rejected through rounding: degenerate, keep a valid token
   const double target = static_cast<double>(u) * total;
   double cum = 0.0;
   int64_t last = d.argmax;
-  cur = 0;
-  for (int64_t j = 0; j < V; ++j) {
-    const float e = hass::residual_mass(d, static_cast<float>(row[j]), p.inv_t, j, rej, nrej, &cur);
-    if (e <= 0.f) continue;
-    cum += e;
-    last = j;
-    if (cum > target) return j;
+  for (size_t k = 0; k < bsum.size(); ++k) {
+    if (bsum[k] <= 0.0) continue;
+    const int64_t lo = k * kBlock, hi = std::min(V, lo + kBlock);
+    if (cum + bsum[k] <= target) {  // not in this block (the last token with mass is kept for rounding)
+      cum += bsum[k];
+      for (int64_t j = hi - 1; j >= lo; --j)
+        if (ep[j] > 0.f) {
+          last = j;
+          break;
+        }
+      continue;
+    }
+    for (int64_t j = lo; j < hi; ++j) {
+      if (ep[j] <= 0.f) continue;
+      cum += ep[j];
+      last = j;
+      if (cum > target) return j;
+    }
   }
   return last;  // rounding left the target unreached: the last token with mass
 }
@@ -131,7 +235,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(const at::Tensor&
   const auto logits = target_logits.stride(2) == 1 ? target_logits : target_logits.contiguous();
   const auto tok = draft_tokens.contiguous();
   const auto par = parents.contiguous();
-  const Params p{temperature == 0.0, temperature == 0.0 ? 1.f : static_cast<float>(1.0 / temperature), top_k, top_p};
+  const Params p{temperature == 0.0,
+                 temperature == 0.0 ? 1.f : static_cast<float>(std::min(1.0 / temperature, double{FLT_MAX})), top_k,
+                 top_p};
 
   at::Tensor u;
   if (!p.greedy) {
@@ -140,6 +246,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(const at::Tensor&
                         "verify_tree: uniforms must be float32 [B, n], got ", uniforms->scalar_type(), " ",
                         uniforms->sizes());
       u = uniforms->contiguous();
+      const float* q = u.data_ptr<float>();
+      for (int64_t i = 0; i < B * n; ++i)
+        TORCH_CHECK_VALUE(q[i] >= 0.f && q[i] < 1.f, "verify_tree: uniforms must lie in [0, 1), got ", q[i]);
     } else {
       u = at::rand({B, n}, generator, at::TensorOptions().dtype(at::kFloat));
     }
@@ -165,6 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(const at::Tensor&
     const scalar_t* base = logits.data_ptr<scalar_t>();
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
       std::vector<int64_t> rejected(n);
+      Scratch scratch;
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t* pr = pp + b * n;
         const int64_t* tr = tp + b * n;
@@ -175,11 +285,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(const at::Tensor&
           status[b] = st;
           continue;
         }
-        auto row = [&](int64_t node) { return base + b * s_b + node * s_n; };
-        hass::NodeDist d;  // the walk asks for each node once; the last one asked is the end of the path
+        // The walk asks for each node once, in path order: the scratch always holds the node being decided,
+        // and after the walk the end of the path.
+        hass::NodeDist d;
         const hass::WalkOut w = hass::verify_walk(
-            n, pr, tr, p.greedy, p.inv_t, [&](int64_t node) { return d = node_dist(row(node), V, p); },
-            [&](int64_t node, int64_t x) { return static_cast<float>(row(node)[x]); },
+            n, pr, tr, p.greedy,
+            [&](int64_t node) { return d = node_dist(as_float(base + b * s_b + node * s_n, V, scratch), V, p, scratch); },
+            [&](int64_t, int64_t tok) { return scratch.e[tok]; },
             [&](int64_t c) { return up[b * n + c]; }, acc, rejected.data());
         if (w.status != hass::kOk) {
           status[b] = w.status;
@@ -187,19 +299,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(const at::Tensor&
           continue;
         }
         lp[b] = w.accept_len;
-        if (p.greedy) {
-          np[b] = d.argmax;
-        } else {
-          hass::sort_tokens(rejected.data(), w.nrej);
-          np[b] = draw_residual(row(w.last), V, d, p, rejected.data(), w.nrej, up[b * n]);
-        }
+        np[b] = p.greedy ? d.argmax : draw_residual(d, scratch.e, rejected.data(), w.nrej, up[b * n]);
       }
     });
   });
 
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(status[b] != hass::kBadTree, "verify_tree: parents[", b,
-                      "] is not a tree in node order (need parents[0] == -1 and 0 <= parents[i] < i)");
+    if (status[b] == hass::kBadTree) {
+      const int64_t* pr = pp + b * n;
+      int64_t i = pr[0] != -1 ? 0 : 1;
+      while (i < n && pr[i] >= 0 && pr[i] < i) ++i;
+      TORCH_CHECK_VALUE(false, "verify_tree: parents[", b, "] is not a tree in node order: parents[", b, ", ", i,
+                        "] = ", pr[i], " (need parents[:, 0] == -1 and 0 <= parents[:, i] < i)");
+    }
     TORCH_CHECK_VALUE(status[b] != hass::kBadIndex, "verify_tree: draft_tokens[", b, "] holds a token id outside [0, ",
                       V, ")");
     TORCH_CHECK_VALUE(status[b] != hass::kNonFinite, "verify_tree: target_logits[", b, ", ", bad_node[b],

@@ -328,8 +328,9 @@ __global__ void __launch_bounds__(kMaxThreads)
         return uniforms ? uniforms[b * n + i] : hass::philox_uniform(seed, offset, b, i);
       };
       const hass::WalkOut w = hass::verify_walk(
-          n, par, tok, greedy != 0, inv_t, [&](int64_t node) { return dist[node]; },
-          [&](int64_t node, int64_t x) { return to_float(rows[node * s_n + x]); }, uniform, acc_row, rejected);
+          n, par, tok, greedy != 0, [&](int64_t node) { return dist[node]; },
+          [&](int64_t node, int64_t x) { return hass::kept_mass(dist[node], to_float(rows[node * s_n + x]), inv_t); },
+          uniform, acc_row, rejected);
       if (w.status != hass::kOk) {
         fail_row(acc_row, n, accept_len, next_token, b, status, w.status);
       } else {

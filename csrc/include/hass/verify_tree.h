@@ -193,12 +193,13 @@ HASS_HD bool contains(const int64_t* a, int n, int64_t x) {
   return false;
 }
 
-// Accept/reject walk of one batch row. dist(node) -> NodeDist (computed on demand or precomputed; each node is
-// asked for at most once), logit(node, token) -> float, uniform(i) -> float in [0, 1) (T > 0 only).
-// accepted[n] receives the path (node indices, -1 padded); rejected needs room for n tokens.
-template <class Dist, class Logit, class Uniform>
-HASS_HD WalkOut verify_walk(int64_t n, const int64_t* parents, const int64_t* tokens, bool greedy, float inv_t,
-                            Dist&& dist, Logit&& logit, Uniform&& uniform, int64_t* accepted, int64_t* rejected) {
+// Accept/reject walk of one batch row. dist(node) -> NodeDist (computed on demand or precomputed; asked for
+// once per visited node, in path order), mass(node, token) -> kept_mass of that token at the node,
+// uniform(i) -> float in [0, 1) (T > 0 only). accepted[n] receives the path (node indices, -1 padded);
+// rejected needs room for n tokens.
+template <class Dist, class Mass, class Uniform>
+HASS_HD WalkOut verify_walk(int64_t n, const int64_t* parents, const int64_t* tokens, bool greedy, Dist&& dist,
+                            Mass&& mass, Uniform&& uniform, int64_t* accepted, int64_t* rejected) {
   accepted[0] = 0;
   for (int64_t i = 1; i < n; ++i) accepted[i] = -1;
   int64_t node = 0, len = 0;
@@ -217,7 +218,7 @@ HASS_HD WalkOut verify_walk(int64_t n, const int64_t* parents, const int64_t* to
         continue;
       }
       if (contains(rejected, nrej, x)) continue;  // this token was already rejected here
-      const float e = kept_mass(d, logit(node, x), inv_t);
+      const float e = mass(node, x);
       if (e > 0.f && uniform(c) * rem < e) {
         next = c;
       } else {
