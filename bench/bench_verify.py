@@ -7,7 +7,7 @@ deep, as in real decoding. CPU: op and oracle timed alternately in one run, the 
 noisy CPUs). CUDA: absolute times, eager (includes the one status read) and CUDA-graph replay (kernels only).
 Writes bench/results/verify_tree.json and .md.
 
-    python bench/bench_verify.py [--quick] [--device cpu|cuda|all] [--repeats N]
+    python bench/bench_verify.py [--quick] [--device cpu|cuda|all] [--repeats N] [--results-dir DIR]
 """
 import argparse
 import datetime
@@ -124,13 +124,14 @@ def machine_info():
     return info
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (smoke test)")
     ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default="verify_tree", help="results file stem under bench/results")
-    args = ap.parse_args()
+    ap.add_argument("--out", default="verify_tree", help="results file stem")
+    ap.add_argument("--results-dir", default=RESULTS, help="where the .json and .md go (default bench/results)")
+    args = ap.parse_args(argv)
 
     shapes = [(60, 128256), (16, 49152)] if not args.quick else [(12, 500), (5, 97)]
     batches = [1, 8] if not args.quick else [1, 2]
@@ -147,7 +148,10 @@ def main():
                 for dtype in dtypes:
                     logits, tokens, parents = make_inputs(B, n, V, dtype, device)
                     for name, T, top_p, top_k in MODES:
-                        gen = torch.Generator(device).manual_seed(0)
+                        # CUDA: the default generator, which CUDA-graph capture registers by itself.
+                        gen = torch.Generator().manual_seed(0) if device == "cpu" else None
+                        if device == "cuda":
+                            torch.cuda.manual_seed(0)
                         op = lambda: verify_tree(logits, tokens, parents, T, top_p, top_k, generator=gen)  # noqa
                         ref = lambda: verify_tree_reference(logits, tokens, parents, T, top_p, top_k,  # noqa
                                                             generator=gen)
@@ -176,8 +180,8 @@ def main():
                         print(json.dumps(row), flush=True)
 
     info = machine_info()
-    os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, args.out + ("_quick" if args.quick else ""))
+    os.makedirs(args.results_dir, exist_ok=True)
+    stem = os.path.join(args.results_dir, args.out + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as f:
         json.dump({"machine": info, "results": rows}, f, indent=1)
     lines = [f"# verify_tree benchmark ({info['date']})", "",

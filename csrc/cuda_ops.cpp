@@ -93,8 +93,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(const at::Tensor
   TORCH_CHECK_VALUE(target_logits.dim() == 3, "verify_tree: target_logits must be [B, n, V], got ",
                     target_logits.sizes());
   const int64_t B = target_logits.size(0), n = target_logits.size(1), V = target_logits.size(2);
-  TORCH_CHECK_VALUE(B >= 1 && n >= 1 && V >= 1, "verify_tree: empty target_logits ", target_logits.sizes());
-  TORCH_CHECK_VALUE(n <= 4096 && V < (int64_t{1} << 31) - 256, "verify_tree (CUDA): needs n <= 4096 nodes and V < 2^31");
+  TORCH_CHECK_VALUE(n >= 1 && V >= 1, "verify_tree: target_logits needs n >= 1 nodes and V >= 1, got ",
+                    target_logits.sizes());
+  if (B == 0) {
+    auto e = at::empty({0}, draft_tokens.options());
+    return {at::empty({0, n}, draft_tokens.options()), e, e.clone()};
+  }
+  TORCH_CHECK_VALUE(n <= 1024 && V < (int64_t{1} << 31) - 256, "verify_tree (CUDA): needs n <= 1024 nodes and V < 2^31");
   for (const at::Tensor* t : {&draft_tokens, &parents})
     TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef({B, n}) && t->scalar_type() == at::kLong &&
                           t->device() == target_logits.device(),

@@ -525,3 +525,19 @@ def test_cuda_bad_input_errors():
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (1.5, 1.0, 3), (1.0, 0.8, 0)])
 def test_cuda_emitted_distribution_matches_target(temperature, top_p, top_k):
     _check_emitted_distribution(temperature, top_p, top_k, torch.Generator("cuda").manual_seed(99), device="cuda")
+
+
+def test_benchmark_quick_runs(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_verify.py")
+    spec = importlib.util.spec_from_file_location("bench_verify", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--device", "cpu", "--repeats", "1", "--results-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "verify_tree_quick.json").read_text())
+    assert data["machine"]["torch"] == torch.__version__
+    assert len(data["results"]) == 12 and all(r["op_ms"] > 0 and r["oracle_ms"] > 0 for r in data["results"])
+    assert (tmp_path / "verify_tree_quick.md").read_text().startswith("# verify_tree benchmark")

@@ -291,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(const at::Tensor&
         const hass::WalkOut w = hass::verify_walk(
             n, pr, tr, p.greedy,
             [&](int64_t node) { return d = node_dist(as_float(base + b * s_b + node * s_n, V, scratch), V, p, scratch); },
-            [&](int64_t, int64_t tok) { return scratch.e[tok]; },
+            [&](int64_t, int64_t c) { return scratch.e[tr[c]]; },
             [&](int64_t c) { return up[b * n + c]; }, acc, rejected.data());
         if (w.status != hass::kOk) {
           status[b] = w.status;

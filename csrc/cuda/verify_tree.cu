@@ -293,6 +293,13 @@ __device__ __forceinline__ void load8(const T* row, int j0, int V, bool aligned,
   }
 }
 
+// Shared-memory layout of walk_kernel for n nodes (n <= kMaxNodes): everything the walk reads is staged by
+// the whole block first, so thread 0 walks without touching global memory.
+constexpr int kMaxNodes = 1024;
+__host__ __device__ constexpr size_t walk_smem_bytes(int64_t n) {
+  return static_cast<size_t>(n) * (sizeof(hass::NodeDist) + 3 * sizeof(int32_t) + 2 * sizeof(float));
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     walk_kernel(const T* __restrict__ logits, int64_t s_b, int64_t s_n, const int64_t* __restrict__ tokens,
@@ -300,55 +307,72 @@ __global__ void __launch_bounds__(kMaxThreads)
                 const hass::NodeDist* __restrict__ dists, const float* __restrict__ uniforms, hass::Philox rng,
                 int64_t* __restrict__ accepted, int64_t* __restrict__ accept_len, int64_t* __restrict__ next_token,
                 int* status) {
-  extern __shared__ int64_t rejected[];  // n entries
+  extern __shared__ __align__(16) unsigned char walk_smem[];
+  hass::NodeDist* dist = reinterpret_cast<hass::NodeDist*>(walk_smem);
+  int32_t* par = reinterpret_cast<int32_t*>(dist + n);
+  int32_t* tok = par + n;
+  int32_t* rejected = tok + n;
+  float* clogit = reinterpret_cast<float*>(rejected + n);  // logit of child c's token at its parent
+  float* unif = clogit + n;
   __shared__ int64_t s_last;
-  __shared__ int s_nrej, s_go, s_warp, s_pick;
-  __shared__ float s_u0, s_before, s_target;
+  __shared__ int s_bad, s_nrej, s_go, s_warp, s_pick;
+  __shared__ float s_before, s_target;
   __shared__ float wsum[kMaxWarps];
   const int64_t b = blockIdx.x;
-  const int64_t* par = parents + b * n;
-  const int64_t* tok = tokens + b * n;
   int64_t* acc_row = accepted + b * n;
-  const hass::NodeDist* dist = dists + b * n;
   const T* rows = logits + b * s_b;
 
+  // Stage the row's tree, validating it; the node distributions; the uniforms.
   if (threadIdx.x == 0) {
+    s_bad = hass::kOk;
     s_go = 0;
-    int st = hass::check_tree(par, n);
-    if (st == hass::kOk) st = hass::check_tokens(tok, n, V);
-    if (st != hass::kOk) {
-      fail_row(acc_row, n, accept_len, next_token, b, status, st);
+  }
+  __syncthreads();
+  uint64_t seed = rng.seed, offset = rng.offset;
+  if (!greedy && !uniforms && rng.captured) {
+    seed = static_cast<uint64_t>(*rng.seed_ptr);
+    offset = static_cast<uint64_t>(*rng.offset_ptr) + rng.offset_extra;
+  }
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const int64_t p = parents[b * n + i], t = tokens[b * n + i];
+    if (!hass::tree_entry_ok(i, p)) atomicCAS(&s_bad, hass::kOk, hass::kBadTree);
+    else if (!hass::token_ok(i, t, V)) atomicCAS(&s_bad, hass::kOk, hass::kBadIndex);
+    par[i] = static_cast<int32_t>(p);
+    tok[i] = static_cast<int32_t>(t);
+    dist[i] = dists[b * n + i];
+    if (!greedy) unif[i] = uniforms ? uniforms[b * n + i] : hass::philox_uniform(seed, offset, b, i);
+  }
+  __syncthreads();
+  if (s_bad != hass::kOk) {
+    if (threadIdx.x == 0) fail_row(acc_row, n, accept_len, next_token, b, status, s_bad);
+    return;
+  }
+  if (!greedy)
+    for (int64_t c = 1 + threadIdx.x; c < n; c += blockDim.x) clogit[c] = to_float(rows[par[c] * s_n + tok[c]]);
+  __syncthreads();
+
+  if (threadIdx.x == 0) {
+    const hass::WalkOut w = hass::verify_walk(
+        n, par, tok, greedy != 0, [&](int64_t node) { return dist[node]; },
+        [&](int64_t node, int64_t c) { return hass::kept_mass(dist[node], clogit[c], inv_t); },
+        [&](int64_t c) { return unif[c]; }, acc_row, rejected);
+    if (w.status != hass::kOk) {
+      fail_row(acc_row, n, accept_len, next_token, b, status, w.status);
     } else {
-      uint64_t seed = rng.seed, offset = rng.offset;
-      if (rng.captured) {
-        seed = static_cast<uint64_t>(*rng.seed_ptr);
-        offset = static_cast<uint64_t>(*rng.offset_ptr) + rng.offset_extra;
-      }
-      auto uniform = [&](int64_t i) {
-        return uniforms ? uniforms[b * n + i] : hass::philox_uniform(seed, offset, b, i);
-      };
-      const hass::WalkOut w = hass::verify_walk(
-          n, par, tok, greedy != 0, [&](int64_t node) { return dist[node]; },
-          [&](int64_t node, int64_t x) { return hass::kept_mass(dist[node], to_float(rows[node * s_n + x]), inv_t); },
-          uniform, acc_row, rejected);
-      if (w.status != hass::kOk) {
-        fail_row(acc_row, n, accept_len, next_token, b, status, w.status);
+      accept_len[b] = w.accept_len;
+      if (greedy) {
+        next_token[b] = dist[w.last].argmax;
       } else {
-        accept_len[b] = w.accept_len;
-        if (greedy) {
-          next_token[b] = dist[w.last].argmax;
-        } else {
-          hass::sort_tokens(rejected, w.nrej);
-          s_last = w.last;
-          s_nrej = w.nrej;
-          s_u0 = uniform(0);
-          s_go = 1;
-        }
+        hass::sort_tokens(rejected, w.nrej);
+        s_last = w.last;
+        s_nrej = w.nrej;
+        s_go = 1;
       }
     }
   }
   __syncthreads();
   if (!s_go) return;
+  const float u0 = unif[0];
 
   // Residual draw at the last node: warp w owns tokens [w * chunk, (w + 1) * chunk), chunk a multiple of 256.
   const hass::NodeDist d = dist[s_last];
@@ -379,7 +403,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     s_warp = -1;
     s_pick = d.argmax;  // everything rejected through rounding: degenerate, keep a valid token
     if (total > 0.f) {
-      const float target = s_u0 * total;
+      const float target = u0 * total;
       float before = 0.f;
       int last_nonempty = -1;
       float before_last = 0.f;
@@ -467,7 +491,7 @@ cudaError_t launch(const void* logits, int64_t B, int64_t n, int64_t V, int64_t 
                                                                               inv_t, greedy, k, top_p, dists);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  walk_kernel<T><<<static_cast<unsigned>(B), threads, n * sizeof(int64_t), stream>>>(
+  walk_kernel<T><<<static_cast<unsigned>(B), threads, walk_smem_bytes(n), stream>>>(
       lg, s_b, s_n, tokens, parents, n, static_cast<int>(V), inv_t, greedy, dists, uniforms, rng, accepted,
       accept_len, next_token, status);
   return cudaGetLastError();
@@ -483,7 +507,7 @@ extern "C" cudaError_t hass_verify_tree_cuda(const void* logits, int dtype, int6
                                              double top_p, const float* uniforms, hass::Philox rng,
                                              hass::NodeDist* dists, int64_t* accepted, int64_t* accept_len,
                                              int64_t* next_token, int* status, cudaStream_t stream) {
-  if (B <= 0 || n <= 0 || V <= 0 || V >= (int64_t{1} << 31) - 256 || n > 4096 || B * n > INT_MAX)
+  if (B <= 0 || n <= 0 || V <= 0 || V >= (int64_t{1} << 31) - 256 || n > kMaxNodes || B * n > INT_MAX)
     return cudaErrorInvalidValue;
   switch (dtype) {
     case 0: return launch<float>(logits, B, n, V, s_b, s_n, tokens, parents, inv_t, greedy, top_k, top_p, uniforms,

@@ -189,7 +189,7 @@ struct Tiny {
   hass::WalkOut walk(bool greedy, std::vector<float> u, int64_t* acc, int64_t* rej) {
     return hass::verify_walk(
         5, parents, tokens, greedy, [&](int64_t i) { return dists[i]; },
-        [&](int64_t i, int64_t x) { return hass::kept_mass(dists[i], logits[i][x], 1.f); },
+        [&](int64_t i, int64_t c) { return hass::kept_mass(dists[i], logits[i][tokens[c]], 1.f); },
         [&](int64_t i) { return u[i]; }, acc, rej);
   }
 };

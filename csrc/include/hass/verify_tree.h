@@ -163,18 +163,21 @@ HASS_HD uint32_t radix_extend(uint32_t prefix, int level, int digit) {
 
 // ---- tree structure ----
 
-// kOk when parents[0] == -1 and 0 <= parents[i] < i for i >= 1 (a tree in node order).
+// Tree entry i is valid when parents[0] == -1 and 0 <= parents[i] < i for i >= 1 (a tree in node order).
+HASS_HD bool tree_entry_ok(int64_t i, int64_t parent) { return i == 0 ? parent == -1 : (parent >= 0 && parent < i); }
+// Draft token i is valid when it is a token id (entry 0, the root, is ignored).
+HASS_HD bool token_ok(int64_t i, int64_t token, int64_t V) { return i == 0 || (token >= 0 && token < V); }
+
 HASS_HD int check_tree(const int64_t* parents, int64_t n) {
-  if (n < 1 || parents[0] != -1) return kBadTree;
-  for (int64_t i = 1; i < n; ++i)
-    if (parents[i] < 0 || parents[i] >= i) return kBadTree;
+  if (n < 1) return kBadTree;
+  for (int64_t i = 0; i < n; ++i)
+    if (!tree_entry_ok(i, parents[i])) return kBadTree;
   return kOk;
 }
 
-// kOk when every draft token (entries 1..n-1) is a valid token id.
 HASS_HD int check_tokens(const int64_t* tokens, int64_t n, int64_t V) {
   for (int64_t i = 1; i < n; ++i)
-    if (tokens[i] < 0 || tokens[i] >= V) return kBadIndex;
+    if (!token_ok(i, tokens[i], V)) return kBadIndex;
   return kOk;
 }
 
@@ -187,19 +190,20 @@ struct WalkOut {
   int status;          // kOk, or the status of a visited node
 };
 
-HASS_HD bool contains(const int64_t* a, int n, int64_t x) {
+template <typename I>
+HASS_HD bool contains(const I* a, int n, I x) {
   for (int i = 0; i < n; ++i)
     if (a[i] == x) return true;
   return false;
 }
 
-// Accept/reject walk of one batch row. dist(node) -> NodeDist (computed on demand or precomputed; asked for
-// once per visited node, in path order), mass(node, token) -> kept_mass of that token at the node,
-// uniform(i) -> float in [0, 1) (T > 0 only). accepted[n] receives the path (node indices, -1 padded);
-// rejected needs room for n tokens.
-template <class Dist, class Mass, class Uniform>
-HASS_HD WalkOut verify_walk(int64_t n, const int64_t* parents, const int64_t* tokens, bool greedy, Dist&& dist,
-                            Mass&& mass, Uniform&& uniform, int64_t* accepted, int64_t* rejected) {
+// Accept/reject walk of one batch row over a validated tree (I: the index type of parents/tokens/rejected).
+// dist(node) -> NodeDist (computed on demand or precomputed; asked for once per visited node, in path order),
+// mass(node, c) -> kept_mass at node of the token of its child c, uniform(c) -> float in [0, 1) (T > 0 only).
+// accepted[n] receives the path (node indices, -1 padded); rejected needs room for n tokens.
+template <typename I, class Dist, class Mass, class Uniform>
+HASS_HD WalkOut verify_walk(int64_t n, const I* parents, const I* tokens, bool greedy, Dist&& dist, Mass&& mass,
+                            Uniform&& uniform, int64_t* accepted, I* rejected) {
   accepted[0] = 0;
   for (int64_t i = 1; i < n; ++i) accepted[i] = -1;
   int64_t node = 0, len = 0;
@@ -212,13 +216,13 @@ HASS_HD WalkOut verify_walk(int64_t n, const int64_t* parents, const int64_t* to
     float rem = d.sum;
     for (int64_t c = node + 1; c < n && next < 0; ++c) {
       if (parents[c] != node) continue;
-      const int64_t x = tokens[c];
+      const I x = tokens[c];
       if (greedy) {
         if (x == d.argmax) next = c;
         continue;
       }
       if (contains(rejected, nrej, x)) continue;  // this token was already rejected here
-      const float e = mass(node, x);
+      const float e = mass(node, c);
       if (e > 0.f && uniform(c) * rem < e) {
         next = c;
       } else {
@@ -234,9 +238,10 @@ HASS_HD WalkOut verify_walk(int64_t n, const int64_t* parents, const int64_t* to
 }
 
 // Ascending insertion sort of the (few) rejected tokens, so the residual scans can skip them with a cursor.
-HASS_HD void sort_tokens(int64_t* a, int n) {
+template <typename I>
+HASS_HD void sort_tokens(I* a, int n) {
   for (int i = 1; i < n; ++i) {
-    const int64_t v = a[i];
+    const I v = a[i];
     int j = i - 1;
     while (j >= 0 && a[j] > v) {
       a[j + 1] = a[j];
@@ -248,7 +253,8 @@ HASS_HD void sort_tokens(int64_t* a, int n) {
 
 // Residual mass of token j at the last node: its kept mass unless it was rejected there. rej is sorted and
 // *cursor only moves forward, so a scan in increasing j costs O(V + nrej).
-HASS_HD float residual_mass(const NodeDist& d, float x, float inv_t, int64_t j, const int64_t* rej, int nrej,
+template <typename I>
+HASS_HD float residual_mass(const NodeDist& d, float x, float inv_t, int64_t j, const I* rej, int nrej,
                             int* cursor) {
   while (*cursor < nrej && rej[*cursor] < j) ++*cursor;
   if (*cursor < nrej && rej[*cursor] == j) return 0.f;
