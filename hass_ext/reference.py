@@ -26,6 +26,8 @@ def verify_tree_reference(target_logits: torch.Tensor, draft_tokens: torch.Tenso
 
     With the same generator state (or the same uniforms) it consumes the same random stream as the CPU kernel:
     ``uniforms[b, c]`` decides child node c, ``uniforms[b, 0]`` draws the final token by inverse CDF.
+    Numerics: filtered_probs sums in fp32; for top_p close to 1 over a large vocabulary its cumulative sum can
+    place the top-p boundary one token away from the exact one, which the kernels (exact fixed-point sums) hit.
     """
     from .sampling import filtered_probs
 

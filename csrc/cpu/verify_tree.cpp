@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <bit>
 #include <cfloat>
 #include <cstring>
 #include <limits>
@@ -33,12 +32,12 @@ struct Params {
 // exp(x) for x <= 0 (never NaN) in branch-free arithmetic and integer masks, which compilers vectorise (libm's
 // expf does not): 2^n * p(r) with |r| <= ln2/2 and a degree-7 Taylor polynomial; at most 1.6 ulp from exp.
 // Exactly 1 at 0; exactly 0 below -87.3 (so at -inf), where the result would be subnormal.
-inline float exp_nonpos(float x) {
-  const int32_t lo = std::bit_cast<int32_t>(-87.3f);
-  int32_t ix = std::bit_cast<int32_t>(x);
+__attribute__((always_inline)) inline float exp_nonpos(float x) {
+  const int32_t lo = __builtin_bit_cast(int32_t, -87.3f);
+  int32_t ix = __builtin_bit_cast(int32_t, x);
   const int32_t tiny = -static_cast<int32_t>((ix < 0) & (ix > lo));  // all ones below -87.3
   ix = (ix & ~tiny) | (lo & tiny);
-  const float xc = std::bit_cast<float>(ix);
+  const float xc = __builtin_bit_cast(float, ix);
   const int32_t n = static_cast<int32_t>(xc * 1.44269504f - 0.5f);  // ceil of a negative: |xc/ln2 - n| <= 1/2
   const float fn = static_cast<float>(n);
   const float r = (xc - fn * 0.693145752f) - fn * 1.42860677e-6f;  // Cody-Waite: ln2 = hi + lo
@@ -49,12 +48,12 @@ inline float exp_nonpos(float x) {
   q = q * r + 0.5f;
   q = q * r + 1.f;
   q = q * r + 1.f;
-  const float v = q * std::bit_cast<float>(static_cast<int32_t>(n + 127) << 23);
-  return std::bit_cast<float>(std::bit_cast<int32_t>(v) & ~tiny);
+  const float v = q * __builtin_bit_cast(float, static_cast<int32_t>(n + 127) << 23);
+  return __builtin_bit_cast(float, __builtin_bit_cast(int32_t, v) & ~tiny);
 }
 
-// AVX2 and baseline versions of the hot loop, picked at load time (same arithmetic: no FMA contraction in
-// ISO C++ mode, so the same results).
+// AVX2 and baseline versions of the hot loop, picked at load time. The AVX2 one may fuse multiply-adds, so
+// masses can differ in the last bit between machines; on one machine every run gives the same results.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define HASS_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
 #else
