@@ -18,6 +18,8 @@
 //          (rejected tokens excluded) by inverse CDF in token-id order with u_0.
 // Uniforms: u[c] (child node c) decides node c when it is tried, u[0] draws the final token; every node is
 // tried at most once, so one uniform per node index makes the random stream independent of the path.
+// Non-finite logits: a visited node whose row holds a NaN or +Inf, or no finite logit, ends the walk with
+// kNonFinite (an error for the caller); -inf is an ordinary logit of probability 0. Unvisited rows are not read.
 #pragma once
 #include <cmath>
 #include <cstdint>
