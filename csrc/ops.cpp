@@ -8,6 +8,9 @@ TORCH_LIBRARY(hass, m) {
   // Move the accepted entries of every cache into contiguous slots, in place.
   // caches: tensors [B,H,S,D] or [lead,B,H,S,D]; src_slots [B,m] int64 (-1 pads); dst_start [B] int64.
   m.def("compact_kv(Tensor(a!)[] caches, Tensor src_slots, Tensor dst_start) -> ()");
+  // Tree-masked attention of n tree-node queries over [prefix ++ tree] keys (csrc/include/hass/attention.h).
+  // q [B,Hq,n,d]; k, v [B,Hkv,L,d] (tree nodes last); tree_mask [B,n,n] bool; prefix_lens [B] int64 or None.
+  m.def("tree_attention(Tensor q, Tensor k, Tensor v, Tensor tree_mask, Tensor? prefix_lens, float scale) -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

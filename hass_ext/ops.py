@@ -3,7 +3,8 @@
 Each wrapper checks its inputs and raises ValueError naming the argument, its shape/dtype and what was
 expected; the kernels themselves live in csrc/ (CPU) and csrc/cuda (CUDA). Oracles: hass_ext/reference.py.
 """
-from typing import Sequence, Union
+import math
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -73,3 +74,87 @@ def compact_kv(caches: Union[torch.Tensor, Sequence[torch.Tensor]], src_slots, d
     if dst_start.shape[0] != B:
         raise ValueError(f"dst_start must have {B} entries (one per batch row), got {_describe(dst_start)}")
     torch.ops.hass.compact_kv(caches, src_slots, dst_start)
+
+
+# ---- tree_attention ---------------------------------------------------------------------------------------
+
+_ATTN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_TREE_NODES = 1024  # csrc/include/hass/attention.h kMaxTreeNodes
+_CUDA_HEAD_DIMS = (64, 128)
+
+
+def _check_attention_qkv(op: str, q, k, v, q_name="q", k_name="k", v_name="v", kv_dims=4):
+    _check_tensor(q_name, q, dims=(4,), dtypes=_ATTN_DTYPES)
+    _check_tensor(k_name, k, dims=(kv_dims,), dtypes=(q.dtype,), device=q.device)
+    _check_tensor(v_name, v, dims=(kv_dims,), dtypes=(q.dtype,), device=q.device)
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: {k_name} and {v_name} must have the same shape, got {_describe(k)} and {_describe(v)}")
+    B, Hq, _, d = q.shape
+    kB, Hkv, _, kd = k.shape[-4:]
+    if kB != B or kd != d:
+        raise ValueError(f"{op}: {k_name} must be [..., B={B}, Hkv, L, d={d}] to match {q_name} "
+                         f"{tuple(q.shape)}, got {_describe(k)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"{op}: the query heads ({Hq}, {q_name}.shape[1]) must be a multiple of the key/value "
+                         f"heads ({Hkv}, {k_name}.shape[{kv_dims - 3}]) (grouped-query attention)")
+    if q.device.type == "cuda" and d not in _CUDA_HEAD_DIMS:
+        raise ValueError(f"{op}: the CUDA kernel supports head_dim {' or '.join(map(str, _CUDA_HEAD_DIMS))}, "
+                         f"got {q_name} {_describe(q)}")
+
+
+def _default_scale(scale, d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale}")
+    return scale
+
+
+@torch.library.register_fake("hass::tree_attention")
+def _tree_attention_fake(q, k, v, tree_mask, prefix_lens, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,
+                   scale: Optional[float] = None, prefix_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of the n tree nodes over the committed prefix and their own ancestors (tree verification).
+
+    q: ``[B, Hq, n, d]``, the queries of the n tree nodes. k, v: ``[B, Hkv, L, d]``, whose last n entries are the
+        tree nodes (their keys/values already written), the first ``L - n`` the committed prefix.
+        Hq must be a multiple of Hkv (grouped-query attention). fp32, bf16 or fp16 (all the same dtype);
+        any head_dim on CPU, 64 or 128 on CUDA. Strided views (e.g. a slice of a preallocated cache) are fine.
+    tree_mask: bool ``[B, n, n]`` (or ``[n, n]``, shared by the batch): ``tree_mask[b, i, j]`` is true where tree
+        node j is an ancestor of node i or i itself. n <= 1024.
+    scale: the softmax scale, default ``1/sqrt(d)``.
+    prefix_lens: optional int64 ``[B]`` for a batch with prefixes of different lengths, each right-padded to
+        ``L - n``: row b sees prefix keys ``[0, prefix_lens[b])`` only. Values must lie in ``[0, L - n]``
+        (checked on CPU; clamped into that range by the CUDA kernel, which does not synchronise to check).
+    Returns ``[B, Hq, n, d]`` in q's dtype: row i attends every visible prefix key and the tree keys j with
+    ``tree_mask[b, i, j]``, with one softmax over both. A batch of trees of different sizes is padded to a common
+    n: padding nodes (mask rows and columns false for real nodes) are never seen by real nodes, and their own
+    outputs are whatever their mask rows say (a row with no visible key at all gives zeros).
+    """
+    _check_attention_qkv("tree_attention", q, k, v)
+    B, Hq, n, d = q.shape
+    L = k.shape[2]
+    _check_tensor("tree_mask", tree_mask, dims=(2, 3), dtypes=(torch.bool,), device=q.device)
+    if tree_mask.dim() == 2:
+        tree_mask = tree_mask.unsqueeze(0).expand(B, n, n)
+    if tuple(tree_mask.shape) != (B, n, n):
+        raise ValueError(f"tree_mask must be [B, n, n] = [{B}, {n}, {n}] for q {tuple(q.shape)}, "
+                         f"got {_describe(tree_mask)}")
+    if n > L:
+        raise ValueError(f"k/v must hold the prefix and the n = {n} tree nodes, but L = {L} < n ({_describe(k)})")
+    if n > MAX_TREE_NODES:
+        raise ValueError(f"tree_attention supports trees of at most {MAX_TREE_NODES} nodes, got n = {n} "
+                         f"(q {_describe(q)})")
+    if prefix_lens is not None:
+        _check_tensor("prefix_lens", prefix_lens, dims=(1,), dtypes=_INDEX_DTYPES, device=q.device)
+        if prefix_lens.shape[0] != B:
+            raise ValueError(f"prefix_lens must have {B} entries (one per batch row), got {_describe(prefix_lens)}")
+        if prefix_lens.device.type == "cpu" and prefix_lens.numel() and (
+                int(prefix_lens.min()) < 0 or int(prefix_lens.max()) > L - n):
+            raise ValueError(f"prefix_lens values must lie in [0, L - n] = [0, {L - n}], got "
+                             f"{prefix_lens.tolist()}")
+    return torch.ops.hass.tree_attention(q, k, v, tree_mask, prefix_lens, _default_scale(scale, d))
