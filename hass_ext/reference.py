@@ -50,3 +50,38 @@ def reference_tree_attention(q, k, v, tree_mask, scale=None, prefix_lens=None) -
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     visible = tree_attention_mask(tree_mask, L, prefix_lens)[:, None]
     return _masked_attention(q, k, v, visible, scale)
+
+
+# ---- align_attention ------------------------------------------------------------------------------------
+
+def align_masks(T: int, F: int, device=None) -> torch.Tensor:
+    """bool ``[F, T, T]``: level 0 sees c <= t-(F-1); level i >= 1 sees the single c = t-(F-1)+i (hass-reference §3.4)."""
+    t = torch.arange(T, device=device)[:, None]
+    c = torch.arange(T, device=device)[None, :]
+    masks = [c <= t - (F - 1)] + [c == t - (F - 1) + i for i in range(1, F)]
+    return torch.stack(masks)
+
+
+def reference_align_attention(q, k_levels, v_levels, scale=None, semantics: str = "proper") -> torch.Tensor:
+    """Oracle of ops.align_attention with explicit [F, T, T] masks and a full softmax over F*T columns.
+
+    semantics="reference" transcribes the HASS training code (cnets_hass.py): logits multiplied by the 0/1
+    masks and summed over levels, softmax over all T columns, probabilities multiplied by the masks again.
+    """
+    F, T = k_levels.shape[0], q.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    g = q.shape[1] // k_levels.shape[2]
+    k = k_levels.repeat_interleave(g, dim=2)  # [F, B, Hq, T, d]
+    v = v_levels.repeat_interleave(g, dim=2)
+    masks = align_masks(T, F, q.device)
+    scores = torch.einsum("bhtd,fbhcd->fbhtc", q, k) * scale  # [F, B, Hq, T, T]
+    if semantics == "proper":
+        scores = scores.masked_fill(~masks[:, None, None], float("-inf"))
+        probs = torch.softmax(scores.permute(1, 2, 3, 0, 4).reshape(*q.shape[:3], F * T), dim=-1)
+        probs = probs.reshape(*q.shape[:3], F, T).permute(3, 0, 1, 2, 4)
+    elif semantics == "reference":
+        mf = masks.to(scores.dtype)[:, None, None]
+        probs = torch.softmax((scores * mf).sum(0), dim=-1)[None] * mf
+    else:
+        raise ValueError(f"semantics must be 'proper' or 'reference', got {semantics!r}")
+    return torch.einsum("fbhtc,fbhcd->bhtd", probs, v)
