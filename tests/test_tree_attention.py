@@ -249,3 +249,18 @@ def test_cuda_ragged_prefix_strided():
     ref = ops.tree_attention(q, k, v, masks, prefix_lens=pl)
     out = ops.tree_attention(q.cuda(), k.cuda(), v.cuda(), masks.cuda(), prefix_lens=pl.cuda())
     assert_close(out.cpu(), ref, torch.bfloat16)
+
+
+def test_benchmark_quick(tmp_path):
+    # bench/bench_attention.py --quick runs end to end and writes its JSON and Markdown tables.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "bench", "bench_attention.py"), "--quick", "--device", "cpu",
+                    "--reps", "1", "--out", str(tmp_path)], check=True, capture_output=True, timeout=300)
+    res = json.loads((tmp_path / "attention_cpu_quick.json").read_text())
+    assert len(res["tree"]) == 2 and res["align"]["peak_mib"]["oracle fwd+bwd"] >= 0
+    assert "Tree attention" in (tmp_path / "attention_cpu_quick.md").read_text()
