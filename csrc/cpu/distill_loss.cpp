@@ -184,7 +184,7 @@ FwdRow forward_row(const void* zrow, Dt zdt, const void* trow, Dt tdt, int64_t V
         const float w = hass::fast_exp(tb[i + j] - shift_t);
         st[j] += w;
         sz[j] += hass::fast_exp(zb[i + j] - shift_z);
-        sa[j] += w > 0.0f ? w * (zb[i + j] - mz) : 0.0f;  // p = 0 terms contribute 0 (also for z = -inf)
+        sa[j] += hass::distill_cross(w, zb[i + j], mz);
       }
     top.scan(tb, n, c0, bt);
   }
@@ -252,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(cons
       s[0] = f.out.mz; s[1] = f.out.lz; s[2] = f.out.mt; s[3] = f.out.lt; s[4] = f.pk;
       rp[2 * r] = f.out.ce;
       rp[2 * r + 1] = f.topk_loss;
-      for (int j = 0; j < k; ++j) ip[r * topk + j] = kidx[j];
+      for (int j = 0; j < k; ++j) ip[r * topk + j] = kidx[j] == hass::kTopKSentinelIndex ? -1 : kidx[j];
     }
   });
   double ce = 0.0, tk = 0.0;
@@ -280,6 +280,7 @@ void backward_row(const void* zrow, Dt zdt, const void* trow, Dt tdt, void* grow
   }
   for (int j = 0; j < k; ++j) {  // the top-K columns get the extra -g_topk p_v term
     const int64_t v = topk_idx[j];
+    if (v < 0 || v >= V) continue;  // no entry (a row of NaN)
     store_one(grow, gdt, v, hass::distill_grad(o, c, load_one(zrow, zdt, v), load_one(trow, tdt, v), true));
   }
 }
