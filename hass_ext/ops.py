@@ -203,9 +203,9 @@ def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         return
     if acc.is_cuda and _MM_OUT_DTYPE_OK[0]:
         try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
             return
-        except (RuntimeError, TypeError):
+        except (RuntimeError, TypeError):  # a torch without the fp32-output GEMM
             _MM_OUT_DTYPE_OK[0] = False
     acc.add_(a @ b)
 
@@ -258,7 +258,12 @@ def distill_target_stats(target_hidden: torch.Tensor, lm_head_weight: torch.Tens
     V, H = lm_head_weight.shape
     _check_topk(topk, V)
     chunk = _check_chunk(chunk_size)
-    y = target_hidden.reshape(-1, H).to(lm_head_weight.dtype)
+    with torch.autocast(lm_head_weight.device.type, enabled=False):  # GEMMs in the head's dtype
+        return _target_stats(target_hidden.reshape(-1, H).to(lm_head_weight.dtype), lm_head_weight, topk, chunk)
+
+
+def _target_stats(y, lm_head_weight, topk, chunk):
+    H = lm_head_weight.shape[1]
     n, dev = y.shape[0], y.device
     state = _row_init(n, dev)
     val = torch.full((n, topk), float("-inf"), dtype=torch.float32, device=dev)
@@ -359,5 +364,6 @@ def fused_linear_distill_loss(draft_hidden: torch.Tensor, target_hidden: Optiona
         raise ValueError(f"target_stats was computed for {tuple(target_stats.topk_idx.shape)} top-K rows and "
                          f"{tuple(target_stats.p_w.shape)} head rows; this call needs ({n}, {topk}) and ({n}, {H})")
     need_grad = torch.is_grad_enabled() and draft_hidden.requires_grad
-    return _FusedLinearDistill.apply(x, lm_head_weight, mask, target_stats, float(ce_weight), float(topk_weight),
-                                     chunk, need_grad)
+    with torch.autocast(lm_head_weight.device.type, enabled=False):  # GEMMs in the head's dtype
+        return _FusedLinearDistill.apply(x, lm_head_weight, mask, target_stats, float(ce_weight),
+                                         float(topk_weight), chunk, need_grad)
