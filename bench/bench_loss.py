@@ -8,7 +8,8 @@ Two comparisons per shape (N tokens, hidden H, vocabulary V):
           oracle  = HASS: target_p = softmax(head(target)) once, then per step head(x) + compute_loss + backward;
           logits  = the same with ops.distill_loss on the step's logits (target logits once per batch);
           fused   = ops.distill_target_stats once + ops.fused_linear_distill_loss per step (no N x V tensor).
-CPU: every measurement runs in its own process (peak memory = peak RSS growth over the inputs); report the ratios.
+CPU: every run happens in its own process (peak memory = peak RSS growth over the inputs), the variants interleaved
+round by round (median over rounds) so that the load of a shared machine affects them alike; report the ratios.
 CUDA: absolute times (CUDA events, median), peak allocated memory, and for the logits op the achieved bandwidth
 against a device-to-device copy measured in the same run.
 
@@ -45,10 +46,10 @@ def make_inputs(case, N, H, V, J, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     mask = (torch.rand(N, generator=g) > 0.2).float().to(device)
     if case == "logits":
-        z = (torch.randn(N, V, generator=g) * 3).to(device=device, dtype=dtype)
-        t = (torch.randn(N, V, generator=g) * 3).to(device=device, dtype=dtype)
+        z = torch.randn(N, V, generator=g).mul_(3).to(device=device, dtype=dtype)
+        t = torch.randn(N, V, generator=g).mul_(3).to(device=device, dtype=dtype)
         return {"z": z, "t": t, "mask": mask}
-    w = (torch.randn(V, H, generator=g) * (4.0 / H ** 0.5)).to(device=device, dtype=dtype)
+    w = torch.randn(V, H, generator=g).mul_(4.0 / H ** 0.5).to(device=device, dtype=dtype)
     y = torch.randn(N, H, generator=g).to(device=device, dtype=dtype)
     xs = [torch.randn(N, H, generator=g).to(device=device, dtype=dtype) for _ in range(J)]
     return {"w": w, "y": y, "xs": xs, "mask": mask}
@@ -105,27 +106,31 @@ VARIANTS = {
 
 # ---- measurement ----------------------------------------------------------------------------------------------
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def measure_cpu_child(spec):
-    """Runs one variant in this (fresh) process: peak RSS growth over the inputs and the median time."""
+    """Runs one variant in this (fresh) process: a warm-up run that also gives the peak resident memory above
+    the inputs, then spec["reps"] timed runs."""
     torch.manual_seed(0)
     inp = make_inputs(spec["case"], spec["N"], spec["H"], spec["V"], spec["J"], getattr(torch, spec["dtype"]), "cpu")
     fn = VARIANTS[spec["case"]][spec["variant"]]
-    rss0 = _rss_bytes()
-    t0 = time.perf_counter()
-    fn(inp)  # first run: warm-up and peak memory
-    first = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    times = [first]
-    for _ in range(spec["reps"] - 1):
+    try:  # reset the peak RSS (VmHWM) so that building the inputs does not count
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    rss0 = _status_kib("VmRSS")
+    fn(inp)
+    peak = (_status_kib("VmHWM") - rss0) * 1024
+    times = []
+    for _ in range(spec["reps"]):
         t0 = time.perf_counter()
         fn(inp)
         times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times), "peak_bytes": max(0, peak)}
+    return {"times_s": times, "peak_bytes": max(0, peak)}
 
 
 def measure_cpu(spec):
@@ -222,23 +227,26 @@ def main():
         results["copy_bandwidth_GBps"] = copy_bandwidth_cuda() / 1e9
     for N, H, V in shapes:
         for case, variants in VARIANTS.items():
-            for variant in variants:
-                spec = {"case": case, "variant": variant, "N": N, "H": H, "V": V, "J": args.steps, "dtype": dtype,
-                        "reps": reps}
-                if cuda:
-                    r = measure_cuda(spec, reps)
-                elif args.quick:  # a smoke run: in-process, so the memory column is not isolated
-                    r = dict(measure_cpu_child(spec), peak_bytes=None)
-                else:
-                    r = measure_cpu(spec)
+            specs = [{"case": case, "variant": v, "N": N, "H": H, "V": V, "J": args.steps, "dtype": dtype}
+                     for v in variants]
+            if cuda:
+                measured = [measure_cuda(dict(sp, reps=reps), reps) for sp in specs]
+            elif args.quick:  # a smoke run: in-process, memory not isolated
+                measured = [dict(time_s=measure_cpu_child(dict(sp, reps=1))["times_s"][0], peak_bytes=None)
+                            for sp in specs]
+            else:  # one process per run, variants interleaved round by round against load drift
+                runs = [[measure_cpu(dict(sp, reps=1)) for sp in specs] for _ in range(reps)]
+                measured = [{"time_s": statistics.median(r[i]["times_s"][0] for r in runs),
+                             "peak_bytes": max(r[i]["peak_bytes"] for r in runs)} for i in range(len(specs))]
+            for spec, r in zip(specs, measured):
                 row = dict(spec, **r)
-                if cuda and case == "logits" and variant == "ours":
+                if cuda and case == "logits" and spec["variant"] == "ours":
                     # forward + backward move 5 N*V elements; report the achieved rate against the copy rate
                     moved = sum(logits_bytes(N, V, dtype).values())
                     row["GBps"] = moved / r["time_s"] / 1e9
                     row["of_copy_bandwidth"] = row["GBps"] / results["copy_bandwidth_GBps"]
                 results["rows"].append(row)
-                print(f"{case:7s} {variant:10s} N={N} H={H} V={V}: {r['time_s'] * 1e3:9.2f} ms, "
+                print(f"{case:7s} {spec['variant']:10s} N={N} H={H} V={V}: {r['time_s'] * 1e3:9.2f} ms, "
                       f"peak {_mib(r['peak_bytes'])} MiB", flush=True)
     write_results(results, args)
 
@@ -259,7 +267,7 @@ def write_results(results, args):
              f"{results['dtype']} inputs, K={results['topk']}, J={results['steps']} alignment steps per batch.", ""]
     if "copy_bandwidth_GBps" in results:
         lines += [f"Device-to-device copy bandwidth measured in this run: {results['copy_bandwidth_GBps']:.0f} GB/s.", ""]
-    lines += ["| case | variant | N | H | V | time (ms) | time vs oracle | peak extra memory (MiB) | memory vs oracle |",
+    lines += ["| case | variant | N | H | V | time (ms) | speed-up vs oracle | peak extra memory (MiB) | memory vs oracle |",
               "|---|---|---|---|---|---|---|---|---|"]
     rows = results["rows"]
     for r in rows:
@@ -269,7 +277,7 @@ def write_results(results, args):
         mem = f"{r['peak_bytes'] / o['peak_bytes']:.3f}" if r["peak_bytes"] and o["peak_bytes"] else "n/a"
         extra = f" ({r['GBps']:.0f} GB/s, {100 * r['of_copy_bandwidth']:.0f} % of copy)" if "GBps" in r else ""
         lines.append(f"| {r['case']} | {r['variant']} | {r['N']} | {r['H'] if r['case'] == 'fused' else '-'} | "
-                     f"{r['V']} | {r['time_s'] * 1e3:.2f}{extra} | {speed:.2f}x faster | "
+                     f"{r['V']} | {r['time_s'] * 1e3:.2f}{extra} | {speed:.2f}x | "
                      f"{_mib(r['peak_bytes'])} | {mem} |")
     lines += ["", "logits: forward + backward of the loss on given [N, V] logits. fused: one batch = target side once "
               "+ J steps of head GEMM, loss and backward to the hidden states. Peak memory excludes the inputs."]

@@ -172,9 +172,10 @@ def distill_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, loss_m
 # ---- fused_linear_distill_loss: the loss straight from hidden states, never holding N x V logits -----------
 #
 # The head is linear, so every vocabulary sum collapses to an H-vector per row (W_v = row v of the head):
-#   sum_v p_v z_v = <x, P>,   P = sum_v p_v W_v          (target side only)
-#   sum_{v in K} p_v z_v = <x, P_K>, P_K = sum_{v in K} p_v W_v   (target side only)
-#   dce/dx = (m/S) (Q - P),  dtopk/dx = (m/S) (P_K Q - P_K_w),  Q = sum_v q_v W_v = softmax(x W^T) W
+#   sum_v p_v z_v = <x, P>,           P   = sum_v p_v W_v              (target side only: p_w)
+#   sum_{v in K} p_v z_v = <x, P_K>,  P_K = sum_{v in K} p_v W_v       (target side only: pk_w)
+#   ce_row = lse(z) - <x, P>,  topk_row = pk lse(z) - <x, P_K>,  pk = sum_{v in K} p_v
+#   dce/dx = (m/S) (Q - P),  dtopk/dx = (m/S) (pk Q - P_K),  Q = sum_v q_v W_v = softmax(x W^T) W
 # P, P_K and the top-K come from one streaming pass over the head for the target (distill_target_stats),
 # reusable by every alignment step of a batch. A draft step streams the head once more: per vocabulary chunk
 # one GEMM for the logits, the online softmax kernel, and (when a gradient is needed) one GEMM accumulating Q
