@@ -269,7 +269,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(cons
 
 HASS_CPU_CLONES
 void backward_row(const void* zrow, Dt zdt, const void* trow, Dt tdt, void* grow, Dt gdt, int64_t V,
-                  const hass::DistillRowOut& o, const hass::DistillGradCoef& c, const int64_t* topk_idx, int k) {
+                  const hass::DistillRowOut& row, const hass::DistillGradCoef& coef, const int64_t* topk_idx,
+                  int k) {
+  const hass::DistillRowOut o = row;  // local copies: provably not aliased by the stores, so the loop vectorises
+  const hass::DistillGradCoef c = coef;
   alignas(64) float tb[kBlock], zb[kBlock], gb[kBlock];
   for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, V - c0));

@@ -16,6 +16,13 @@
 
 #include "hass/common.h"
 
+// The per-column functions below must inline into the CPU streaming loops, or those loops do not vectorise.
+#if defined(__CUDACC__)
+#define HASS_HD_HOT HASS_HD
+#else
+#define HASS_HD_HOT inline __attribute__((always_inline))
+#endif
+
 namespace hass {
 
 constexpr int kMaxTopK = 64;
@@ -23,7 +30,7 @@ constexpr int kTopKSentinelIndex = 0x7fffffff;  // index of an empty top-K slot 
 
 // exp(x) for the streaming loops. Host: a branch-free Cody-Waite + degree-6 polynomial exp (about 1 ulp)
 // that compilers vectorise; 0 below -87 (the float range); NaN propagates. Device: the hardware exp2.
-HASS_HD float fast_exp(float x) {
+HASS_HD_HOT float fast_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);
 #else
@@ -46,7 +53,7 @@ HASS_HD float fast_exp(float x) {
 
 // Shift used in exp(x - m): 0 when m is -inf (an empty or all -inf partial), so that empty partials
 // contribute exp(-inf) = 0 instead of NaN.
-HASS_HD float safe_max(float m) { return m == -INFINITY ? 0.0f : m; }
+HASS_HD_HOT float safe_max(float m) { return m == -INFINITY ? 0.0f : m; }
 
 // ---- online softmax statistics ------------------------------------------------------------------------
 
@@ -78,10 +85,10 @@ HASS_HD DistillRowStats distill_merge(DistillRowStats x, DistillRowStats y) {
 
 // The cross-term contribution of one column with target weight w = exp(t - mt): w (z - mz), and 0 where
 // w = 0 (p = 0 contributes nothing, also where log q = -inf, e.g. a vocabulary entry masked in both).
-HASS_HD float distill_cross(float w, float z, float mz) { return w > 0.0f ? w * (z - mz) : 0.0f; }
+HASS_HD_HOT float distill_cross(float w, float z, float mz) { return w > 0.0f ? w * (z - mz) : 0.0f; }
 
 // Adds one column (target logit t, draft logit z) to statistics whose maxima already cover it.
-HASS_HD void distill_accumulate(DistillRowStats& s, float t, float z) {
+HASS_HD_HOT void distill_accumulate(DistillRowStats& s, float t, float z) {
   const float w = fast_exp(t - safe_max(s.mt));
   s.st += w;
   s.sz += fast_exp(z - safe_max(s.mz));
@@ -111,8 +118,8 @@ HASS_HD DistillRowOut distill_finish(const DistillRowStats& s) {
   return o;
 }
 
-HASS_HD float distill_log_p(const DistillRowOut& o, float t) { return (t - o.mt) - o.lt; }
-HASS_HD float distill_log_q(const DistillRowOut& o, float z) { return (z - o.mz) - o.lz; }
+HASS_HD_HOT float distill_log_p(const DistillRowOut& o, float t) { return (t - o.mt) - o.lt; }
+HASS_HD_HOT float distill_log_q(const DistillRowOut& o, float z) { return (z - o.mz) - o.lz; }
 
 // Coefficients of the gradient of g_ce * ce + g_topk * topk w.r.t. the draft logits of one row:
 //   d/dz_v = scale * [ (g_ce + g_topk P_K) q_v - (g_ce + g_topk [v in topK]) p_v ],  scale = m_t / S.
@@ -127,7 +134,7 @@ HASS_HD DistillGradCoef distill_grad_coef(float scale, float g_ce, float g_topk,
 }
 
 // Gradient for one column; in_topk selects the top-K coefficient.
-HASS_HD float distill_grad(const DistillRowOut& o, const DistillGradCoef& c, float z, float t, bool in_topk) {
+HASS_HD_HOT float distill_grad(const DistillRowOut& o, const DistillGradCoef& c, float z, float t, bool in_topk) {
   const float q = fast_exp(distill_log_q(o, z));
   const float p = fast_exp(distill_log_p(o, t));
   return c.cq * q - (in_topk ? c.cp_topk : c.cp) * p;
