@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -208,6 +207,9 @@ def main():
                     help="tokens for the H=4096, V=128256 shape on CPU (the full N needs minutes and ~6 GB there)")
     ap.add_argument("--steps", type=int, default=3, help="alignment steps J per batch in the fused comparison")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--shapes", default="small,large", help="which of small (576 x 49152), large (4096 x 128256)")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="CPU: one untimed run per variant, for the peak memory at sizes too slow to time")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -220,7 +222,8 @@ def main():
     if args.quick:
         shapes = [(64, 32, 1000)]
     else:
-        shapes = [(args.n, 576, 49152), (args.n if cuda else args.n_large_cpu, 4096, 128256)]
+        named = {"small": (args.n, 576, 49152), "large": (args.n if cuda else args.n_large_cpu, 4096, 128256)}
+        shapes = [named[s] for s in args.shapes.split(",")]
     reps = args.reps or (1 if args.quick else (20 if cuda else 3))
     results = {"machine": machine_info(args.device), "dtype": dtype, "topk": TOPK, "steps": args.steps, "rows": []}
     if cuda:
@@ -234,6 +237,8 @@ def main():
             elif args.quick:  # a smoke run: in-process, memory not isolated
                 measured = [dict(time_s=measure_cpu_child(dict(sp, reps=1))["times_s"][0], peak_bytes=None)
                             for sp in specs]
+            elif args.memory_only:
+                measured = [dict(time_s=None, peak_bytes=measure_cpu(dict(sp, reps=0))["peak_bytes"]) for sp in specs]
             else:  # one process per run, variants interleaved round by round against load drift
                 runs = [[measure_cpu(dict(sp, reps=1)) for sp in specs] for _ in range(reps)]
                 measured = [{"time_s": statistics.median(r[i]["times_s"][0] for r in runs),
@@ -246,7 +251,7 @@ def main():
                     row["GBps"] = moved / r["time_s"] / 1e9
                     row["of_copy_bandwidth"] = row["GBps"] / results["copy_bandwidth_GBps"]
                 results["rows"].append(row)
-                print(f"{case:7s} {spec['variant']:10s} N={N} H={H} V={V}: {r['time_s'] * 1e3:9.2f} ms, "
+                print(f"{case:7s} {spec['variant']:10s} N={N} H={H} V={V}: {_ms(r['time_s'])} ms, "
                       f"peak {_mib(r['peak_bytes'])} MiB", flush=True)
     write_results(results, args)
 
@@ -255,9 +260,14 @@ def _mib(nbytes):
     return "n/a" if nbytes is None else f"{nbytes / 2**20:.1f}"
 
 
+def _ms(seconds):
+    return "n/a" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
 def write_results(results, args):
     os.makedirs(args.out_dir, exist_ok=True)
     name = "bench_loss_quick" if args.quick else f"bench_loss_{results['machine']['device']}"
+    name += "_memory" if args.memory_only else ""
     with open(os.path.join(args.out_dir, name + ".json"), "w") as f:
         json.dump(results, f, indent=1)
     m = results["machine"]
@@ -273,11 +283,11 @@ def write_results(results, args):
     for r in rows:
         o = next(x for x in rows if x["case"] == r["case"] and x["variant"] == "oracle" and x["N"] == r["N"]
                  and x["V"] == r["V"])
-        speed = o["time_s"] / r["time_s"]
+        speed = f"{o['time_s'] / r['time_s']:.2f}x" if r["time_s"] and o["time_s"] else "n/a"
         mem = f"{r['peak_bytes'] / o['peak_bytes']:.3f}" if r["peak_bytes"] and o["peak_bytes"] else "n/a"
         extra = f" ({r['GBps']:.0f} GB/s, {100 * r['of_copy_bandwidth']:.0f} % of copy)" if "GBps" in r else ""
         lines.append(f"| {r['case']} | {r['variant']} | {r['N']} | {r['H'] if r['case'] == 'fused' else '-'} | "
-                     f"{r['V']} | {r['time_s'] * 1e3:.2f}{extra} | {speed:.2f}x | "
+                     f"{r['V']} | {_ms(r['time_s'])}{extra} | {speed} | "
                      f"{_mib(r['peak_bytes'])} | {mem} |")
     lines += ["", "logits: forward + backward of the loss on given [N, V] logits. fused: one batch = target side once "
               "+ J steps of head GEMM, loss and backward to the hidden states. Peak memory excludes the inputs."]
