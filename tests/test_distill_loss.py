@@ -39,8 +39,8 @@ def _compare(z, t, m, k, *, rtol=1e-5, grad_rtol=1e-5, grad_atol=None, oracle_in
     zo, to = oracle_inputs if oracle_inputs is not None else (z.float(), t.float())
     ce0, tk0, g0 = _losses_and_grad(R.distill_loss_reference, zo, to, m, k, w_ce, w_topk)
     assert ce.dtype == torch.float32 and ce.dim() == 0 and tk.dim() == 0
-    torch.testing.assert_close(ce, ce0, rtol=rtol, atol=1e-6)
-    torch.testing.assert_close(tk, tk0, rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(ce, ce0.float(), rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(tk, tk0.float(), rtol=rtol, atol=1e-6)
     assert g.dtype == z.dtype and g.shape == z.shape
     fi = torch.finfo(z.dtype)  # the gradient is rounded to the input dtype: allow its subnormal spacing
     atol = grad_atol if grad_atol is not None else 1e-6 * float(g0.abs().max()) + fi.smallest_normal * fi.eps
@@ -58,7 +58,8 @@ def test_fp32_matches_oracle(N, V, k):
     t = torch.randn(N, V) * 3
     m = (torch.rand(N) > 0.3).float()
     m[0] = 1.0
-    _compare(z, t, m, k)
+    # at V = 256k the fp32 oracle's own rounding (log q, softmax) reaches ~1e-5: evaluate it in float64 there
+    _compare(z, t, m, k, oracle_inputs=(z.double(), t.double()) if V > 100_000 else None)
 
 
 def test_leading_dims_and_mask_forms():

@@ -179,13 +179,18 @@ FwdRow forward_row(const void* zrow, Dt zdt, const void* trow, Dt tdt, int64_t V
       mt = nt; mz = nz;
     }
     const float shift_t = hass::safe_max(mt), shift_z = hass::safe_max(mz);
+    // Block partial sums first, then into the row: two-level summation keeps fp32 rounding small at V = 256k.
+    alignas(64) float bst[kLanes] = {}, bsz[kLanes] = {}, bsa[kLanes] = {};
     for (int i = 0; i < padded; i += kLanes)
       for (int j = 0; j < kLanes; ++j) {
         const float w = hass::fast_exp(tb[i + j] - shift_t);
-        st[j] += w;
-        sz[j] += hass::fast_exp(zb[i + j] - shift_z);
-        sa[j] += hass::distill_cross(w, zb[i + j], mz);
+        bst[j] += w;
+        bsz[j] += hass::fast_exp(zb[i + j] - shift_z);
+        bsa[j] += hass::distill_cross(w, zb[i + j], mz);
       }
+    for (int j = 0; j < kLanes; ++j) {
+      st[j] += bst[j]; sz[j] += bsz[j]; sa[j] += bsa[j];
+    }
     top.scan(tb, n, c0, bt);
   }
   float vals[hass::kMaxTopK];

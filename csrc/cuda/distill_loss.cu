@@ -275,8 +275,7 @@ __global__ void __launch_bounds__(kThreads) distill_fwd_kernel(const TZ* __restr
     load_group(zr, c0, V, vec_ok, zv);
     const float bt = max8(tv), bz = max8(zv);
     if (bt > s.mt || bz > s.mz) s = hass::distill_rescale(s, bt > s.mt ? bt : s.mt, bz > s.mz ? bz : s.mz);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) hass::distill_accumulate(s, tv[j], zv[j]);
+    hass::distill_accumulate_n(s, tv, zv, kVec);
     top.offer(tv, c0, V, bt, k);
   }
   s = warp_merge(s);

@@ -62,6 +62,15 @@ void test_online_merge(float offset, float scale) {
   for (int w = 4; w > 0; w >>= 1)
     for (int i = 0; i < w; ++i) part[i] = hass::distill_merge(part[i], part[i + w]);
   const hass::DistillRowStats merged = hass::distill_merge(hass::distill_empty(), part[0]);
+  // groups of 8 columns (the CUDA thread loop): rescale to the group maxima, then accumulate the group
+  hass::DistillRowStats grp = hass::distill_empty();
+  for (int v0 = 0; v0 < V; v0 += 8) {
+    float mt = grp.mt, mz = grp.mz;
+    for (int j = v0; j < v0 + 8; ++j) { mt = std::max(mt, t[j]); mz = std::max(mz, z[j]); }
+    grp = hass::distill_rescale(grp, mt, mz);
+    hass::distill_accumulate_n(grp, &t[v0], &z[v0], 8);
+  }
+  CHECK_NEAR(hass::distill_finish(grp).ce, ex.ce, tol);
   CHECK_NEAR(hass::distill_finish(merged).ce, ex.ce, tol);
   CHECK_NEAR(hass::distill_finish(hass::distill_merge(merged, hass::distill_empty())).ce, ex.ce, tol);
 }

@@ -95,6 +95,22 @@ HASS_HD_HOT void distill_accumulate(DistillRowStats& s, float t, float z) {
   s.a += distill_cross(w, z, s.mz);
 }
 
+// Adds n columns to statistics whose maxima already cover them, summing the group first (two-level summation
+// keeps fp32 rounding small over 256k columns).
+HASS_HD_HOT void distill_accumulate_n(DistillRowStats& s, const float* t, const float* z, int n) {
+  const float sht = safe_max(s.mt), shz = safe_max(s.mz);
+  float gt = 0.0f, gz = 0.0f, ga = 0.0f;
+  for (int j = 0; j < n; ++j) {
+    const float w = fast_exp(t[j] - sht);
+    gt += w;
+    gz += fast_exp(z[j] - shz);
+    ga += distill_cross(w, z[j], s.mz);
+  }
+  s.st += gt;
+  s.sz += gz;
+  s.a += ga;
+}
+
 // Adds one column, raising the maxima first when needed.
 HASS_HD void distill_push(DistillRowStats& s, float t, float z) {
   if (t > s.mt || z > s.mz) s = distill_rescale(s, t > s.mt ? t : s.mt, z > s.mz ? z : s.mz);
