@@ -275,6 +275,8 @@ def write_results(results, args):
              f"{m['date']}; CPU {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads); "
              f"torch {m['torch']}" + (f"; GPU {m['gpu']}, CUDA {m['cuda']}" if "gpu" in m else "") + "; "
              f"{results['dtype']} inputs, K={results['topk']}, J={results['steps']} alignment steps per batch.", ""]
+    if args.memory_only:
+        lines += ["Memory-only run: one untimed run per variant, each in its own process.", ""]
     if "copy_bandwidth_GBps" in results:
         lines += [f"Device-to-device copy bandwidth measured in this run: {results['copy_bandwidth_GBps']:.0f} GB/s.", ""]
     lines += ["| case | variant | N | H | V | time (ms) | speed-up vs oracle | peak extra memory (MiB) | memory vs oracle |",

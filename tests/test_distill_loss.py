@@ -453,7 +453,10 @@ def test_cuda_fused_linear(dtype):
     xc = x.cuda().requires_grad_(True)
     out = ops.fused_linear_distill_loss(xc, y.cuda(), w.cuda(), m.cuda(), chunk_size=4096)
     out[0].backward()
-    ref = R.fused_linear_distill_loss_reference(x.cuda().float(), y.cuda().float(), w.cuda().float(), m.cuda())
+    xr = x.cuda().float().requires_grad_(True)
+    ref = R.fused_linear_distill_loss_reference(xr, y.cuda().float(), w.cuda().float(), m.cuda())
+    ref[0].backward()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for o, r in zip(out, ref):
         torch.testing.assert_close(o, r, rtol=tol, atol=1e-5)
+    torch.testing.assert_close(xc.grad.float(), xr.grad, rtol=tol, atol=tol * float(xr.grad.abs().max()))
