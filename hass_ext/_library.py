@@ -84,14 +84,16 @@ def kernel_report() -> str:
         lines = [f"hass ops run on CPU tensors only: {why}."]
     else:
         lines = [f"hass ops run on CPU and CUDA ({torch.cuda.get_device_name()})."]
+    any_cuda = _has_cuda_kernels()
     for op, devices in op_devices().items():
-        notes = []
+        note = ""
         if "cpu" not in devices:
-            notes.append("no CPU kernel")
-        if "cuda" not in devices:
-            notes.append("cuda: no CUDA kernel in this build" if not _has_kernel(op, "CUDA")
-                         else f"cuda: {why}" if why else "cuda: unavailable")
-        lines.append(f"  {op}: {', '.join(devices) or 'no device'}" + (f"  ({'; '.join(notes)})" if notes else ""))
+            note = "no CPU kernel"
+        if any_cuda and "cuda" not in devices:  # without any CUDA kernel the first line says it all
+            cuda_note = ("a CUDA kernel is built in but cannot run here" if _has_kernel(op, "CUDA")
+                         else "no CUDA kernel in this build")
+            note = f"{note}; {cuda_note}" if note else cuda_note
+        lines.append(f"  {op}: {', '.join(devices) or 'no device'}" + (f" ({note})" if note else ""))
     return "\n".join(lines)
 
 
