@@ -40,7 +40,8 @@ build() {  # build KIND PYTHON HASS_BUILD_CUDA
   stage "$kind"
   rm -f dist/hass_ext-*+"$( [ "$kind" = cpu ] && echo cpu || echo cu)"*.whl
   echo "== building the $kind wheel (torch $("$py" -c 'import torch; print(torch.__version__)'))"
-  HASS_BUILD_CUDA=$3 "$py" -m pip wheel --disable-pip-version-check --no-build-isolation --no-deps -q \
+  # that python's own ninja: another ninja version discards the build log and recompiles everything
+  PATH="$(dirname "$py"):$PATH" HASS_BUILD_CUDA=$3 "$py" -m pip wheel --disable-pip-version-check --no-build-isolation --no-deps -q \
     -w dist "$WORK/src-$kind" > "$WORK/build-$kind.log" 2>&1 || { tail -n 60 "$WORK/build-$kind.log"; exit 1; }
   local whl
   whl=$(ls -t dist/hass_ext-*+"$( [ "$kind" = cpu ] && echo cpu || echo cu)"*.whl | head -n 1)
@@ -59,12 +60,12 @@ fi
 
 if [ "$WHAT" != cpu ]; then
   venv=$WORK/venv-cuda-build
-  if ! "$venv/bin/python" -c "import torch, sys, cutlass_library, setuptools, wheel, ninja
+  if ! "$venv/bin/python" -c "import torch, sys, cutlass_library, setuptools, wheel, ninja, numpy
 sys.exit(torch.__version__.split('+')[0] != '$CUDA_TORCH' or torch.version.cuda is None)" 2>/dev/null; then
     echo "== creating $venv with torch $CUDA_TORCH (a CUDA build, several GB)"
     rm -rf "$venv"
     "${PYTHON:-python3}" -m venv "$venv"
-    quiet_pip "$venv/bin/python" "torch==$CUDA_TORCH" setuptools wheel ninja
+    quiet_pip "$venv/bin/python" "torch==$CUDA_TORCH" setuptools wheel ninja numpy
     quiet_pip "$venv/bin/python" --no-deps "$CUTLASS"
   fi
   build cuda "$venv/bin/python" 1
