@@ -6,7 +6,7 @@ HASS trains the draft better than EAGLE-2 (top-K ranking distillation + harmoniz
 
 Importing the package registers the kernels as ``torch.ops.hass.*``; the Python API is below.
 """
-from ._library import available_devices, kernel_report  # noqa: F401  (loads hass_ext._C)
+from ._library import available_devices, kernel_report, op_devices, registered_ops  # noqa: F401  (loads _C)
 from . import ops, sampling  # noqa: F401
 from .generate import GenerationResult, generate, stream  # noqa: F401
 from .target import Target, load_target  # noqa: F401
