@@ -9,7 +9,6 @@ import hass_ext
 from hass_ext.checkpoint import CheckpointError, load_draft, save_draft
 from tiny_models import tiny_target
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")

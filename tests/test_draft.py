@@ -8,7 +8,6 @@ import hass_ext
 from hass_ext.draft import DraftCache, DraftConfig, DraftModel, apply_rotary, rope_inv_freq
 from tiny_models import tiny_target
 
-torch.set_num_threads(2)
 
 
 def _config(**kw):
