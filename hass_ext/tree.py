@@ -81,8 +81,7 @@ def draft_tree(draft, cache, root_hidden: torch.Tensor, root_token: int, total_t
     ctx = cache.length
     cache.reserve(ctx + (depth - 1) * k)
 
-    logp = torch.log_softmax(draft.logits(root_hidden).float(), dim=-1)
-    scores, tokens = torch.topk(logp, k)                      # level 1
+    scores, tokens = _top_log_probs(draft.logits(root_hidden), k)  # level 1
     cand_scores, cand_tokens = [scores], [tokens]
     cand_parent = [torch.full((k,), -1, dtype=torch.long, device=dev)]  # candidate index of the parent, -1 = root
     frontier = torch.arange(k, device=dev)                     # candidate indices of the frontier
@@ -92,12 +91,16 @@ def draft_tree(draft, cache, root_hidden: torch.Tensor, root_token: int, total_t
     ctx_cols = torch.ones(k, ctx, dtype=torch.bool, device=dev)
     n_cand = k
     for step in range(depth - 1):
+        # Exact early stop: a deeper candidate scores at most its frontier ancestor, and loses ties to every
+        # earlier candidate; once n_draft candidates score >= the best frontier score, none deeper can be kept.
+        best_frontier = scores.max()
+        if sum(int((s >= best_frontier).sum()) for s in cand_scores) >= n_draft:
+            break
         attn_mask = torch.cat([ctx_cols, fmask], dim=1)
         pos = torch.full((1, k), ctx + step, dtype=torch.long, device=dev)
         out = draft(ids[None], hidden[None], position_ids=pos, cache=cache, cache_pos=ctx + step * k,
                     attn_mask=attn_mask)[0]                    # [k, H]
-        logp = torch.log_softmax(draft.logits(out).float(), dim=-1)
-        child_lp, child_tok = torch.topk(logp, k, dim=-1)      # [k, k]
+        child_lp, child_tok = _top_log_probs(draft.logits(out), k)  # [k, k]
         child_scores = (child_lp + scores[:, None]).flatten()  # cumulative path log-prob
         cand_scores.append(child_scores)
         cand_tokens.append(child_tok.flatten())
@@ -109,6 +112,14 @@ def draft_tree(draft, cache, root_hidden: torch.Tensor, root_token: int, total_t
         hidden, ids = out[slot], child_tok.flatten()[best]
         fmask = torch.cat([fmask[slot], torch.eye(k, dtype=torch.bool, device=dev)], dim=1)
     return _select(torch.cat(cand_scores), torch.cat(cand_tokens), torch.cat(cand_parent), root_token, n_draft)
+
+
+def _top_log_probs(logits: torch.Tensor, k: int):
+    """The k largest log-probabilities of each row and their tokens (top-k of the logits minus the log-normaliser:
+    one pass over the vocabulary fewer than a full log_softmax; the results are still <= 0)."""
+    logits = logits.float()
+    top, tok = torch.topk(logits, k, dim=-1)
+    return top - torch.logsumexp(logits, dim=-1, keepdim=True), tok
 
 
 def _select(scores, tokens, parent, root_token, n_draft) -> Tree:

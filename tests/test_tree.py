@@ -70,10 +70,12 @@ def _brute_force_tree(draft, ctx_ids, ctx_feats, root, total_tokens, depth, k):
     return tokens, parents
 
 
-@pytest.mark.parametrize("total_tokens,depth,k,seed", [(60, 6, 10, 0), (8, 3, 2, 1), (12, 4, 3, 2), (7, 6, 1, 3),
-                                                       (1, 6, 1, 4), (30, 1, 5, 5), (200, 3, 4, 6)])
-def test_draft_tree_matches_brute_force(total_tokens, depth, k, seed):
-    draft = _draft(seed=seed)
+@pytest.mark.parametrize("total_tokens,depth,k,seed,scale", [
+    (60, 6, 10, 0, 1.0), (8, 3, 2, 1, 1.0), (12, 4, 3, 2, 1.0), (7, 6, 1, 3, 1.0), (1, 6, 1, 4, 1.0),
+    (30, 1, 5, 5, 1.0), (200, 3, 4, 6, 1.0),
+    (60, 6, 10, 7, 4.0), (25, 6, 3, 8, 6.0)])  # peaked drafts: deep trees, the early stop rarely fires
+def test_draft_tree_matches_brute_force(total_tokens, depth, k, seed, scale):
+    draft = _draft(seed=seed, head_scale=scale)
     g = torch.Generator().manual_seed(seed)
     L = 9
     ctx_ids, ctx_feats = torch.randint(0, 40, (1, L), generator=g), torch.randn(1, L, 32, generator=g)
@@ -89,6 +91,8 @@ def test_draft_tree_matches_brute_force(total_tokens, depth, k, seed):
     n_candidates = k + (depth - 1) * k * k
     assert tree.size == min(total_tokens - 1, n_candidates) + 1
     assert int(tree.depths.max()) <= depth
+    if scale > 1:
+        assert int(tree.depths.max()) >= 4, "a peaked draft should give a deep tree"
     if k == 1 and total_tokens > depth:  # a chain
         assert parents == [-1] + list(range(depth))
 
