@@ -99,7 +99,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hass_ext", "hass_ext.*"]),
-    package_data={"hass_ext": ["drafts/**/*"]},
+    package_data={"hass_ext": ["drafts/**/*", "data/eval/*"]},
     ext_modules=extensions(),
     cmdclass=cmdclass(),
     install_requires=["torch", "transformers>=4.45", "safetensors", "tqdm", "gguf", "accelerate", "numpy"],

@@ -1,4 +1,6 @@
 """Loads the compiled kernels (hass_ext._C) and says which devices they run on."""
+import warnings
+
 import torch
 
 try:
@@ -18,7 +20,8 @@ def _has_cuda_kernels() -> bool:
 def available_devices() -> list:
     """Device types the hass kernels run on in this process ("cpu" always, "cuda" when built in and usable)."""
     devices = ["cpu"]
-    if _has_cuda_kernels() and torch.cuda.is_available():
+    # the CUDA kernels are compiled for sm_90a only: they do not load on other architectures
+    if _has_cuda_kernels() and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
         devices.append("cuda")
     return devices
 
@@ -37,3 +40,12 @@ def kernel_report() -> str:
         return (f"hass CUDA kernels are compiled for sm_90a (Hopper) only; {torch.cuda.get_device_name()} is "
                 f"sm_{major}{minor}, so hass ops run on CPU tensors only here.")
     return f"hass ops run on CPU and CUDA ({torch.cuda.get_device_name()})."
+
+
+def _warn_if_gpu_unused() -> None:
+    """A visible GPU that the kernels cannot use deserves one clear warning at import, not a late failure."""
+    if torch.cuda.is_available() and "cuda" not in available_devices():
+        warnings.warn(kernel_report(), RuntimeWarning, stacklevel=3)
+
+
+_warn_if_gpu_unused()

@@ -49,7 +49,7 @@ def vanilla_decode(target, input_ids: torch.Tensor, max_new_tokens: int, tempera
     """Autoregressive decoding with a KV cache: the baseline every speedup is measured against."""
     pre = target.prefill(input_ids)
     cache, logits = pre.past_key_values, pre.logits[:, -1]
-    with torch.inference_mode():
+    with torch.no_grad():
         for _ in range(max_new_tokens):
             token = sample_token(logits, temperature, top_p, top_k, generator)
             yield [int(token)], None

@@ -61,8 +61,9 @@ def compact_kv(caches: Union[torch.Tensor, Sequence[torch.Tensor]], src_slots, d
     if not isinstance(src_slots, torch.Tensor):
         src_slots = torch.as_tensor(src_slots, dtype=torch.int64, device=device)
     _check_tensor("src_slots", src_slots, dims=(1, 2), dtypes=_INDEX_DTYPES, device=device)
-    if src_slots.dim() == 1:
-        src_slots = src_slots.unsqueeze(0)
+    B = caches[0].shape[caches[0].dim() - 4]
+    if src_slots.dim() == 1:  # the same plan for every batch row
+        src_slots = src_slots.unsqueeze(0).expand(B, -1)
     B = src_slots.shape[0]
     for i, c in enumerate(caches):
         cb = c.shape[c.dim() - 4]

@@ -106,7 +106,7 @@ class Target:
                              f"[{int(ids.min())}, {int(ids.max())}]")
         return ids.to(self.device)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, past_key_values=None, all_logits: bool = False) -> Prefill:
         """Run the target over ``input_ids [B, L]`` (appending to ``past_key_values`` when given).
 
@@ -183,9 +183,14 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
                 raise FileNotFoundError(f"target model folder not found: {path}")
             if looks_local and not os.path.exists(os.path.join(path, "config.json")):
                 raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a cached 135M model loads in well under a second: no bar needed
         try:
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         except OSError as e:
             raise FileNotFoundError(f"could not load target model {name!r}: {e}") from e
+        finally:
+            hf_logging.enable_progress_bar()
     return Target(model.to(device), tok, name)

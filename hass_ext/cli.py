@@ -1,0 +1,180 @@
+"""The hass-ext command line: generate, chat (and the training/evaluation commands as they land)."""
+import argparse
+import os
+import sys
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def _add_model_args(p):
+    p.add_argument("--model", default=None,
+                   help="target model: a local Hugging Face folder or hub id (default: the embedded "
+                        "SmolLM2-135M-Instruct, works offline)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="target dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _add_sampling_args(p):
+    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold in (0, 1] (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def _load(args):
+    import torch
+
+    from .target import load_target
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    return load_target(args.model, dtype=dtype, device=args.device)
+
+
+def _generation_kwargs(args, target):
+    return dict(target=target, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def _print_stream(prompt, kwargs):
+    from .generate import stream
+
+    gen = stream(prompt, **kwargs)
+    while True:
+        try:
+            piece = next(gen)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return result
+
+
+def _report(result, file=sys.stderr):
+    print(f"[{result.num_new_tokens} tokens in {result.elapsed:.2f} s: {result.tokens_per_second:.1f} tokens/s]",
+          file=file)
+
+
+def cmd_generate(args):
+    target = _load(args)
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    kwargs = _generation_kwargs(args, target)
+    kwargs["chat"] = False if args.raw else None
+    result = _print_stream(prompt, kwargs)
+    _report(result)
+    return 0
+
+
+def cmd_chat(args):
+    target = _load(args)
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print(f"Chatting with {target.name}. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        result = _print_stream(messages, _generation_kwargs(args, target))
+        messages.append({"role": "assistant", "content": result.text})
+        _report(result)
+    return 0
+
+
+def _parse_drafts(specs, target):
+    """--draft NAME=PATH (or PATH, or "default") -> {name: loaded draft}."""
+    drafts = {}
+    for spec in specs or []:
+        name, _, path = spec.partition("=") if "=" in spec else (os.path.basename(spec.rstrip("/")), "", spec)
+        if path == "default":
+            drafts[name] = "default"
+            continue
+        from . import load_draft
+
+        drafts[name] = load_draft(path, target=target)
+    return drafts
+
+
+def cmd_eval(args):
+    import shlex
+
+    from .evaluate import evaluate, markdown_table, write_results
+
+    target = _load(args)
+    drafts = _parse_drafts(args.draft, target)
+    settings = dict(datasets=args.datasets, temperatures=args.temperatures, num_questions=args.num_questions,
+                    max_new_tokens=args.max_new_tokens, turns=args.turns, target=target.name,
+                    drafts=args.draft or [])
+    results = evaluate(target, drafts, datasets=args.datasets, temperatures=args.temperatures,
+                       num_questions=args.num_questions, max_new_tokens=args.max_new_tokens, turns=args.turns,
+                       seed=args.seed or 0)
+    command = "hass-ext " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    paths = write_results(results, args.out_dir, args.name, command, settings)
+    print(markdown_table(results))
+    print("written: " + ", ".join(paths.values()), file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hass-ext",
+        description="HASS speculative decoding: faster LLM generation with unchanged output.",
+        epilog="Run 'hass-ext COMMAND --help' for the options of a command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    g = sub.add_parser("generate", help="generate a continuation of a prompt, streaming the text",
+                       description="Generate text for a prompt (wrapped as a user turn of the chat template "
+                                   "unless --raw) and print the speed.")
+    g.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+    g.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat", description="Chat in the terminal.")
+    c.add_argument("--system", default=None, help="a system prompt")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    e = sub.add_parser("eval", help="tau and speedup over MT-bench / HumanEval / GSM8K",
+                       description="Run vanilla decoding and each --draft side by side, interleaved per prompt, "
+                                   "and write JSON, Markdown and PNG results.")
+    e.add_argument("--draft", action="append", metavar="[NAME=]PATH",
+                   help="a draft to evaluate (repeatable); 'default' for the packaged draft")
+    e.add_argument("--datasets", nargs="+", default=["mt_bench", "humaneval", "gsm8k"],
+                   help="packaged dataset names or JSONL question files (default: all three)")
+    e.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    e.add_argument("--num-questions", type=int, default=None, help="first N questions of each dataset")
+    e.add_argument("--turns", type=int, default=2, help="turns per question (MT-bench has 2)")
+    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out-dir", default="bench/results")
+    e.add_argument("--name", default="eval", help="file name prefix of the results")
+    _add_model_args(e)
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"hass-ext {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

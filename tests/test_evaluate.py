@@ -1,0 +1,45 @@
+"""The evaluation harness on a tiny run: vanilla only (drafts are covered where speculative decoding is tested)."""
+import json
+
+import pytest
+
+import hass_ext
+from hass_ext.evaluate import evaluate, load_questions, summarize, write_results
+
+
+def test_load_questions_packaged_and_errors(tmp_path):
+    for name in ("mt_bench", "humaneval", "gsm8k"):
+        assert len(load_questions(name)) == 80
+    assert len(load_questions("mt_bench")[0]["turns"]) == 2
+    with pytest.raises(FileNotFoundError, match="no question file"):
+        load_questions("no_such_set")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "turns": ["hi"]}\n{"question_id": 2}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        load_questions(str(bad))
+
+
+def test_summarize_reference_and_weighted_tau():
+    rows = {"vanilla": [{"tokens": 10, "seconds": 1.0, "accept_lengths": []},
+                        {"tokens": 10, "seconds": 2.0, "accept_lengths": []}],
+            "d": [{"tokens": 10, "seconds": 0.5, "accept_lengths": [1, 3]},
+                  {"tokens": 10, "seconds": 1.0, "accept_lengths": [0]}]}
+    s = summarize(rows)
+    assert s["d"]["tau"] == pytest.approx(((2 + 1) + (0 + 1)) / 2)           # mean of per-question means
+    assert s["d"]["tau_token_weighted"] == pytest.approx((2 + 4 + 1) / 3)    # all tokens / all rounds
+    assert s["d"]["speedup"] == pytest.approx(((20 + 10) / 2) / ((10 + 5) / 2))
+    assert s["d"]["accept_histogram"] == {"0": 1, "1": 1, "3": 1}
+    assert "tau" not in s["vanilla"] and s["vanilla"]["speedup"] == pytest.approx(1.0)
+
+
+def test_vanilla_eval_writes_results(tmp_path):
+    target = hass_ext.load_target()
+    results = evaluate(target, {}, datasets=["gsm8k"], temperatures=[0.0], num_questions=2, max_new_tokens=8,
+                       turns=1, warmup=0, progress=False)
+    entry = results["gsm8k@T=0"]
+    assert entry["methods"]["vanilla"]["questions"] == 2
+    assert entry["methods"]["vanilla"]["new_tokens"] <= 16
+    paths = write_results(results, str(tmp_path), "tiny", "hass-ext eval --datasets gsm8k", {"n": 2})
+    doc = json.loads(open(paths["json"]).read())
+    assert doc["command"].startswith("hass-ext eval") and doc["machine"]["torch"]
+    assert "| gsm8k | 0 | vanilla |" in open(paths["md"]).read()

@@ -1,0 +1,134 @@
+"""Vanilla generate(): equal to transformers' own greedy decoding, sampling reproducibility, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hass_ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL_DIR = os.path.join(ROOT, "hass_ext", "data", "eval")  # MT-bench, HumanEval, GSM8K (80 questions each)
+
+
+def eval_prompts(per_file):
+    """First turns of the first ``per_file`` questions of each packaged eval file."""
+    prompts = []
+    for name in ("mt_bench", "humaneval", "gsm8k"):
+        with open(os.path.join(EVAL_DIR, f"{name}.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        prompts += [r["turns"][0] for r in rows[:per_file]]
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def target():
+    return hass_ext.load_target()
+
+
+def test_greedy_equals_transformers_generate(target):
+    prompts = eval_prompts(4)[:10]
+    assert len(prompts) == 10
+    for prompt in prompts:
+        ids = target.encode(prompt)
+        ours = hass_ext.generate(prompt, target=target, max_new_tokens=24)
+        with torch.inference_mode():
+            ref = target.model.generate(ids, max_new_tokens=24, do_sample=False, temperature=None, top_p=None,
+                                        top_k=None, eos_token_id=sorted(target.eos_token_ids),
+                                        pad_token_id=target.tokenizer.pad_token_id or 0)
+        ref_new = ref[0, ids.shape[1]:].tolist()
+        assert ours.token_ids == ref_new, prompt
+        assert ours.num_new_tokens == len(ref_new)
+        assert ours.text == target.tokenizer.decode(ref_new, skip_special_tokens=True)
+        assert ours.tokens_per_second > 0 and ours.num_rounds == 0
+
+
+def test_chat_messages_and_stream(target):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    res = hass_ext.generate(messages, target=target, max_new_tokens=12)
+    assert res.token_ids == hass_ext.generate("Name a colour.", target=target, max_new_tokens=12).token_ids
+    pieces = []
+    gen = hass_ext.stream(messages, target=target, max_new_tokens=12)
+    while True:
+        try:
+            pieces.append(next(gen))
+        except StopIteration as stop:
+            streamed = stop.value
+            break
+    assert "".join(pieces) == res.text == streamed.text
+
+
+def test_sampling_is_seeded(target):
+    a = hass_ext.generate("Tell me a story.", target=target, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=3)
+    b = hass_ext.generate("Tell me a story.", target=target, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=3)
+    c = hass_ext.generate("Tell me a story.", target=target, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=4)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_stops_on_max_new_tokens_and_eos(target):
+    res = hass_ext.generate("Count from one to one hundred.", target=target, max_new_tokens=5)
+    assert res.num_new_tokens == 5 and res.stop_reason == "length"
+    res = hass_ext.generate("Say only the word yes.", target=target, max_new_tokens=64)
+    assert res.stop_reason == "eos" and res.token_ids[-1] in target.eos_token_ids
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt=""), "prompt is empty"),
+    (dict(prompt="   "), "prompt is empty"),
+    (dict(prompt=[]), "prompt must be"),
+    (dict(prompt=[{"content": "hi"}]), "role"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-3), "max_new_tokens"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(total_tokens=8), "need a draft"),
+])
+def test_bad_input(target, kwargs, match):
+    prompt = kwargs.pop("prompt", "hello")
+    with pytest.raises(ValueError, match=match):
+        hass_ext.generate(prompt, target=target, **kwargs)
+
+
+def test_prompt_longer_than_context(target):
+    ids = [1] * (target.max_length + 5)
+    with pytest.raises(ValueError, match="accepts at most"):
+        hass_ext.generate(ids, target=target, max_new_tokens=4)
+
+
+def test_unknown_model_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        hass_ext.load_target(str(tmp_path / "no-such-model"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        hass_ext.load_target(str(tmp_path))
+
+
+def test_cached_default_target_loads_fast(target):
+    import time
+
+    start = time.perf_counter()
+    again = hass_ext.load_target()
+    assert time.perf_counter() - start < 5.0  # typically ~0.3 s; generous for a loaded CI machine
+    assert again.config.num_hidden_layers == 30 and again.config.vocab_size == 49152
+    ids = again.encode("Hi")
+    pre = again.prefill(ids, all_logits=True)
+    assert pre.logits.shape == (1, ids.shape[1], 49152)
+    assert pre.hidden_states.shape == (1, ids.shape[1], 576)
+    # features are the final-norm hidden states: the lm_head of them gives the logits
+    assert torch.allclose(again.model.lm_head(pre.hidden_states), pre.logits)
+
+
+def test_build_cuda_forced_with_cpu_torch_fails_clearly():
+    if torch.version.cuda is not None:
+        pytest.skip("torch is a CUDA build here")
+    env = dict(os.environ, HASS_BUILD_CUDA="1")
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "HASS_BUILD_CUDA=1" in proc.stderr and "CPU-only build" in proc.stderr
+    env["HASS_BUILD_CUDA"] = "maybe"
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "auto, 0 or 1" in proc.stderr
