@@ -124,6 +124,7 @@ def accept(logits: torch.Tensor, tree: Tree, sampling: Sampling):
     return accepted[0, : n + 1], n, int(next_token[0])
 
 
+@torch.inference_mode()
 def compact(state: State, path: torch.Tensor) -> None:
     """Keep the root and the accepted nodes in the target cache: move their K/V (written at ``length + node``
     by the verify forward) to ``length, length + 1, ...`` in every layer at once, then drop the rest."""

@@ -334,3 +334,18 @@ def test_draft_from_checkpoint_path(tmp_path):
     a = hass_ext.generate([1, 2, 3], target=target, draft=draft, max_new_tokens=12)
     b = hass_ext.generate([1, 2, 3], target=target, draft=str(path), max_new_tokens=12)
     assert a.token_ids == b.token_ids and a.accept_lengths == b.accept_lengths
+
+
+def test_cli_generate_with_draft_and_stats(tmp_path, capsys, smollm2):
+    from hass_ext.cli import main
+
+    target, draft, _ = smollm2
+    path = hass_ext.save_draft(draft, tmp_path / "draft")
+    rc = main(["generate", "What is 2+2?", "--max-new-tokens", "6", "--draft", str(path), "--total-tokens", "8",
+               "--depth", "3", "--tree-topk", "2", "--stats"])
+    out = capsys.readouterr()
+    assert rc == 0
+    assert out.out.strip() == hass_ext.generate("What is 2+2?", target=target, max_new_tokens=6).text.strip()
+    assert "tau 1.00 over 5 rounds" in out.err and "speedup" in out.err
+    assert main(["generate", "hi", "--total-tokens", "8"]) == 2
+    assert "need --draft" in capsys.readouterr().err
