@@ -54,7 +54,8 @@ def divergence(target, prompt, vanilla, spec):
         if len(vanilla) == len(spec):
             return None
         i = min(len(vanilla), len(spec))
-    ids = torch.cat([target.encode(prompt), torch.tensor([vanilla[:i]], dtype=torch.long)], 1)
+    ids = target.encode(prompt)
+    ids = torch.cat([ids, torch.tensor([vanilla[:i]], dtype=torch.long, device=ids.device)], 1)
     with torch.inference_mode():
         top2 = target.model(ids).logits[0, -1].float().topk(2).values
     return i, float(top2[0] - top2[1])

@@ -55,9 +55,11 @@ class State:
 def speculative_decode(target, draft, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
                        top_p: float, top_k: int, generator: Optional[torch.Generator],
                        total_tokens=DEFAULT_TOTAL_TOKENS, depth: int = DEFAULT_DEPTH,
-                       tree_topk: int = DEFAULT_TREE_TOPK) -> Iterator[tuple]:
+                       tree_topk: int = DEFAULT_TREE_TOPK, **unknown) -> Iterator[tuple]:
     """Yield ``(new_token_ids, accepted)`` chunks: first the prefill's token (accepted None), then per round the
     accepted draft tokens plus the bonus token (accepted = number of accepted draft tokens)."""
+    if unknown:
+        raise ValueError(f"unknown tree options {sorted(unknown)}; the options are total_tokens, depth, tree_topk")
     draft = resolve_draft(draft, target)
     total_tokens = resolve_total_tokens(target, total_tokens, tree_topk)
     check_tree_options(total_tokens, depth, tree_topk)
