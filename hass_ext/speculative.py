@@ -222,18 +222,20 @@ def auto_total_tokens(target, tree_topk: int = DEFAULT_TREE_TOPK) -> int:
 
     Score = forward time / (1 + 0.5 log2 T): the expected tokens per round are assumed to grow with the log of
     the tree size (as the EAGLE-2 measurements do), so a size wins when its forward is not much slower than a
-    smaller one's. Measured once per (target, device) with a 128-token context; sizes below tree_topk are skipped.
+    smaller one's. Measured once per (target, device) with a 128-token context, the sizes timed in turns (so a
+    noisy machine affects all alike); sizes below tree_topk are skipped.
     """
     key = (id(target.model), str(target.device), int(tree_topk))
     if key not in _AUTO_CACHE:
         sizes = [s for s in _AUTO_SIZES if s >= tree_topk] or [max(_AUTO_SIZES[-1], tree_topk)]
-        times = {s: _time_forward(target, s) for s in sizes}
+        times = _time_forwards(target, sizes)
         _AUTO_CACHE[key] = min(sizes, key=lambda s: times[s] / (1 + 0.5 * math.log2(s)))
     return _AUTO_CACHE[key]
 
 
 @torch.inference_mode()
-def _time_forward(target, size: int, context: int = 128, repeats: int = 3) -> float:
+def _time_forwards(target, sizes, context: int = 128, repeats: int = 3) -> dict:
+    """Best-of-``repeats`` seconds of a target forward (+ lm_head) over ``size`` tokens after a cached context."""
     from transformers import DynamicCache
 
     g = torch.Generator().manual_seed(0)
@@ -241,16 +243,17 @@ def _time_forward(target, size: int, context: int = 128, repeats: int = 3) -> fl
     ctx = torch.randint(0, vocab, (1, context), generator=g).to(target.device)
     cache = DynamicCache(config=target.config)
     target.model.model(input_ids=ctx, past_key_values=cache, use_cache=True)
-    tokens = torch.randint(0, vocab, (1, size), generator=g).to(target.device)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first run warms up
-        if target.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = target.model.model(input_ids=tokens, past_key_values=cache, use_cache=True)
-        target.model.lm_head(out.last_hidden_state)
-        if target.device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-        cache.crop(-size)
+    best = {s: float("inf") for s in sizes}
+    for _ in range(repeats + 1):  # the first pass warms up
+        for size in sizes:
+            tokens = torch.randint(0, vocab, (1, size), generator=g).to(target.device)
+            if target.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = target.model.model(input_ids=tokens, past_key_values=cache, use_cache=True)
+            target.model.lm_head(out.last_hidden_state)
+            if target.device.type == "cuda":
+                torch.cuda.synchronize()
+            best[size] = min(best[size], time.perf_counter() - t0)
+            cache.crop(-size)
     return best
