@@ -33,9 +33,57 @@ def _load(args):
     return load_target(args.model, dtype=dtype, device=args.device)
 
 
-def _generation_kwargs(args, target):
+def _add_draft_args(p):
+    p.add_argument("--draft", default=None,
+                   help="speculative decoding with this draft: a checkpoint folder (EAGLE/HASS layout) or "
+                        "'default' (the packaged draft); without it, vanilla decoding")
+    p.add_argument("--total-tokens", default=None,
+                   help="draft tree size in nodes, root included (default 60), or 'auto' to size it from the "
+                        "measured cost of a target forward on this device")
+    p.add_argument("--depth", type=int, default=None, help="draft tree levels (default 6)")
+    p.add_argument("--tree-topk", type=int, default=None, help="children kept per expanded node (default 10)")
+    p.add_argument("--stats", action="store_true",
+                   help="also decode with the target alone and report tau, tokens/s and the speedup")
+
+
+def _tree_options(args):
+    opts = {}
+    if getattr(args, "total_tokens", None) is not None:
+        t = args.total_tokens
+        opts["total_tokens"] = t if t == "auto" else int(t) if t.lstrip("-").isdigit() else t
+    for name in ("depth", "tree_topk"):
+        if getattr(args, name, None) is not None:
+            opts[name] = getattr(args, name)
+    if opts and getattr(args, "draft", None) is None:
+        raise ValueError("--total-tokens/--depth/--tree-topk need --draft")
+    return opts
+
+
+def _generation_kwargs(args, target, draft=None):
     return dict(target=target, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                top_p=args.top_p, top_k=args.top_k, seed=args.seed, draft=draft, **_tree_options(args))
+
+
+def _load_draft(args, target):
+    if getattr(args, "draft", None) in (None, "default"):
+        return getattr(args, "draft", None)
+    from .checkpoint import load_draft
+
+    return load_draft(args.draft, target=target)
+
+
+def _stats(prompt, kwargs, result, file=sys.stderr):
+    """--stats: decode the same prompt with the target alone and compare."""
+    from .generate import generate
+
+    if kwargs.get("draft") is None:
+        print("[--stats: no --draft, nothing to compare with vanilla decoding]", file=file)
+        return
+    base = generate(prompt, **{k: v for k, v in kwargs.items() if k not in ("draft", "total_tokens", "depth",
+                                                                             "tree_topk")})
+    print(f"[tau {result.mean_accept_length:.2f} over {result.num_rounds} rounds; speculative "
+          f"{result.tokens_per_second:.1f} tokens/s, vanilla {base.tokens_per_second:.1f} tokens/s: speedup "
+          f"{result.tokens_per_second / base.tokens_per_second:.2f}x]", file=file)
 
 
 def _print_stream(prompt, kwargs):
@@ -62,10 +110,12 @@ def _report(result, file=sys.stderr):
 def cmd_generate(args):
     target = _load(args)
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    kwargs = _generation_kwargs(args, target)
+    kwargs = _generation_kwargs(args, target, _load_draft(args, target))
     kwargs["chat"] = False if args.raw else None
     result = _print_stream(prompt, kwargs)
     _report(result)
+    if args.stats:
+        _stats(prompt, kwargs, result)
     return 0
 
 
@@ -74,6 +124,7 @@ def cmd_chat(args):
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
+    kwargs = _generation_kwargs(args, target, _load_draft(args, target))
     print(f"Chatting with {target.name}. Empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:
@@ -83,9 +134,11 @@ def cmd_chat(args):
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        result = _print_stream(messages, _generation_kwargs(args, target))
-        messages.append({"role": "assistant", "content": result.text})
+        result = _print_stream(messages, kwargs)
         _report(result)
+        if args.stats:
+            _stats(list(messages), kwargs, result)
+        messages.append({"role": "assistant", "content": result.text})
     return 0
 
 
@@ -138,12 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
     _add_model_args(g)
     _add_sampling_args(g)
+    _add_draft_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat", description="Chat in the terminal.")
     c.add_argument("--system", default=None, help="a system prompt")
     _add_model_args(c)
     _add_sampling_args(c)
+    _add_draft_args(c)
     c.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("eval", help="tau and speedup over MT-bench / HumanEval / GSM8K",

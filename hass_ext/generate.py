@@ -148,10 +148,16 @@ def generate(prompt_or_messages, *, target=None, draft=None, max_new_tokens: int
     prompt_or_messages: a string (wrapped as a user turn of the chat template when the tokenizer has one,
         unless ``chat=False``), a list of chat messages, or token ids.
     target: None for the embedded default (SmolLM2-135M-Instruct), a model name/path, or a ``Target``.
-    draft: None for vanilla autoregressive decoding; otherwise the draft for speculative decoding.
+    draft: None for vanilla autoregressive decoding; otherwise speculative decoding with a draft: a
+        ``hass_ext.DraftModel`` (on the target's device and dtype), an EAGLE/HASS checkpoint folder, or
+        ``"default"`` (the draft packaged for the target). The output is unchanged: token-identical to vanilla
+        when greedy, the same distribution when sampling.
     temperature: 0 for greedy decoding; otherwise sampling from the distribution of ``hass_ext.sampling``
         (temperature, then top_k, then top_p). seed: makes sampling reproducible.
-    tree_options: ``total_tokens``, ``depth``, ``tree_topk`` of the draft tree (speculative decoding only).
+    tree_options (speculative decoding only): ``total_tokens`` nodes of the EAGLE-2 draft tree, root included
+        (default 60; ``"auto"`` picks the size from the measured cost of a target forward on this device),
+        ``depth`` draft levels = the most draft tokens a round can accept (default 6), ``tree_topk`` children
+        kept per expanded node (default 10, at most ``total_tokens``).
     """
     gen = _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k, seed, chat,
                       tree_options)

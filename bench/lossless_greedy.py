@@ -1,0 +1,179 @@
+"""Greedy losslessness of speculative decoding on the evaluation prompts, recorded in bench/results.
+
+For every first turn of mt_bench, humaneval and gsm8k (80 each), the default SmolLM2 target in fp32 on the CPU
+and a randomly initialised draft: ``generate(temperature=0)`` with each tree shape must give the tokens of
+``generate(draft=None, temperature=0)``. A divergence is tolerated only at a numerical tie (vanilla's two best
+logits within 1e-4 at the first differing token); the run reports every divergence and its gap.
+
+    python bench/lossless_greedy.py                 # all 240 prompts, 64 new tokens, 4 tree shapes (hours on CPU)
+    python bench/lossless_greedy.py --per-file 2    # a quick look
+
+Resumable: finished prompts are kept in bench/results/lossless_greedy.partial.tmp and skipped on a rerun.
+Writes bench/results/lossless_greedy.json and .md.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hass_ext  # noqa: E402
+from hass_ext.evaluate import machine_info  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+TIE = 1e-4
+TREES = {
+    "60-node (default: 60 / 6 levels / top-k 10)": dict(),
+    "1-node": dict(total_tokens=1, tree_topk=1),
+    "8-node (depth 3, top-k 4)": dict(total_tokens=8, depth=3, tree_topk=4),
+    "chain (top-k 1, 6 levels)": dict(tree_topk=1),
+}
+
+
+def prompts(eval_dir, per_file):
+    out = []
+    for name in ("mt_bench", "humaneval", "gsm8k"):
+        with open(os.path.join(eval_dir, f"{name}.jsonl")) as f:
+            rows = [json.loads(line)["turns"][0] for line in f if line.strip()]
+        if per_file:
+            step = len(rows) / per_file
+            rows = [rows[int(i * step)] for i in range(per_file)]
+        out += [(f"{name}[{i}]", r) for i, r in enumerate(rows)]
+    return out
+
+
+def divergence(target, prompt, vanilla, spec):
+    """(index, top-2 logit gap of vanilla there) of the first differing token, or None."""
+    i = next((j for j, (a, b) in enumerate(zip(vanilla, spec)) if a != b), None)
+    if i is None:
+        if len(vanilla) == len(spec):
+            return None
+        i = min(len(vanilla), len(spec))
+    ids = target.encode(prompt)
+    ids = torch.cat([ids, torch.tensor([vanilla[:i]], dtype=torch.long, device=ids.device)], 1)
+    with torch.inference_mode():
+        top2 = target.model(ids).logits[0, -1].float().topk(2).values
+    return i, float(top2[0] - top2[1])
+
+
+def run_prompt(target, draft, name, prompt, max_new_tokens):
+    t = time.perf_counter()
+    vanilla = hass_ext.generate(prompt, target=target, max_new_tokens=max_new_tokens)
+    record = {"prompt": name, "vanilla_tokens": len(vanilla.token_ids), "vanilla_s": time.perf_counter() - t,
+              "trees": {}}
+    for label, tree in TREES.items():
+        t = time.perf_counter()
+        spec = hass_ext.generate(prompt, target=target, draft=draft, max_new_tokens=max_new_tokens, **tree)
+        entry = {"identical": spec.token_ids == vanilla.token_ids, "seconds": time.perf_counter() - t,
+                 "rounds": spec.num_rounds, "tau": spec.mean_accept_length, "tokens": spec.num_new_tokens}
+        if not entry["identical"]:
+            index, gap = divergence(target, prompt, vanilla.token_ids, spec.token_ids)
+            entry.update(divergence_index=index, top2_gap=gap, tie=gap < TIE)
+        record["trees"][label] = entry
+    return record
+
+
+def summarise(records):
+    out = {}
+    for label in TREES:
+        rows = [r["trees"][label] for r in records]
+        div = [dict(prompt=r["prompt"], index=r["trees"][label]["divergence_index"],
+                    top2_gap=r["trees"][label]["top2_gap"]) for r in records if not r["trees"][label]["identical"]]
+        vanilla_s = sum(r["vanilla_s"] for r in records)
+        out[label] = {
+            "prompts": len(rows),
+            "identical": sum(e["identical"] for e in rows),
+            "divergences_at_ties": [d for d in div if d["top2_gap"] < TIE],
+            "divergences_without_tie": [d for d in div if d["top2_gap"] >= TIE],
+            "mean_tau": sum(e["tau"] for e in rows) / max(len(rows), 1),
+            "time_vs_vanilla": sum(e["seconds"] for e in rows) / vanilla_s if vanilla_s else None,
+        }
+    return out
+
+
+def markdown(summary, meta):
+    lines = [f"# Greedy losslessness: speculative vs vanilla ({meta['date']})", "",
+             f"{meta['prompts']} prompts (first turns of mt_bench, humaneval, gsm8k), {meta['max_new_tokens']} new "
+             f"tokens, target {meta['target']} fp32 on CPU, randomly initialised draft (seed 0). A divergence is "
+             f"tolerated only where vanilla's two best logits are within {TIE:g}.", "",
+             "| tree | prompts | token-identical | divergences at a tie | divergences without a tie | mean tau | "
+             "time / vanilla |", "|---|---|---|---|---|---|---|"]
+    for label, s in summary.items():
+        lines.append(f"| {label} | {s['prompts']} | {s['identical']} | {len(s['divergences_at_ties'])} | "
+                     f"{len(s['divergences_without_tie'])} | {s['mean_tau']:.2f} | {s['time_vs_vanilla']:.2f} |")
+    for label, s in summary.items():
+        for d in s["divergences_at_ties"] + s["divergences_without_tie"]:
+            lines.append(f"- {label}: {d['prompt']} differs at token {d['index']}, vanilla top-2 gap "
+                         f"{d['top2_gap']:.3g}")
+    m = meta["machine"]
+    lines += ["", f"Machine: {m}", f"Command: `{meta['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--per-file", type=int, default=None, help="prompts per file (default: all 80)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--eval-dir", default=os.environ.get("HASS_EVAL_DIR",
+                                                         os.path.join(ROOT, "..", "shared", "data", "eval")))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out-dir", default=RESULTS)
+    ap.add_argument("--name", default="lossless_greedy")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out_dir, exist_ok=True)
+    target = hass_ext.load_target(dtype=torch.float32, device="cpu")
+    draft = hass_ext.init_draft(target, seed=0)
+    partial = os.path.join(args.out_dir, f"{args.name}.partial.tmp")
+    done = {}
+    if os.path.exists(partial):
+        with open(partial) as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("max_new_tokens") == args.max_new_tokens:
+                    done[r["prompt"]] = r
+    todo = prompts(args.eval_dir, args.per_file)
+    from tqdm import tqdm
+
+    records = []
+    with open(partial, "a") as f:
+        for name, prompt in tqdm(todo, desc="prompts"):
+            if name not in done:
+                r = run_prompt(target, draft, name, prompt, args.max_new_tokens)
+                r["max_new_tokens"] = args.max_new_tokens
+                f.write(json.dumps(r) + "\n")
+                f.flush()
+                done[name] = r
+            records.append(done[name])
+    summary = summarise(records)
+    try:
+        import subprocess
+
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or None
+    except OSError:
+        commit = None
+    meta = {"commit": commit, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "prompts": len(records),
+            "max_new_tokens": args.max_new_tokens, "target": target.name, "trees": TREES,
+            "machine": machine_info(),
+            "command": "python bench/lossless_greedy.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    out = {"meta": meta, "summary": summary, "records": records}
+    with open(os.path.join(args.out_dir, f"{args.name}.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    with open(os.path.join(args.out_dir, f"{args.name}.md"), "w") as f:
+        f.write(markdown(summary, meta))
+    print(markdown(summary, meta))
+    bad = sum(len(s["divergences_without_tie"]) for s in summary.values())
+    if len(records) == len(todo) and os.path.exists(partial) and args.per_file is None:
+        os.remove(partial)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

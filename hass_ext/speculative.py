@@ -1,0 +1,259 @@
+"""Speculative decoding with an EAGLE/HASS draft: the decode loop behind ``generate(..., draft=...)``.
+
+    prefill      target over the prompt -> first token; draft context pass over (features, next tokens)
+    loop:
+      draft_tree   EAGLE-2 dynamic tree below the last committed token (hass_ext.tree)
+      verify       one target forward over the tree tokens with the tree attention mask
+      accept       hass_ext.ops.verify_tree: the accepted path and the bonus token
+      compact      move the accepted entries of the target KV cache into place, drop the rest of the tree
+      extend       draft context pass over the accepted tokens with the target's features at them
+
+Cache invariant between rounds: the target cache and the draft cache both hold ``length`` positions (every
+committed token except the newest, the ``root``); ``root_hidden`` is the draft's output at the last position,
+which predicts the token after the root. The draft never keeps tree entries: they are written after its
+``length`` and overwritten next round, and the context pass recomputes the accepted positions from the target's
+real features (the tree used the draft's own predicted features there).
+"""
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from . import ops
+from .draft import DraftCache, DraftModel
+from .sampling import sample_token
+from .tree import Tree, check_tree_options, draft_tree
+
+DEFAULT_TOTAL_TOKENS = 60
+DEFAULT_DEPTH = 6          # draft levels: at most 6 accepted draft tokens + 1 bonus token per round
+DEFAULT_TREE_TOPK = 10
+_SUPPORTED_ATTENTION = ("eager", "sdpa")  # implementations that honour a custom 4D float mask
+
+
+@dataclass
+class Sampling:
+    temperature: float
+    top_p: float
+    top_k: int
+    generator: Optional[torch.Generator]
+
+
+@dataclass
+class State:
+    cache: object              # the target's transformers DynamicCache
+    draft_cache: DraftCache
+    length: int                # positions held by both caches
+    root: int                  # the newest committed token (in neither cache yet)
+    root_hidden: torch.Tensor  # [H] draft output at position length - 1
+
+
+# ---- the decode loop --------------------------------------------------------------------------------------
+
+def speculative_decode(target, draft, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
+                       top_p: float, top_k: int, generator: Optional[torch.Generator],
+                       total_tokens=DEFAULT_TOTAL_TOKENS, depth: int = DEFAULT_DEPTH,
+                       tree_topk: int = DEFAULT_TREE_TOPK, **unknown) -> Iterator[tuple]:
+    """Yield ``(new_token_ids, accepted)`` chunks: first the prefill's token (accepted None), then per round the
+    accepted draft tokens plus the bonus token (accepted = number of accepted draft tokens)."""
+    if unknown:
+        raise ValueError(f"unknown tree options {sorted(unknown)}; the options are total_tokens, depth, tree_topk")
+    draft = resolve_draft(draft, target)
+    total_tokens = resolve_total_tokens(target, total_tokens, tree_topk)
+    check_tree_options(total_tokens, depth, tree_topk)
+    check_target(target, input_ids.shape[1] + max_new_tokens + total_tokens)
+    sampling = Sampling(temperature, top_p, top_k, generator)
+    state = prefill(target, draft, input_ids, sampling)
+    yield [state.root], None
+    produced = 1
+    while produced < max_new_tokens:
+        # at most max_new_tokens - produced tokens are still wanted: never draft deeper than that
+        levels = min(depth, max_new_tokens - produced - 1)
+        tree = draft_tree(draft, state.draft_cache, state.root_hidden, state.root, total_tokens, levels, tree_topk)
+        logits, features = verify(target, state, tree)
+        path, n_accepted, bonus = accept(logits, tree, sampling)
+        compact(state, path)
+        new_tokens = tree.tokens[path[1:]].tolist() + [bonus]
+        extend(draft, state, features[path], new_tokens)
+        produced += len(new_tokens)
+        yield new_tokens, n_accepted
+
+
+@torch.inference_mode()
+def prefill(target, draft: DraftModel, input_ids: torch.Tensor, sampling: Sampling) -> State:
+    """Target prefill, the first token, and the draft context pass over the whole prompt."""
+    pre = target.prefill(input_ids)
+    first = int(sample_token(pre.logits[:, -1], sampling.temperature, sampling.top_p, sampling.top_k,
+                             sampling.generator)[0])
+    cache = draft.new_cache(batch=1, capacity=input_ids.shape[1] + 64)
+    state = State(cache=pre.past_key_values, draft_cache=cache, length=input_ids.shape[1], root=first,
+                  root_hidden=None)
+    # pairs (f_t, x_{t+1}): the prompt's features with the prompt shifted by one plus the first token
+    extend(draft, state, pre.hidden_states[0], input_ids[0, 1:].tolist() + [first])
+    return state
+
+
+@torch.inference_mode()
+def verify(target, state: State, tree: Tree):
+    """One target forward over the tree: node i at position ``length + depth_i``, attending to the whole cache and
+    to its ancestors in the tree. Returns logits ``[1, n, V]`` and final-norm features ``[n, H]``."""
+    n, P = tree.size, state.length
+    dtype = target.dtype
+    mask = torch.zeros(1, 1, n, P + n, dtype=dtype, device=target.device)
+    mask[0, 0, :, P:].masked_fill_(~tree.mask, torch.finfo(dtype).min)
+    out = target.model.model(input_ids=tree.tokens[None], position_ids=(P + tree.depths)[None], attention_mask=mask,
+                             past_key_values=state.cache, use_cache=True)
+    hidden = out.last_hidden_state
+    return target.model.lm_head(hidden), hidden[0]
+
+
+def accept(logits: torch.Tensor, tree: Tree, sampling: Sampling):
+    """The accepted path (node indices from the root), its number of draft tokens and the bonus token.
+
+    Acceptance rule (hass_ext.ops.verify_tree): walk down from the root, trying each node's children in node
+    order. Greedy: accept the child whose token is the target's argmax at the node. Sampling: accept child x with
+    probability p(x), p the target's filtered distribution at the node; on rejection set p(x) = 0, renormalise and
+    try the next sibling. The walk stops at the first node with no accepted child; the bonus token is the argmax
+    there (greedy) or a draw from what is left of p. Drafts are deterministic top-k choices, so the tokens
+    produced follow the target's own distribution exactly.
+    """
+    accepted, accept_len, next_token = ops.verify_tree(logits, tree.tokens[None], tree.parents[None],
+                                                       sampling.temperature, sampling.top_p, sampling.top_k,
+                                                       sampling.generator)
+    n = int(accept_len[0])
+    return accepted[0, : n + 1], n, int(next_token[0])
+
+
+@torch.inference_mode()
+def compact(state: State, path: torch.Tensor) -> None:
+    """Keep the root and the accepted nodes in the target cache: move their K/V (written at ``length + node``
+    by the verify forward) to ``length, length + 1, ...`` in every layer at once, then drop the rest."""
+    cache = state.cache
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    tree_size = tensors[0].shape[2] - state.length
+    ops.compact_kv(tensors, path + state.length, state.length)
+    cache.crop(-(tree_size - path.shape[0]))
+    state.length += path.shape[0]
+
+
+@torch.inference_mode()
+def extend(draft: DraftModel, state: State, features: torch.Tensor, tokens: list) -> None:
+    """Draft context pass: the pairs (features[i], tokens[i]) at draft positions ``length .. length + m - 1``.
+
+    features are the target's at the newly committed positions; tokens are the tokens that follow them, the
+    last one being the new root. Afterwards both caches hold the same positions.
+    """
+    ids = torch.tensor([tokens], dtype=torch.long, device=features.device)
+    cache = state.draft_cache
+    out = draft(ids, features[None], cache=cache, cache_pos=cache.length)
+    cache.length += len(tokens)
+    state.root, state.root_hidden = tokens[-1], out[0, -1]
+    if cache.length != state.length:
+        raise RuntimeError(f"draft cache ({cache.length}) and target cache ({state.length}) went out of step")
+
+
+# ---- checks and resolution --------------------------------------------------------------------------------
+
+def check_target(target, needed_length: int) -> None:
+    """Raise ValueError for targets whose attention ignores the tree mask or whose cache cannot be compacted."""
+    impl = getattr(target.model.config, "_attn_implementation", None) or "eager"
+    if impl not in _SUPPORTED_ATTENTION:
+        raise ValueError(f"speculative decoding needs the target's attention to honour a 4D float mask "
+                         f"(attn_implementation in {_SUPPORTED_ATTENTION}); {target.name} uses {impl!r}")
+    window = getattr(target.model.config, "sliding_window", None)
+    layer_types = getattr(target.model.config, "layer_types", None) or []
+    sliding = window is not None and (not layer_types or any("sliding" in str(t) for t in layer_types))
+    if sliding and getattr(target.model.config, "use_sliding_window", True) and needed_length >= window - 1:
+        raise ValueError(f"{target.name} uses sliding-window attention (window {window}); speculative decoding "
+                         f"supports it only while prompt + max_new_tokens + total_tokens < {window - 1}, "
+                         f"here {needed_length}")
+
+
+def resolve_draft(draft, target) -> DraftModel:
+    """The draft for ``target``: "default" (the packaged one), a checkpoint folder, or a DraftModel (checked)."""
+    from .checkpoint import check_draft_matches_target, load_draft
+
+    if isinstance(draft, str) and draft == "default":
+        draft = default_draft_path(target)
+    if isinstance(draft, (str, os.PathLike)):
+        return load_draft(draft, target=target)
+    if not isinstance(draft, DraftModel):
+        raise ValueError(f"draft must be None, 'default', a checkpoint folder or a hass_ext.DraftModel, "
+                         f"got {type(draft).__name__}")
+    check_draft_matches_target(draft.config, target)
+    if draft.device != target.device or draft.dtype != target.dtype:
+        raise ValueError(f"the draft is on {draft.device} / {draft.dtype} but the target is on {target.device} / "
+                         f"{target.dtype}; move it with draft.to(device=..., dtype=...)")
+    head = target.model.get_output_embeddings().weight
+    if draft.lm_head_weight is not head:
+        draft.set_lm_head(head)
+    return draft
+
+
+def default_draft_path(target) -> str:
+    """The draft packaged for ``target`` under hass_ext/drafts/<target name>/, or a clear error."""
+    name = os.path.basename(str(target.name).rstrip("/"))
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "drafts", name)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"no default draft ships for {target.name} yet: pass draft=<checkpoint folder> or a "
+                         f"DraftModel (hass_ext.load_draft / hass_ext.init_draft), or draft=None for vanilla "
+                         f"decoding")
+    return folder
+
+
+# ---- total_tokens="auto" ----------------------------------------------------------------------------------
+
+_AUTO_SIZES = (4, 8, 16, 24, 32, 48, 60)
+_AUTO_CACHE = {}
+
+
+def resolve_total_tokens(target, total_tokens, tree_topk) -> int:
+    if isinstance(total_tokens, str):
+        if total_tokens != "auto":
+            raise ValueError(f"total_tokens must be an int >= 1 or 'auto', got {total_tokens!r}")
+        return auto_total_tokens(target, tree_topk)
+    return total_tokens
+
+
+def auto_total_tokens(target, tree_topk: int = DEFAULT_TREE_TOPK) -> int:
+    """Pick the tree size from the measured cost of a target forward over trees of several sizes on this device.
+
+    Score = forward time / (1 + 0.5 log2 T): the expected tokens per round are assumed to grow with the log of
+    the tree size (as the EAGLE-2 measurements do), so a size wins when its forward is not much slower than a
+    smaller one's. Measured once per (target, device) with a 128-token context, the sizes timed in turns (so a
+    noisy machine affects all alike); sizes below tree_topk are skipped.
+    """
+    key = (id(target.model), str(target.device), int(tree_topk))
+    if key not in _AUTO_CACHE:
+        sizes = [s for s in _AUTO_SIZES if s >= tree_topk] or [max(_AUTO_SIZES[-1], tree_topk)]
+        times = _time_forwards(target, sizes)
+        _AUTO_CACHE[key] = min(sizes, key=lambda s: times[s] / (1 + 0.5 * math.log2(s)))
+    return _AUTO_CACHE[key]
+
+
+@torch.inference_mode()
+def _time_forwards(target, sizes, context: int = 128, repeats: int = 3) -> dict:
+    """Best-of-``repeats`` seconds of a target forward (+ lm_head) over ``size`` tokens after a cached context."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    vocab = target.config.vocab_size
+    ctx = torch.randint(0, vocab, (1, context), generator=g).to(target.device)
+    cache = DynamicCache(config=target.config)
+    target.model.model(input_ids=ctx, past_key_values=cache, use_cache=True)
+    best = {s: float("inf") for s in sizes}
+    for _ in range(repeats + 1):  # the first pass warms up
+        for size in sizes:
+            tokens = torch.randint(0, vocab, (1, size), generator=g).to(target.device)
+            if target.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = target.model.model(input_ids=tokens, past_key_values=cache, use_cache=True)
+            target.model.lm_head(out.last_hidden_state)
+            if target.device.type == "cuda":
+                torch.cuda.synchronize()
+            best[size] = min(best[size], time.perf_counter() - t0)
+            cache.crop(-size)
+    return best

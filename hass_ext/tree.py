@@ -1,0 +1,138 @@
+"""The EAGLE-2 dynamic draft tree: expand the draft's most probable paths, keep the best nodes.
+
+Starting from the root (the last committed token, whose draft output ``root_hidden`` the context pass produced):
+
+1. level 1 = the ``top_k`` most probable next tokens; a node's score is its path's cumulative draft log-prob;
+2. ``depth - 1`` expansion steps: the k frontier nodes go through the draft in one forward (all at the same
+   position, each attending to the context, its ancestors and itself); each yields its top-k children, and the
+   k best of those k*k children by score become the next frontier. Every child is a candidate;
+3. the ``total_tokens - 1`` best candidates by score become the tree, in level order (ascending candidate index).
+
+A child's score is never above its parent's (log-probs are <= 0), and candidates are ranked by a *stable* sort
+of the scores, where a parent always precedes its children in candidate order: so the selection is closed under
+parents even at ties (pitfall P-20 of the reference, which could keep a child without its parent).
+The tree nodes' draft K/V go after the cache's accepted context and are never counted in ``cache.length``.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Tree:
+    """A token tree for verification; node 0 is the root (the last committed token)."""
+    tokens: torch.Tensor    # [n] int64
+    parents: torch.Tensor   # [n] int64, parents[0] = -1, parents[i] < i
+    depths: torch.Tensor    # [n] int64, root 0
+    mask: torch.Tensor      # [n, n] bool, mask[i, j] = node j is an ancestor of node i or i itself
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def check_tree_options(total_tokens, depth, top_k) -> None:
+    """Raise ValueError naming the offending tree option."""
+    for name, v in (("total_tokens", total_tokens), ("depth", depth), ("tree_topk", top_k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if top_k > total_tokens:
+        raise ValueError(f"tree_topk ({top_k}) must be <= total_tokens ({total_tokens}): a tree of {total_tokens} "
+                         f"nodes cannot hold {top_k} children per node")
+
+
+def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor) -> Tree:
+    """Depths and the ancestor mask of a tree given by parent pointers (parents[0] = -1, parents[i] < i)."""
+    n = tokens.shape[0]
+    dev = tokens.device
+    rows = torch.arange(n, device=dev)
+    mask = torch.eye(n, dtype=torch.bool, device=dev)
+    depths = torch.zeros(n, dtype=torch.long, device=dev)
+    anc = parents.clone()
+    while True:  # one round per tree level: mark the current ancestor, step one level up
+        live = anc >= 0
+        if not bool(live.any()):
+            break
+        mask[rows[live], anc[live]] = True
+        depths += live.long()
+        anc = torch.where(live, parents[anc.clamp(min=0)], anc)
+    return Tree(tokens=tokens, parents=parents, depths=depths, mask=mask)
+
+
+def root_only(root_token: int, device) -> Tree:
+    return tree_from_parents(torch.tensor([int(root_token)], device=device),
+                             torch.tensor([-1], device=device))
+
+
+@torch.inference_mode()
+def draft_tree(draft, cache, root_hidden: torch.Tensor, root_token: int, total_tokens: int, depth: int,
+               top_k: int) -> Tree:
+    """Build the EAGLE-2 dynamic tree (module docstring) below ``root_token``.
+
+    root_hidden: ``[H]`` the draft's output at the last context position (its logits rank level 1).
+    cache: the draft's DraftCache holding the accepted context (``cache.length`` entries, positions
+        ``0 .. length-1``); level-l nodes sit at draft position ``length + l - 1``.
+    """
+    dev = root_hidden.device
+    k = min(top_k, draft.config.vocab_size)
+    n_draft = total_tokens - 1
+    if n_draft <= 0 or depth <= 0:
+        return root_only(root_token, dev)
+    ctx = cache.length
+    cache.reserve(ctx + (depth - 1) * k)
+
+    scores, tokens = _top_log_probs(draft.logits(root_hidden), k)  # level 1
+    cand_scores, cand_tokens = [scores], [tokens]
+    cand_parent = [torch.full((k,), -1, dtype=torch.long, device=dev)]  # candidate index of the parent, -1 = root
+    frontier = torch.arange(k, device=dev)                     # candidate indices of the frontier
+    hidden = root_hidden.expand(k, -1)
+    ids = tokens
+    fmask = torch.eye(k, dtype=torch.bool, device=dev)         # frontier x fed-tree-nodes ancestry
+    ctx_cols = torch.ones(k, ctx, dtype=torch.bool, device=dev)
+    n_cand = k
+    for step in range(depth - 1):
+        # Exact early stop: a deeper candidate scores at most its frontier ancestor, and loses ties to every
+        # earlier candidate; once n_draft candidates score >= the best frontier score, none deeper can be kept.
+        best_frontier = scores.max()
+        if sum(int((s >= best_frontier).sum()) for s in cand_scores) >= n_draft:
+            break
+        attn_mask = torch.cat([ctx_cols, fmask], dim=1)
+        pos = torch.full((1, k), ctx + step, dtype=torch.long, device=dev)
+        out = draft(ids[None], hidden[None], position_ids=pos, cache=cache, cache_pos=ctx + step * k,
+                    attn_mask=attn_mask)[0]                    # [k, H]
+        child_lp, child_tok = _top_log_probs(draft.logits(out), k)  # [k, k]
+        child_scores = (child_lp + scores[:, None]).flatten()  # cumulative path log-prob
+        cand_scores.append(child_scores)
+        cand_tokens.append(child_tok.flatten())
+        cand_parent.append(frontier.repeat_interleave(k))
+        scores, best = torch.topk(child_scores, k)
+        slot = best // k                                       # which frontier node each new one descends from
+        frontier = n_cand + best
+        n_cand += k * k
+        hidden, ids = out[slot], child_tok.flatten()[best]
+        fmask = torch.cat([fmask[slot], torch.eye(k, dtype=torch.bool, device=dev)], dim=1)
+    return _select(torch.cat(cand_scores), torch.cat(cand_tokens), torch.cat(cand_parent), root_token, n_draft)
+
+
+def _top_log_probs(logits: torch.Tensor, k: int):
+    """The k largest log-probabilities of each row and their tokens (top-k of the logits minus the log-normaliser:
+    one pass over the vocabulary fewer than a full log_softmax; the results are still <= 0)."""
+    logits = logits.float()
+    top, tok = torch.topk(logits, k, dim=-1)
+    return top - torch.logsumexp(logits, dim=-1, keepdim=True), tok
+
+
+def _select(scores, tokens, parent, root_token, n_draft) -> Tree:
+    """Keep the n_draft best candidates (stable ranking: parents first at ties), in candidate order."""
+    dev = scores.device
+    n_keep = min(n_draft, scores.shape[0])
+    order = torch.sort(scores, descending=True, stable=True).indices[:n_keep]
+    sel = torch.sort(order).values
+    par = parent[sel]
+    pos = torch.searchsorted(sel, par.clamp(min=0))            # node index - 1 of each kept parent
+    if not bool(((par < 0) | (sel[pos.clamp(max=n_keep - 1)] == par)).all()):
+        raise RuntimeError("draft tree selection kept a node without its parent")  # impossible by construction
+    node_parent = torch.where(par < 0, torch.zeros_like(pos), pos + 1)
+    all_tokens = torch.cat([torch.tensor([int(root_token)], device=dev), tokens[sel]])
+    all_parents = torch.cat([torch.tensor([-1], device=dev), node_parent])
+    return tree_from_parents(all_tokens, all_parents)
