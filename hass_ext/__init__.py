@@ -8,6 +8,8 @@ Importing the package registers the kernels as ``torch.ops.hass.*``; the Python 
 """
 from ._library import available_devices, kernel_report  # noqa: F401  (loads hass_ext._C)
 from . import ops, sampling  # noqa: F401
+from .checkpoint import CheckpointError, load_draft, save_draft  # noqa: F401
+from .draft import DraftConfig, DraftModel, init_draft  # noqa: F401
 from .generate import GenerationResult, generate, stream  # noqa: F401
 from .target import Target, load_target  # noqa: F401
 

@@ -1,0 +1,235 @@
+"""Draft checkpoints in the published EAGLE/HASS layout: a folder with ``config.json`` and the weights as
+``model.safetensors`` or ``pytorch_model.bin``.
+
+Keys (no ``model.`` prefix, no lm_head, no final norm, no rotary buffers): ``embed_tokens.weight`` (optional: copied
+from the target when absent), ``fc.weight``, ``fc.bias`` (optional: its presence decides the fc bias),
+``layers.0.self_attn.{q,k,v,o}_proj.weight`` (q/k/v biases when present), ``layers.0.mlp.{gate,up,down}_proj.weight``,
+``layers.0.post_attention_layernorm.weight``. Stray ``*rotary_emb.inv_freq`` keys are ignored. What ``save_draft``
+writes is what the EAGLE/HASS reference, SGLang and vLLM load for an EAGLE-1/2 draft.
+"""
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from typing import Optional
+
+import torch
+
+from .draft import DraftConfig, DraftModel
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+BIN_NAME = "pytorch_model.bin"
+
+
+class CheckpointError(ValueError):
+    """A draft checkpoint that cannot be loaded (missing, corrupt, or not matching its config or target)."""
+
+
+def _read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path} is not a draft checkpoint: {CONFIG_NAME} is missing")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
+
+
+def _read_weights(path: str) -> dict:
+    st, bin_ = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
+    if os.path.isfile(st):  # preferred: no pickle
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(st, device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{st} is corrupt or not a safetensors file: {e}") from e
+    if os.path.isfile(bin_):
+        try:
+            sd = torch.load(bin_, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a bad pickle/zip
+            raise CheckpointError(f"{bin_} is corrupt or not a torch weights file: {e}") from e
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{bin_} does not hold a flat dict of tensors (a state dict)")
+        return sd
+    raise CheckpointError(f"{path} has no weights: expected {SAFETENSORS_NAME} or {BIN_NAME}")
+
+
+def _target_parts(target):
+    """(config, input embedding, lm_head weight) of a hass_ext.Target or a transformers causal LM."""
+    model = getattr(target, "model", target)
+    if not hasattr(model, "get_output_embeddings"):
+        raise ValueError(f"target must be a hass_ext.Target or a transformers causal LM, got {type(target).__name__}")
+    return model.config, model.get_input_embeddings().weight, model.get_output_embeddings().weight
+
+
+def check_draft_matches_target(config: DraftConfig, target) -> None:
+    """Raise ValueError when the draft's vocabulary or hidden size differs from the target's."""
+    tcfg, _, head = _target_parts(target)
+    tv, th = int(head.shape[0]), int(head.shape[1])
+    if config.vocab_size != tv or config.hidden_size != th:
+        raise ValueError(f"draft does not match the target: draft vocab_size={config.vocab_size}, "
+                         f"hidden_size={config.hidden_size}; target lm_head has vocab {tv}, hidden {th} "
+                         f"({getattr(tcfg, 'model_type', '?')})")
+
+
+def _expected_shapes(c: DraftConfig) -> dict:
+    H, I, d = c.hidden_size, c.intermediate_size, c.head_dim
+    shapes = {"embed_tokens.weight": (c.vocab_size, H), "fc.weight": (H, 2 * H), "fc.bias": (H,)}
+    for i in range(c.num_hidden_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (c.num_attention_heads * d, H),
+            p + "self_attn.k_proj.weight": (c.num_key_value_heads * d, H),
+            p + "self_attn.v_proj.weight": (c.num_key_value_heads * d, H),
+            p + "self_attn.o_proj.weight": (H, c.num_attention_heads * d),
+            p + "self_attn.q_proj.bias": (c.num_attention_heads * d,),
+            p + "self_attn.k_proj.bias": (c.num_key_value_heads * d,),
+            p + "self_attn.v_proj.bias": (c.num_key_value_heads * d,),
+            p + "mlp.gate_proj.weight": (I, H),
+            p + "mlp.up_proj.weight": (I, H),
+            p + "mlp.down_proj.weight": (H, I),
+            p + "post_attention_layernorm.weight": (H,),
+        })
+        if i > 0:
+            shapes[p + "input_layernorm.weight"] = (H,)
+    return shapes
+
+
+def load_draft(path, target=None, dtype: Optional[torch.dtype] = None, device=None) -> DraftModel:
+    """Load an EAGLE/HASS draft checkpoint folder.
+
+    target: the ``hass_ext.Target`` (or transformers model) the draft serves. It supplies the lm_head, the
+        embedding when the checkpoint has none, and the default dtype and device; its vocabulary and hidden
+        size must match the draft's. Without a target the draft has no head until ``set_lm_head``.
+    dtype, device: override the target's (or, without a target, the checkpoint's dtype and the CPU).
+    Raises CheckpointError (a ValueError) for a missing, corrupt or inconsistent checkpoint; nothing is
+    returned half-loaded.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"draft checkpoint folder not found: {path}")
+    raw = _read_config(path)
+    try:
+        config = DraftConfig.from_dict(raw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from e
+    sd = {k: v for k, v in _read_weights(path).items() if not k.endswith("rotary_emb.inv_freq")}
+    if target is not None:
+        check_draft_matches_target(config, target)
+
+    # fc bias and q/k/v biases are decided by the keys (released configs contradict their weights, P-4).
+    has_fc_bias = "fc.bias" in sd
+    if "bias" in raw and bool(raw["bias"]) != has_fc_bias:
+        warnings.warn(f"{path}: config says bias={raw['bias']} but the weights {'have' if has_fc_bias else 'lack'} "
+                      "fc.bias; following the weights", stacklevel=2)
+    config.bias = has_fc_bias
+    config.qkv_bias = "layers.0.self_attn.q_proj.bias" in sd
+
+    shapes = _expected_shapes(config)
+    expected = {k for k in shapes if not k.endswith(".bias") or (k == "fc.bias" and has_fc_bias)
+                or (k.endswith("_proj.bias") and config.qkv_bias)}
+    unexpected = sorted(set(sd) - expected)
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected keys for an EAGLE draft with {config.num_hidden_layers} layer(s): "
+                              f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    missing = sorted(expected - set(sd) - {"embed_tokens.weight"})
+    if missing:
+        raise CheckpointError(f"{path}: missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    for k, v in sd.items():
+        if tuple(v.shape) != shapes[k]:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, the config implies {shapes[k]}")
+        if not v.is_floating_point():
+            raise CheckpointError(f"{path}: {k} has dtype {v.dtype}, expected a floating-point tensor")
+
+    head = None
+    if target is not None:
+        _, emb, head = _target_parts(target)
+        if "embed_tokens.weight" not in sd:
+            sd["embed_tokens.weight"] = emb.detach().to("cpu", torch.float32)
+    elif "embed_tokens.weight" not in sd:
+        raise CheckpointError(f"{path} has no embed_tokens.weight; pass target= to copy the target's embedding")
+
+    if dtype is None:
+        dtype = head.dtype if head is not None else sd["fc.weight"].dtype
+    if device is None:
+        device = head.device if head is not None else torch.device("cpu")
+    draft = DraftModel(config)
+    draft.load_state_dict(sd, strict=True)
+    draft = draft.to(device=device, dtype=dtype).eval()
+    if head is not None:
+        draft.set_lm_head(head)
+    return draft
+
+
+def _state_dict_for_save(draft: DraftModel, dtype: Optional[torch.dtype]) -> dict:
+    out = {}
+    for k, v in draft.state_dict().items():
+        v = v.detach()
+        if dtype is not None:
+            v = v.to(dtype)
+        out[k] = v.to("cpu").contiguous().clone()  # own storage: safetensors refuses shared tensors
+    return out
+
+
+def save_draft(draft: DraftModel, path, safe_serialization: bool = True, dtype: Optional[torch.dtype] = None) -> str:
+    """Write ``draft`` as an EAGLE/HASS checkpoint folder (``config.json`` + ``model.safetensors``, or
+    ``pytorch_model.bin`` with ``safe_serialization=False``); returns the folder.
+
+    Atomic: a new folder is written under a temporary name and renamed into place; into an existing folder each
+    file is written to a temporary name and renamed over the old one (weights first, config last), and a weights
+    file of the other format is removed so the folder never holds two different drafts.
+    dtype: convert the weights (default: the draft's dtype).
+    """
+    if not isinstance(draft, DraftModel):
+        raise ValueError(f"save_draft needs a hass_ext.DraftModel, got {type(draft).__name__}")
+    path = os.fspath(path)
+    sd = _state_dict_for_save(draft, dtype)
+    cfg = draft.config.to_dict()
+    cfg["torch_dtype"] = str(sd["fc.weight"].dtype).replace("torch.", "")
+    weights_name = SAFETENSORS_NAME if safe_serialization else BIN_NAME
+
+    def write_weights(file_path):
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(sd, file_path, metadata={"format": "pt"})
+        else:
+            torch.save(sd, file_path)
+
+    def write_config(file_path):
+        with open(file_path, "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2)
+            f.write("\n")
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    if not os.path.exists(path):
+        tmp = tempfile.mkdtemp(prefix=".draft-", dir=parent)
+        try:
+            write_weights(os.path.join(tmp, weights_name))
+            write_config(os.path.join(tmp, CONFIG_NAME))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        return path
+    if not os.path.isdir(path):
+        raise ValueError(f"save_draft: {path} exists and is not a folder")
+    for name, writer in ((weights_name, write_weights), (CONFIG_NAME, write_config)):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
+        os.close(fd)
+        try:
+            writer(tmp)
+            os.replace(tmp, os.path.join(path, name))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    other = os.path.join(path, BIN_NAME if safe_serialization else SAFETENSORS_NAME)
+    if os.path.exists(other):
+        os.remove(other)
+    return path
