@@ -105,8 +105,10 @@ def tiny_tokenizer(template: str = "chatml", vocab_size: int = 320):
     return tok
 
 
-def tiny_target(template: str = "chatml", seed: int = 0, hidden: int = 64, layers: int = 2):
-    """A random 2-layer Llama with the tiny tokenizer, wrapped as a hass_ext.Target."""
+def tiny_target(template: str = "chatml", seed: int = 0, hidden: int = 64, layers: int = 2, head_scale: float = 1.0):
+    """A random 2-layer Llama with the tiny tokenizer, wrapped as a hass_ext.Target.
+
+    head_scale multiplies the lm_head (a random head gives near-uniform distributions; larger is peakier)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hass_ext.target import Target
@@ -117,4 +119,6 @@ def tiny_target(template: str = "chatml", seed: int = 0, hidden: int = 64, layer
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
     return Target(model, tok, f"tiny-llama-{template}")

@@ -19,27 +19,22 @@ i = 1..F-1, the single D_i key at column c = r-(F-1)+i (hass-reference.md §3.5,
     q4: T T T T T .    q4: T  T  T  T  D1 .   q4: T  T  T  D1 D2 .
     q5: T T T T T T    q5: T  T  T  T  T  D1  q5: T  T  T  T  D1 D2
 
-The attention itself is the ``align_attention`` kernel (a proper masked softmax; ``attention="reference"``
-selects the reference code's leaky normalisation, hass-reference.md P-1). Step 1 equals the inference forward.
+The attention itself is the ``align_attention`` kernel: a proper masked softmax (``attention="proper"``, the
+default) or the reference code's leaky normalisation (``"reference"``, hass-reference.md P-1). Step 1 equals the
+inference forward of the draft.
 """
 from typing import List, Optional, Sequence
 
 import torch
 
-ATTENTION_MODES = ("masked", "reference")
+from ..draft import apply_rotary
+from ..ops import align_attention
 
-
-def _align_attention():
-    from .. import ops
-
-    fn = getattr(ops, "align_attention", None)
-    if fn is None:  # the kernel is not in this build yet
-        from ._interim import align_attention as fn
-    return fn
+ATTENTION_MODES = ("proper", "reference")
 
 
 def align_forward(draft, input_ids: torch.Tensor, features: torch.Tensor, levels: Sequence[torch.Tensor] = (),
-                  position_ids: Optional[torch.Tensor] = None, attention: str = "masked") -> torch.Tensor:
+                  position_ids: Optional[torch.Tensor] = None, attention: str = "proper") -> torch.Tensor:
     """Draft step ``F = len(levels) + 1``: predicted next features ``[B, L, H]``.
 
     input_ids ``[B, L]``: the tokens x_{c+1} paired with column c. features ``[B, L, H]``: target features f_c.
@@ -68,14 +63,11 @@ def align_forward(draft, input_ids: torch.Tensor, features: torch.Tensor, levels
     streams = torch.cat([features, *levels], dim=0)
     a = draft.project(input_ids.repeat(F, 1), streams)
     x = layer.attn_input(a[(F - 1) * B:])  # the query stream (the last one); identity for layer 0
-    from ..draft import apply_rotary
-
     q = apply_rotary(attn.q_proj(x).view(B, L, nh, d).transpose(1, 2), cos, sin)
     k = attn.k_proj(a).view(F * B, L, nkv, d).transpose(1, 2)
     k = apply_rotary(k, cos.repeat(F, 1, 1), sin.repeat(F, 1, 1)).reshape(F, B, nkv, L, d)
     v = attn.v_proj(a).view(F * B, L, nkv, d).transpose(1, 2).reshape(F, B, nkv, L, d)
-    kwargs = {"semantics": "reference"} if attention == "reference" else {}
-    o = _align_attention()(q, k, v, d ** -0.5, **kwargs)
+    o = align_attention(q, k, v, d ** -0.5, semantics=attention)
     h = x + attn.o_proj(o.transpose(1, 2).reshape(B, L, nh * d))
     return layer.mlp_block(h)
 
@@ -89,7 +81,7 @@ def next_level(base: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     return torch.cat((base[:, :1], pred[:, :-1].to(base.dtype)), dim=1).detach()
 
 
-def alignment_steps(draft, input_ids, features, num_steps: int, position_ids=None, attention: str = "masked"):
+def alignment_steps(draft, input_ids, features, num_steps: int, position_ids=None, attention: str = "proper"):
     """Yield the predictions of steps 1..num_steps; levels are built from the previous steps' outputs."""
     levels: List[torch.Tensor] = []
     for j in range(num_steps):

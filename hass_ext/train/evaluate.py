@@ -36,7 +36,7 @@ def _shift(x: torch.Tensor, i: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_batch(draft, lm_head_weight: torch.Tensor, pairs: Dict[str, torch.Tensor], k: int, loss_steps: int,
-                   attention: str = "masked", topk: int = 10, weights=(1.0, 0.1, 1.0)) -> Dict[str, List[float]]:
+                   attention: str = "proper", topk: int = 10, weights=(1.0, 0.1, 1.0)) -> Dict[str, List[float]]:
     """Counts for one batch of training pairs (loss.training_pairs): chains correct/total per step, and
     the summed losses of alignment steps 1..loss_steps (un-noised features)."""
     ids, feat, target, mask = pairs["input_ids"], pairs["features"], pairs["target"], pairs["loss_mask"] > 0

@@ -24,13 +24,12 @@ weights and optimizer state stay fp32.
 """
 import contextlib
 import json
-import math
 import os
 import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional
 
 import torch
@@ -73,7 +72,7 @@ class TrainConfig:
     noise_std: float = 0.2
     noise_scale_by_length: bool = True         # reference: amplitude std * 512 / n (P-5); False: std
     mask_alignment: str = "predicted"          # see loss.py
-    attention: str = "masked"                  # "reference" = the reference's leaky softmax (P-1)
+    attention: str = "proper"                  # "reference" = the reference's leaky softmax (P-1)
     seed: int = 0
     eval_fraction: float = 0.05
     eval_every: int = 0                        # steps; 0 = only at the end
@@ -142,22 +141,25 @@ def _linear_warmup_decay(warmup: int, total: int):
 
 
 def _rng_state() -> dict:
+    """The global RNG states as plain Python values (they travel through all_gather_object and torch.load)."""
     import numpy as np
 
     st = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(), "numpy": [st[0], torch.from_numpy(st[1].copy()), st[2], st[3], st[4]]}
+    cuda = [bytes(t.numpy()) for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {"torch": bytes(torch.get_rng_state().numpy()), "cuda": cuda, "python": random.getstate(),
+            "numpy": [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])]}
 
 
 def _set_rng_state(state: dict) -> None:
     import numpy as np
 
-    torch.set_rng_state(state["torch"])
+    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(as_tensor(state["torch"]))
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([as_tensor(b) for b in state["cuda"]])
     random.setstate(state["python"])
     n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy(), n[2], n[3], n[4]))
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
 class Trainer:
@@ -209,8 +211,7 @@ class Trainer:
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                         broadcast_buffers=False)
+            module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.model = module
         self.step = 0
         self._perm_epoch, self._perm = None, None
@@ -465,20 +466,10 @@ class Trainer:
         return final
 
     def export(self, path: str) -> str:
-        """Write the draft in the EAGLE layout (config.json + model.safetensors) atomically."""
+        """Write the draft in the EAGLE layout (config.json + model.safetensors), atomically."""
         from ..checkpoint import save_draft
 
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", dir=parent)
-        try:
-            save_draft(self.draft, os.path.join(tmp, "d"))
-            if os.path.exists(path):
-                shutil.rmtree(path)
-            os.replace(os.path.join(tmp, "d"), path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return save_draft(self.draft, path)
 
 
 def _norm(v):
