@@ -242,3 +242,11 @@ def test_target_mismatch_is_refused(data_dir, tmp_path):
     other = tiny_target("chatml", seed=1, hidden=32)
     with pytest.raises(ValueError, match="does not match the data"):
         Trainer(cfg(data_dir, tmp_path), target=other)
+
+
+def test_unfinished_data_is_refused(target, tmp_path):
+    data = str(tmp_path / "partial")
+    prepare_data(target, make_records(32, seed=13), data, max_len=96, shard_size=16, stop_after_shards=1,
+                 progress=False)
+    with pytest.raises(ValueError, match="is not finished .*run prepare-data again"):
+        Trainer(cfg(data, tmp_path / "o"), target=target)

@@ -23,6 +23,7 @@ PyTorch DDP averages the gradients (nccl on GPUs, gloo on CPUs). bf16 autocast i
 weights and optimizer state stay fp32.
 """
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -188,6 +189,10 @@ class Trainer:
         self.train_set = ShardDataset(c.data_dir, "train", c.eval_fraction, c.verify_checksum)
         self.eval_set = ShardDataset(c.data_dir, "eval", c.eval_fraction, verify_checksum=False)
         manifest = self.train_set.manifest
+        if not manifest.get("complete", False):
+            raise ValueError(f"data preparation in {c.data_dir} is not finished ({len(manifest['shards'])} shards so "
+                             "far): run prepare-data again with the same settings to complete it")
+        self.data_fingerprint = hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()
         self.global_batch = c.batch_size * self.world_size
         self.steps_per_epoch = len(self.train_set) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -356,7 +361,7 @@ class Trainer:
                 torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                             "scheduler": self.scheduler.state_dict(), "rng": rngs,
                             "config": asdict(self.config), "world_size": self.world_size,
-                            "target": self.target_name, "history": self.history},
+                            "target": self.target_name, "data": self.data_fingerprint, "history": self.history},
                            os.path.join(tmp, STATE_FILE))
                 if os.path.exists(path):
                     shutil.rmtree(path)
@@ -400,6 +405,8 @@ class Trainer:
         saved = state["config"]
         diff = sorted(k for k in saved if k not in _RESUME_FREE and _norm(saved[k]) != _norm(
             getattr(self.config, k, None)))
+        if state.get("data") != self.data_fingerprint:
+            raise ValueError(f"cannot resume {path}: it was trained on other data than {self.config.data_dir}")
         if diff or state["world_size"] != self.world_size:
             what = ", ".join(f"{k}: {saved[k]!r} -> {getattr(self.config, k, None)!r}" for k in diff)
             if state["world_size"] != self.world_size:
