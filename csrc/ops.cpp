@@ -16,6 +16,21 @@ TORCH_LIBRARY(hass, m) {
   m.def("align_attention(Tensor q, Tensor k_levels, Tensor v_levels, float scale, bool leaky) -> (Tensor, Tensor)");
   m.def("align_attention_backward(Tensor grad_out, Tensor q, Tensor k_levels, Tensor v_levels, Tensor out, "
         "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+  // HASS top-K ranking distillation loss (csrc/include/hass/distill_loss.h). draft/target logits [N,V]
+  // (float32/bfloat16/float16), loss_mask float32 [N]. Returns the scalar losses ce and topk, plus what the
+  // backward pass needs: row_stats float32 [N,5] = (draft max, draft log-sum, target max, target log-sum,
+  // P_K) and topk_idx int64 [N,K] (masked rows: zeros and -1; they are never read).
+  m.def("distill_loss(Tensor draft_logits, Tensor target_logits, Tensor loss_mask, int topk) -> "
+        "(Tensor ce, Tensor topk_loss, Tensor row_stats, Tensor topk_idx)");
+  // Gradient of grad_ce * ce + grad_topk * topk w.r.t. draft_logits (grad_* are 0-dim float32 tensors).
+  m.def("distill_loss_backward(Tensor grad_ce, Tensor grad_topk, Tensor draft_logits, Tensor target_logits, "
+        "Tensor loss_mask, Tensor row_stats, Tensor topk_idx) -> Tensor");
+  // One vocabulary chunk of an online softmax: logits [N,C] are columns col0..col0+C of the full rows.
+  // state float32 [N,2] = (running max, sum exp(x - max)); topk_val/topk_idx [N,K] a running top-K of the
+  // logits (K may be 0; empty slots -inf/-1). Returns exp(logits - new max) (empty unless want_exp), the
+  // rescale factor alpha [N] = exp(old max - new max) for accumulators, and the updated state and top-K.
+  m.def("online_softmax_chunk(Tensor logits, Tensor state, Tensor topk_val, Tensor topk_idx, int col0, "
+        "bool want_exp) -> (Tensor exp, Tensor alpha, Tensor new_state, Tensor new_topk_val, Tensor new_topk_idx)");
 }
 
 extern "C" PyObject* PyInit__C(void) {

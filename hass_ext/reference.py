@@ -85,3 +85,36 @@ def reference_align_attention(q, k_levels, v_levels, scale=None, semantics: str 
     else:
         raise ValueError(f"semantics must be 'proper' or 'reference', got {semantics!r}")
     return torch.einsum("fbhtc,fbhcd->bhtd", probs, v)
+def distill_topk_indices(target_logits: torch.Tensor, topk: int) -> torch.Tensor:
+    """The top-K rule of ops.distill_loss: larger target logit first, lower index first among equal logits."""
+    return torch.sort(target_logits.float(), dim=-1, descending=True, stable=True).indices[..., :topk]
+
+
+def distill_loss_reference(draft_logits: torch.Tensor, target_logits: torch.Tensor, loss_mask: torch.Tensor,
+                           topk: int = 10):
+    """Oracle of ops.distill_loss: HASS `compute_loss` (main_hass.py) with fp32 logits, as (ce, topk).
+
+    Differs from HASS only in the top-K tie rule (made deterministic, see distill_topk_indices).
+    """
+    V = draft_logits.shape[-1]
+    up = torch.promote_types(draft_logits.dtype, torch.float32)  # fp32, or fp64 for a float64 check
+    z = draft_logits.reshape(-1, V).to(up)
+    t = target_logits.detach().reshape(-1, V).to(up)
+    m = loss_mask.detach().reshape(-1).to(up)[:, None]
+    p = torch.softmax(t, dim=-1)
+    plogq = p * torch.log_softmax(z, dim=-1)
+    S = m.sum() + 1e-5
+    ce = -torch.sum(m * plogq) / S
+    idx = distill_topk_indices(t, topk)
+    topk_loss = -torch.sum(m * plogq.gather(-1, idx)) / S
+    return ce, topk_loss
+
+
+def fused_linear_distill_loss_reference(draft_hidden, target_hidden, lm_head_weight, loss_mask, topk=10,
+                                        ce_weight=0.1, topk_weight=1.0):
+    """Oracle of ops.fused_linear_distill_loss: full logits through the head, then distill_loss_reference."""
+    z = draft_hidden.to(lm_head_weight.dtype) @ lm_head_weight.T
+    with torch.no_grad():
+        t = target_hidden.to(lm_head_weight.dtype) @ lm_head_weight.T
+    ce, topk_loss = distill_loss_reference(z, t, loss_mask, topk)
+    return ce_weight * ce + topk_weight * topk_loss, ce, topk_loss

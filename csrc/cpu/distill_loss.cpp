@@ -1,0 +1,368 @@
+// CPU kernels of hass::distill_loss, hass::distill_loss_backward and hass::online_softmax_chunk
+// (semantics in csrc/include/hass/distill_loss.h).
+//
+// Each row is streamed in blocks of kBlock columns converted to fp32. Inside a block kLanes independent
+// accumulators share the row's running maxima, so the exp/sum loops vectorise without reassociating
+// floating-point sums; the lanes are summed once at the end of the row. The row loops are compiled for
+// AVX-512, AVX2 and baseline x86-64 and picked at load time (target_clones).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "hass/distill_loss.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HASS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HASS_CPU_CLONES
+#endif
+#define HASS_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int kBlock = 512;  // multiple of kLanes
+
+enum class Dt { F32, BF16, F16 };
+
+Dt dt_of(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dt::F32;
+    case at::kBFloat16: return Dt::BF16;
+    case at::kHalf: return Dt::F16;
+    default: TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+template <typename T>
+HASS_INLINE float to_f32(T x) { return static_cast<float>(x); }
+
+// Converts n <= kBlock elements of row[c0..] to fp32; pads the block to a multiple of kLanes with -inf.
+template <typename T>
+HASS_INLINE int load_block_t(const T* row, int64_t c0, int n, float* dst) {
+  for (int i = 0; i < n; ++i) dst[i] = to_f32(row[c0 + i]);
+  const int padded = (n + kLanes - 1) / kLanes * kLanes;
+  for (int i = n; i < padded; ++i) dst[i] = -INFINITY;
+  return padded;
+}
+
+HASS_INLINE int load_block(const void* row, Dt dt, int64_t c0, int n, float* dst) {
+  switch (dt) {
+    case Dt::F32: return load_block_t(static_cast<const float*>(row), c0, n, dst);
+    case Dt::BF16: return load_block_t(static_cast<const c10::BFloat16*>(row), c0, n, dst);
+    default: return load_block_t(static_cast<const c10::Half*>(row), c0, n, dst);
+  }
+}
+
+HASS_INLINE float load_one(const void* row, Dt dt, int64_t c) {
+  switch (dt) {
+    case Dt::F32: return static_cast<const float*>(row)[c];
+    case Dt::BF16: return static_cast<float>(static_cast<const c10::BFloat16*>(row)[c]);
+    default: return static_cast<float>(static_cast<const c10::Half*>(row)[c]);
+  }
+}
+
+template <typename T>
+HASS_INLINE void store_block_t(T* row, int64_t c0, int n, const float* src) {
+  for (int i = 0; i < n; ++i) row[c0 + i] = static_cast<T>(src[i]);
+}
+
+HASS_INLINE void store_block(void* row, Dt dt, int64_t c0, int n, const float* src) {
+  switch (dt) {
+    case Dt::F32: return store_block_t(static_cast<float*>(row), c0, n, src);
+    case Dt::BF16: return store_block_t(static_cast<c10::BFloat16*>(row), c0, n, src);
+    default: return store_block_t(static_cast<c10::Half*>(row), c0, n, src);
+  }
+}
+
+HASS_INLINE void store_one(void* row, Dt dt, int64_t c, float v) {
+  float tmp[1] = {v};
+  store_block(row, dt, c, 1, tmp);
+}
+
+HASS_INLINE float lane_max(const float* x) {
+  float m = x[0];
+  for (int j = 1; j < kLanes; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// Scans a block of target logits into the running top-K list (only when its maximum can enter it).
+HASS_INLINE void topk_scan(const float* tb, int n, int64_t c0, float bmax, float* vals, int* idx, int k) {
+  if (k == 0 || bmax < vals[k - 1]) return;
+  for (int i = 0; i < n; ++i) hass::topk_insert(vals, idx, k, tb[i], static_cast<int>(c0 + i));
+}
+
+// ---- forward --------------------------------------------------------------------------------------------
+
+struct FwdRow {
+  hass::DistillRowOut out;
+  float topk_loss, pk;
+};
+
+// One row: online statistics of target and draft, the top-K of the target, both loss terms.
+HASS_CPU_CLONES
+FwdRow forward_row(const void* zrow, Dt zdt, const void* trow, Dt tdt, int64_t V, int k, int* topk_idx) {
+  alignas(64) float tb[kBlock], zb[kBlock];
+  alignas(64) float st[kLanes] = {}, sz[kLanes] = {}, sa[kLanes] = {}, tmax[kLanes], zmax[kLanes];
+  float vals[hass::kMaxTopK];
+  hass::topk_init(vals, topk_idx, k);
+  float mt = -INFINITY, mz = -INFINITY;
+  for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, V - c0));
+    const int padded = load_block(trow, tdt, c0, n, tb);
+    load_block(zrow, zdt, c0, n, zb);
+    for (int j = 0; j < kLanes; ++j) tmax[j] = zmax[j] = -INFINITY;
+    for (int i = 0; i < padded; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        tmax[j] = tb[i + j] > tmax[j] ? tb[i + j] : tmax[j];
+        zmax[j] = zb[i + j] > zmax[j] ? zb[i + j] : zmax[j];
+      }
+    const float bt = lane_max(tmax), bz = lane_max(zmax);
+    if (bt > mt || bz > mz) {  // new maxima: re-express every lane (rare after the first blocks)
+      const float nt = bt > mt ? bt : mt, nz = bz > mz ? bz : mz;
+      for (int j = 0; j < kLanes; ++j) {
+        const hass::DistillRowStats s = hass::distill_rescale({mt, st[j], mz, sz[j], sa[j]}, nt, nz);
+        st[j] = s.st; sz[j] = s.sz; sa[j] = s.a;
+      }
+      mt = nt; mz = nz;
+    }
+    const float shift_t = hass::safe_max(mt), shift_z = hass::safe_max(mz);
+    for (int i = 0; i < padded; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const float w = hass::fast_exp(tb[i + j] - shift_t);
+        st[j] += w;
+        sz[j] += hass::fast_exp(zb[i + j] - shift_z);
+        sa[j] += w > 0.0f ? w * (zb[i + j] - mz) : 0.0f;  // p = 0 terms contribute 0 (also for z = -inf)
+      }
+    topk_scan(tb, n, c0, bt, vals, topk_idx, k);
+  }
+  hass::DistillRowStats s{mt, 0.0f, mz, 0.0f, 0.0f};
+  for (int j = 0; j < kLanes; ++j) {
+    s.st += st[j]; s.sz += sz[j]; s.a += sa[j];
+  }
+  FwdRow r;
+  r.out = hass::distill_finish(s);
+  float tk[hass::kMaxTopK], zk[hass::kMaxTopK];
+  for (int j = 0; j < k; ++j) {
+    const int v = topk_idx[j] == hass::kTopKSentinelIndex ? 0 : topk_idx[j];
+    tk[j] = load_one(trow, tdt, v);
+    zk[j] = load_one(zrow, zdt, v);
+  }
+  r.topk_loss = hass::distill_topk_term(r.out, tk, zk, topk_idx, k, &r.pk);
+  return r;
+}
+
+double mask_sum(const float* m, int64_t N) {
+  double s = 0.0;
+  for (int64_t i = 0; i < N; ++i) s += m[i];
+  return s;
+}
+
+void check_inputs(const at::Tensor& draft, const at::Tensor& target, const at::Tensor& mask, const char* op) {
+  TORCH_CHECK(draft.dim() == 2, op, ": draft_logits must be [N, V], got ", draft.sizes());
+  TORCH_CHECK(target.sizes() == draft.sizes(), op, ": target_logits ", target.sizes(), " != draft_logits ",
+              draft.sizes());
+  TORCH_CHECK(mask.dim() == 1 && mask.size(0) == draft.size(0) && mask.scalar_type() == at::kFloat, op,
+              ": loss_mask must be float32 [N], got ", mask.scalar_type(), " ", mask.sizes());
+  TORCH_CHECK(draft.size(1) < (int64_t(1) << 31) - 1, op, ": vocabulary too large");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(const at::Tensor& draft_logits,
+                                                                           const at::Tensor& target_logits,
+                                                                           const at::Tensor& loss_mask,
+                                                                           int64_t topk) {
+  check_inputs(draft_logits, target_logits, loss_mask, "distill_loss");
+  const int64_t N = draft_logits.size(0), V = draft_logits.size(1);
+  TORCH_CHECK(topk >= 1 && topk <= hass::kMaxTopK && topk <= V, "distill_loss: topk must be in [1, min(",
+              hass::kMaxTopK, ", V=", V, ")], got ", topk);
+  const auto z = draft_logits.contiguous(), t = target_logits.contiguous(), m = loss_mask.contiguous();
+  const Dt zdt = dt_of(z, "distill_loss", "draft_logits"), tdt = dt_of(t, "distill_loss", "target_logits");
+  const auto f32 = z.options().dtype(at::kFloat);
+  auto stats = at::zeros({N, 5}, f32);
+  auto idx = at::full({N, topk}, -1, z.options().dtype(at::kLong));
+  auto rows = at::zeros({N, 2}, f32);  // per-row ce, topk (unweighted)
+  const float* mp = m.data_ptr<float>();
+  float* sp = stats.data_ptr<float>();
+  float* rp = rows.data_ptr<float>();
+  int64_t* ip = idx.data_ptr<int64_t>();
+  const char* zb = static_cast<const char*>(z.data_ptr());
+  const char* tb = static_cast<const char*>(t.data_ptr());
+  const int64_t zrow = V * z.element_size(), trow = V * t.element_size();
+  const int k = static_cast<int>(topk);
+  at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+    int kidx[hass::kMaxTopK];
+    for (int64_t r = r0; r < r1; ++r) {
+      if (mp[r] == 0.0f) continue;  // masked rows are never read
+      const FwdRow f = forward_row(zb + r * zrow, zdt, tb + r * trow, tdt, V, k, kidx);
+      float* s = sp + r * 5;
+      s[0] = f.out.mz; s[1] = f.out.lz; s[2] = f.out.mt; s[3] = f.out.lt; s[4] = f.pk;
+      rp[2 * r] = f.out.ce;
+      rp[2 * r + 1] = f.topk_loss;
+      for (int j = 0; j < k; ++j) ip[r * topk + j] = kidx[j];
+    }
+  });
+  double ce = 0.0, tk = 0.0;
+  for (int64_t r = 0; r < N; ++r)
+    if (mp[r] != 0.0f) {
+      ce += static_cast<double>(mp[r]) * rp[2 * r];
+      tk += static_cast<double>(mp[r]) * rp[2 * r + 1];
+    }
+  const double S = static_cast<double>(static_cast<float>(mask_sum(mp, N)) + 1e-5f);
+  return {at::scalar_tensor(ce / S, f32), at::scalar_tensor(tk / S, f32), stats, idx};
+}
+
+// ---- backward -------------------------------------------------------------------------------------------
+
+HASS_CPU_CLONES
+void backward_row(const void* zrow, Dt zdt, const void* trow, Dt tdt, void* grow, Dt gdt, int64_t V,
+                  const hass::DistillRowOut& o, const hass::DistillGradCoef& c, const int64_t* topk_idx, int k) {
+  alignas(64) float tb[kBlock], zb[kBlock], gb[kBlock];
+  for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, V - c0));
+    const int padded = load_block(trow, tdt, c0, n, tb);
+    load_block(zrow, zdt, c0, n, zb);
+    for (int i = 0; i < padded; ++i) gb[i] = hass::distill_grad(o, c, zb[i], tb[i], false);
+    store_block(grow, gdt, c0, n, gb);
+  }
+  for (int j = 0; j < k; ++j) {  // the top-K columns get the extra -g_topk p_v term
+    const int64_t v = topk_idx[j];
+    store_one(grow, gdt, v, hass::distill_grad(o, c, load_one(zrow, zdt, v), load_one(trow, tdt, v), true));
+  }
+}
+
+at::Tensor distill_loss_backward_cpu(const at::Tensor& grad_ce, const at::Tensor& grad_topk,
+                                     const at::Tensor& draft_logits, const at::Tensor& target_logits,
+                                     const at::Tensor& loss_mask, const at::Tensor& stats,
+                                     const at::Tensor& topk_idx) {
+  check_inputs(draft_logits, target_logits, loss_mask, "distill_loss_backward");
+  const int64_t N = draft_logits.size(0), V = draft_logits.size(1);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 5 && stats.scalar_type() == at::kFloat,
+              "distill_loss_backward: row_stats must be float32 [N, 5], got ", stats.sizes());
+  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == N && topk_idx.scalar_type() == at::kLong &&
+                  topk_idx.size(1) >= 1 && topk_idx.size(1) <= hass::kMaxTopK,
+              "distill_loss_backward: topk_idx must be int64 [N, K], got ", topk_idx.sizes());
+  const auto z = draft_logits.contiguous(), t = target_logits.contiguous(), m = loss_mask.contiguous();
+  const auto st = stats.contiguous(), ix = topk_idx.contiguous();
+  const Dt zdt = dt_of(z, "distill_loss_backward", "draft_logits");
+  const Dt tdt = dt_of(t, "distill_loss_backward", "target_logits");
+  auto grad = at::empty_like(z);
+  const float g_ce = grad_ce.item<float>(), g_topk = grad_topk.item<float>();
+  const float* mp = m.data_ptr<float>();
+  const float S = static_cast<float>(mask_sum(mp, N)) + 1e-5f;
+  const float* sp = st.data_ptr<float>();
+  const int64_t* ip = ix.data_ptr<int64_t>();
+  const int k = static_cast<int>(ix.size(1));
+  const char* zb = static_cast<const char*>(z.data_ptr());
+  const char* tb = static_cast<const char*>(t.data_ptr());
+  char* gb = static_cast<char*>(grad.data_ptr());
+  const int64_t zrow = V * z.element_size(), trow = V * t.element_size();
+  at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (mp[r] == 0.0f) {
+        std::fill(gb + r * zrow, gb + (r + 1) * zrow, char(0));  // +0.0 in every float format
+        continue;
+      }
+      const float* s = sp + r * 5;
+      hass::DistillRowOut o;
+      o.mz = s[0]; o.lz = s[1]; o.mt = s[2]; o.lt = s[3]; o.ce = 0.0f;
+      const hass::DistillGradCoef c = hass::distill_grad_coef(mp[r] / S, g_ce, g_topk, s[4]);
+      backward_row(zb + r * zrow, zdt, tb + r * trow, tdt, gb + r * zrow, zdt, V, o, c, ip + r * k, k);
+    }
+  });
+  return grad;
+}
+
+// ---- online softmax over vocabulary chunks (fused-linear loss) ------------------------------------------
+
+HASS_CPU_CLONES
+void chunk_row(const void* xrow, Dt dt, int64_t C, float* state, float* alpha, void* erow, int k, float* vals,
+               int* idx, int64_t col0) {
+  alignas(64) float xb[kBlock], lmax[kLanes], eb[kBlock];
+  // Pass 1: chunk maximum and top-K (the chunk is small enough to stay in cache for pass 2).
+  float cm = -INFINITY;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, C - c0));
+    const int padded = load_block(xrow, dt, c0, n, xb);
+    for (int j = 0; j < kLanes; ++j) lmax[j] = -INFINITY;
+    for (int i = 0; i < padded; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) lmax[j] = xb[i + j] > lmax[j] ? xb[i + j] : lmax[j];
+    const float bm = lane_max(lmax);
+    cm = bm > cm ? bm : cm;
+    topk_scan(xb, n, col0 + c0, bm, vals, idx, k);
+  }
+  const float m_old = state[0];
+  const float m = cm > m_old ? cm : m_old;
+  const float shift = hass::safe_max(m);
+  *alpha = expf(m_old - shift);
+  // Pass 2: exp(x - m), its sum, and the values for the accumulator GEMM.
+  alignas(64) float ls[kLanes] = {};
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, C - c0));
+    const int padded = load_block(xrow, dt, c0, n, xb);
+    for (int i = 0; i < padded; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        eb[i + j] = hass::fast_exp(xb[i + j] - shift);
+        ls[j] += eb[i + j];
+      }
+    if (erow) store_block(erow, dt, c0, n, eb);
+  }
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += ls[j];
+  state[0] = m;
+  state[1] = state[1] * *alpha + s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> online_softmax_chunk_cpu(
+    const at::Tensor& logits, const at::Tensor& state, const at::Tensor& topk_val, const at::Tensor& topk_idx,
+    int64_t col0, bool want_exp) {
+  TORCH_CHECK(logits.dim() == 2, "online_softmax_chunk: logits must be [N, C], got ", logits.sizes());
+  const int64_t N = logits.size(0), C = logits.size(1);
+  TORCH_CHECK(state.dim() == 2 && state.size(0) == N && state.size(1) == 2 && state.scalar_type() == at::kFloat,
+              "online_softmax_chunk: state must be float32 [N, 2], got ", state.sizes());
+  TORCH_CHECK(topk_val.dim() == 2 && topk_val.size(0) == N && topk_val.scalar_type() == at::kFloat &&
+                  topk_val.size(1) <= hass::kMaxTopK,
+              "online_softmax_chunk: topk_val must be float32 [N, K<=64], got ", topk_val.sizes());
+  TORCH_CHECK(topk_idx.sizes() == topk_val.sizes() && topk_idx.scalar_type() == at::kLong,
+              "online_softmax_chunk: topk_idx must be int64 shaped like topk_val, got ", topk_idx.sizes());
+  TORCH_CHECK(col0 >= 0 && col0 + C < (int64_t(1) << 31) - 1, "online_softmax_chunk: bad col0 ", col0);
+  const auto x = logits.contiguous();
+  const Dt dt = dt_of(x, "online_softmax_chunk", "logits");
+  auto new_state = state.contiguous().clone();
+  auto new_val = topk_val.contiguous().clone();
+  auto new_idx = topk_idx.contiguous().clone();
+  auto alpha = at::empty({N}, state.options());
+  auto e = want_exp ? at::empty_like(x) : at::empty({0}, x.options());
+  const int k = static_cast<int>(topk_val.size(1));
+  const char* xb = static_cast<const char*>(x.data_ptr());
+  char* eb = want_exp ? static_cast<char*>(e.data_ptr()) : nullptr;
+  const int64_t row = C * x.element_size();
+  float* sp = new_state.data_ptr<float>();
+  float* ap = alpha.data_ptr<float>();
+  float* vp = new_val.data_ptr<float>();
+  int64_t* ip = new_idx.data_ptr<int64_t>();
+  at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+    int kidx[hass::kMaxTopK];
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int j = 0; j < k; ++j) {
+        const int64_t v = ip[r * k + j];
+        kidx[j] = v < 0 ? hass::kTopKSentinelIndex : static_cast<int>(v);
+      }
+      chunk_row(xb + r * row, dt, C, sp + 2 * r, ap + r, eb ? eb + r * row : nullptr, k, vp + r * k, kidx, col0);
+      for (int j = 0; j < k; ++j) ip[r * k + j] = kidx[j] == hass::kTopKSentinelIndex ? -1 : kidx[j];
+    }
+  });
+  return {e, alpha, new_state, new_val, new_idx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hass, CPU, m) {
+  m.impl("distill_loss", &distill_loss_cpu);
+  m.impl("distill_loss_backward", &distill_loss_backward_cpu);
+  m.impl("online_softmax_chunk", &online_softmax_chunk_cpu);
+}

@@ -1,0 +1,189 @@
+// HASS top-K ranking distillation loss: the per-row math shared by the CPU and CUDA kernels.
+//
+// For one row (token) with target logits t[V] and draft logits z[V]:
+//   p = softmax(t), log q = log_softmax(z)
+//   ce_row   = -sum_v p_v log q_v
+//   topk_row = -sum_{v in topK(t)} p_v log q_v          (p is NOT renormalised over the top-K)
+// The kernels stream the row once, keeping online statistics relative to running maxima:
+//   mt = max t, st = sum exp(t - mt), mz = max z, sz = sum exp(z - mz), a = sum exp(t - mt) * (z - mz)
+// so that sum_v p_v log q_v = a / st - log sz. Every quantity is relative to a maximum, so logits of 1e4
+// neither overflow nor lose precision to cancellation (z - mz is exact when z and mz are close).
+//
+// Top-K order: larger target logit first; among equal logits the lower vocabulary index first. Ranking by
+// logits (not by the rounded probabilities) keeps the set exact and deterministic on every device.
+#pragma once
+#include <math.h>
+
+#include "hass/common.h"
+
+namespace hass {
+
+constexpr int kMaxTopK = 64;
+constexpr int kTopKSentinelIndex = 0x7fffffff;  // index of an empty top-K slot (ranks after every real entry)
+
+// exp(x) for the streaming loops. Host: a branch-free Cody-Waite + degree-6 polynomial exp (about 1 ulp)
+// that compilers vectorise; 0 below -87 (the float range); NaN propagates. Device: the hardware exp2.
+HASS_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  const float xc = x < -87.0f ? -87.0f : x;                            // x <= 0 in all uses
+  const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  float r = xc - k * 0.693359375f;                                     // ln 2 split in two parts
+  r = r - k * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  union { int i; float f; } scale;
+  scale.i = (static_cast<int>(k) + 127) << 23;
+  return x < -87.0f ? 0.0f : y * scale.f;
+#endif
+}
+
+// Shift used in exp(x - m): 0 when m is -inf (an empty or all -inf partial), so that empty partials
+// contribute exp(-inf) = 0 instead of NaN.
+HASS_HD float safe_max(float m) { return m == -INFINITY ? 0.0f : m; }
+
+// ---- online softmax statistics ------------------------------------------------------------------------
+
+// One side of a row: m = max x, s = sum exp(x - m) over the columns seen so far.
+struct SoftmaxStats {
+  float m;
+  float s;
+};
+
+HASS_HD SoftmaxStats softmax_empty() { return {-INFINITY, 0.0f}; }
+
+HASS_HD SoftmaxStats softmax_merge(SoftmaxStats x, SoftmaxStats y) {
+  const float m = x.m > y.m ? x.m : y.m;
+  const float sm = safe_max(m);
+  return {m, x.s * expf(x.m - sm) + y.s * expf(y.m - sm)};
+}
+
+// Both sides of a row plus the cross term a = sum exp(t - mt) * (z - mz).
+struct DistillRowStats {
+  float mt, st;  // target
+  float mz, sz;  // draft
+  float a;
+};
+
+HASS_HD DistillRowStats distill_empty() { return {-INFINITY, 0.0f, -INFINITY, 0.0f, 0.0f}; }
+
+// Re-expresses s relative to new maxima mt >= s.mt and mz >= s.mz.
+HASS_HD DistillRowStats distill_rescale(DistillRowStats s, float mt, float mz) {
+  if (s.st == 0.0f && s.sz == 0.0f) return {mt, 0.0f, mz, 0.0f, 0.0f};  // nothing seen yet
+  const float ct = expf(s.mt - safe_max(mt));
+  const float cz = expf(s.mz - safe_max(mz));
+  // a = sum w (z - mz_old) becomes sum w' (z - mz) with w' = ct w: add (mz_old - mz) * st first.
+  return {mt, s.st * ct, mz, s.sz * cz, ct * (s.a + (s.mz - mz) * s.st)};
+}
+
+// Combines the statistics of two disjoint column sets of the same row.
+HASS_HD DistillRowStats distill_merge(DistillRowStats x, DistillRowStats y) {
+  const float mt = x.mt > y.mt ? x.mt : y.mt;
+  const float mz = x.mz > y.mz ? x.mz : y.mz;
+  const DistillRowStats u = distill_rescale(x, mt, mz), w = distill_rescale(y, mt, mz);
+  return {mt, u.st + w.st, mz, u.sz + w.sz, u.a + w.a};
+}
+
+// Adds one column (target logit t, draft logit z) to statistics whose maxima already cover it.
+HASS_HD void distill_accumulate(DistillRowStats& s, float t, float z) {
+  const float w = fast_exp(t - safe_max(s.mt));
+  s.st += w;
+  s.sz += fast_exp(z - safe_max(s.mz));
+  s.a += w * (z - s.mz);
+}
+
+// Adds one column, raising the maxima first when needed.
+HASS_HD void distill_push(DistillRowStats& s, float t, float z) {
+  if (t > s.mt || z > s.mz) s = distill_rescale(s, t > s.mt ? t : s.mt, z > s.mz ? z : s.mz);
+  distill_accumulate(s, t, z);
+}
+
+// Per-row results of the forward pass, kept for the backward pass.
+struct DistillRowOut {
+  float mz, lz;  // draft max and log sum exp(z - mz): log q_v = (z_v - mz) - lz
+  float mt, lt;  // target max and log sum exp(t - mt): log p_v = (t_v - mt) - lt
+  float ce;      // -sum_v p_v log q_v
+};
+
+HASS_HD DistillRowOut distill_finish(const DistillRowStats& s) {
+  DistillRowOut o;
+  o.mz = s.mz;
+  o.lz = logf(s.sz);
+  o.mt = s.mt;
+  o.lt = logf(s.st);
+  o.ce = o.lz - s.a / s.st;
+  return o;
+}
+
+HASS_HD float distill_log_p(const DistillRowOut& o, float t) { return (t - o.mt) - o.lt; }
+HASS_HD float distill_log_q(const DistillRowOut& o, float z) { return (z - o.mz) - o.lz; }
+
+// Coefficients of the gradient of g_ce * ce + g_topk * topk w.r.t. the draft logits of one row:
+//   d/dz_v = scale * [ (g_ce + g_topk P_K) q_v - (g_ce + g_topk [v in topK]) p_v ],  scale = m_t / S.
+struct DistillGradCoef {
+  float cq;       // scale * (g_ce + g_topk * P_K)
+  float cp;       // scale * g_ce
+  float cp_topk;  // scale * (g_ce + g_topk)
+};
+
+HASS_HD DistillGradCoef distill_grad_coef(float scale, float g_ce, float g_topk, float pk) {
+  return {scale * (g_ce + g_topk * pk), scale * g_ce, scale * (g_ce + g_topk)};
+}
+
+// Gradient for one column; in_topk selects the top-K coefficient.
+HASS_HD float distill_grad(const DistillRowOut& o, const DistillGradCoef& c, float z, float t, bool in_topk) {
+  const float q = fast_exp(distill_log_q(o, z));
+  const float p = fast_exp(distill_log_p(o, t));
+  return c.cq * q - (in_topk ? c.cp_topk : c.cp) * p;
+}
+
+// ---- top-K selection ----------------------------------------------------------------------------------
+
+// True when (va, ia) ranks before (vb, ib): larger value first, lower index among equal values.
+// NaN ranks before nothing, so it is never selected.
+HASS_HD bool topk_before(float va, int ia, float vb, int ib) { return va > vb || (va == vb && ia < ib); }
+
+// A sorted list of the k best (value, index) pairs seen so far; empty slots hold (-inf, sentinel).
+HASS_HD void topk_init(float* vals, int* idx, int k) {
+  for (int j = 0; j < k; ++j) {
+    vals[j] = -INFINITY;
+    idx[j] = kTopKSentinelIndex;
+  }
+}
+
+// Inserts (v, i) if it ranks before the current k-th entry; returns whether it did.
+HASS_HD bool topk_insert(float* vals, int* idx, int k, float v, int i) {
+  if (!topk_before(v, i, vals[k - 1], idx[k - 1])) return false;
+  int j = k - 1;
+  while (j > 0 && topk_before(v, i, vals[j - 1], idx[j - 1])) {
+    vals[j] = vals[j - 1];
+    idx[j] = idx[j - 1];
+    --j;
+  }
+  vals[j] = v;
+  idx[j] = i;
+  return true;
+}
+
+// Top-K part of one row given the K target indices, their target and draft logits:
+// returns -sum_k p_k log q_k and writes P_K = sum_k p_k. Sentinel slots (a row of NaN) are skipped.
+HASS_HD float distill_topk_term(const DistillRowOut& o, const float* t_k, const float* z_k, const int* idx, int k,
+                                float* pk_out) {
+  float loss = 0.0f, pk = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    if (idx[j] == kTopKSentinelIndex) continue;
+    const float p = expf(distill_log_p(o, t_k[j]));
+    pk += p;
+    loss -= p * distill_log_q(o, z_k[j]);
+  }
+  *pk_out = pk;
+  return loss;
+}
+
+}  // namespace hass
