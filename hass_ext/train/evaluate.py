@@ -13,7 +13,7 @@ from typing import Dict, List
 import torch
 
 from .align import alignment_steps
-from .loss import step_loss
+from .loss import step_loss, target_stats
 
 
 def _argmax_logits(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -46,11 +46,12 @@ def evaluate_batch(draft, lm_head_weight: torch.Tensor, pairs: Dict[str, torch.T
     steps = max(k, loss_steps)
     correct, total = [0] * k, [0] * k
     losses = {"loss": [0.0] * loss_steps, "tokens": [0] * loss_steps}
+    stats = target_stats(target, pairs["loss_mask"], lm_head_weight, topk)
     alive = torch.ones_like(ok)
     failed = torch.zeros(ok.shape[0], device=ok.device, dtype=torch.long)
     for i, pred in enumerate(alignment_steps(draft, ids, feat, steps, attention=attention)):
         if i < loss_steps:
-            loss, parts = step_loss(pred, target, pairs["loss_mask"], lm_head_weight, topk, *weights)
+            loss, parts = step_loss(pred, target, pairs["loss_mask"], lm_head_weight, topk, *weights, stats=stats)
             losses["loss"][i] += float(loss) * parts["tokens"]
             losses["tokens"][i] += parts["tokens"]
         if i < k:

@@ -13,12 +13,15 @@ Loss-mask alignment (the data stores the "token" convention: m[t] = 1 iff x_t is
 
 Step loss: L = v_w * SmoothL1(f̂, f_{t+1}) + p_w * CE(p, q) + topk_w * TopK-CE(p, q), each a masked mean over
 positions (sum / (Σ mask + 1e-5)); SmoothL1 is averaged over the hidden dimension (β = 1). The two distillation
-terms come from the fused_linear_distill_loss kernel, which streams the frozen lm_head over the vocabulary.
+terms come from fused_linear_distill_loss, which streams the frozen lm_head over the vocabulary (no N x V logits);
+the target side (softmax statistics, top-K) is computed once per batch and shared by the J steps.
 """
 from typing import Dict
 
 import torch
 import torch.nn.functional as F
+
+from ..ops import distill_target_stats, fused_linear_distill_loss
 
 MASK_ALIGNMENTS = ("predicted", "reference")
 
@@ -56,27 +59,32 @@ def uniform_noise(features: torch.Tensor, lengths: torch.Tensor, std: float, sca
     return features + (u - 0.5) * amp[:, None, None].to(features.dtype)
 
 
-def _distill():
-    from .. import ops
-
-    fn = getattr(ops, "fused_linear_distill_loss", None)
-    if fn is None:  # the kernel is not in this build yet
-        from ._interim import fused_linear_distill_loss as fn
-    return fn
+def target_stats(target: torch.Tensor, loss_mask: torch.Tensor, lm_head_weight: torch.Tensor, topk: int = 10):
+    """The target side of the distillation loss for the trained positions, shared by all alignment steps of a
+    batch (one pass over the head instead of one per step). None when no position is trained."""
+    rows = loss_mask > 0
+    if not bool(rows.any()):
+        return None
+    return distill_target_stats(target[rows], lm_head_weight, topk)
 
 
 def step_loss(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor, lm_head_weight: torch.Tensor,
-              topk: int = 10, v_w: float = 1.0, p_w: float = 0.1, topk_w: float = 1.0):
-    """One alignment step's loss and its parts (detached floats for logging)."""
+              topk: int = 10, v_w: float = 1.0, p_w: float = 0.1, topk_w: float = 1.0, stats=None):
+    """One alignment step's loss and its parts (floats, for logging).
+
+    stats: ``target_stats(target, loss_mask, lm_head_weight, topk)`` of this batch, computed here when None.
+    """
     rows = loss_mask > 0
     n = int(rows.sum())
     if n == 0:  # nothing to train in this batch: a zero that still reaches every parameter
         zero = pred.sum() * 0.0
         return zero, {"v": 0.0, "ce": 0.0, "topk": 0.0, "tokens": 0}
-    p, t = pred[rows], target[rows].to(pred.dtype)
+    if stats is None:
+        stats = target_stats(target, loss_mask, lm_head_weight, topk)
+    p, t = pred[rows], target[rows]
     w = loss_mask[rows].float()
     denom = w.sum() + 1e-5
     lv = (F.smooth_l1_loss(p.float(), t.float(), reduction="none").mean(-1) * w).sum() / denom
-    ld, ce, tk = _distill()(p, t, lm_head_weight.to(p.dtype), w, topk, p_w, topk_w)
+    ld, ce, tk = fused_linear_distill_loss(p, None, lm_head_weight, w, topk, p_w, topk_w, target_stats=stats)
     loss = v_w * lv + ld
     return loss, {"v": float(lv.detach()), "ce": float(ce.detach()), "topk": float(tk.detach()), "tokens": n}

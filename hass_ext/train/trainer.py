@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from .align import ATTENTION_MODES, align_forward, next_level
 from .evaluate import evaluate_batch, merge_counts, summarize
-from .loss import MASK_ALIGNMENTS, step_loss, training_pairs, uniform_noise
+from .loss import MASK_ALIGNMENTS, step_loss, target_stats, training_pairs, uniform_noise
 from .shards import ShardDataset, atomic_write_json, collate
 
 MODES = ("hass", "eagle")
@@ -225,10 +225,11 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------------------
 
     def _resolve_target(self, target, manifest):
-        from ..target import Target, load_target
+        from ..target import DEFAULT_TARGET, Target, load_target
 
         if target is None or isinstance(target, str):
-            target = load_target(target or manifest["target"], dtype=torch.float32, device="cpu")
+            name = target or manifest["target"]
+            target = load_target(None if name == DEFAULT_TARGET else name, dtype=torch.float32, device="cpu")
         if not isinstance(target, Target):
             raise ValueError(f"target must be None, a model name/path or a hass_ext.Target, "
                              f"got {type(target).__name__}")
@@ -282,6 +283,8 @@ class Trainer:
             g = torch.Generator().manual_seed((c.seed * 1_000_003 + self.step) * 4099 + self.rank)
             features = uniform_noise(features, pairs["lengths"], c.noise_std, c.noise_scale_by_length, g)
         self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            stats = target_stats(pairs["target"], pairs["loss_mask"], self.lm_head_weight, c.topk)
         levels, parts = [], []
         for j in range(c.align_steps):
             sync = not self.distributed or j == c.align_steps - 1
@@ -289,7 +292,7 @@ class Trainer:
                 with self._autocast():
                     pred = self.model(pairs["input_ids"], features, levels, c.attention)
                     loss, part = step_loss(pred, pairs["target"], pairs["loss_mask"], self.lm_head_weight,
-                                           c.topk, c.v_w, c.p_w, c.topk_w)
+                                           c.topk, c.v_w, c.p_w, c.topk_w, stats)
                 (loss * c.step_weights[j]).backward()
             part["loss"] = float(loss.detach())
             parts.append(part)
