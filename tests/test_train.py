@@ -250,3 +250,31 @@ def test_unfinished_data_is_refused(target, tmp_path):
                  progress=False)
     with pytest.raises(ValueError, match="is not finished .*run prepare-data again"):
         Trainer(cfg(data, tmp_path / "o"), target=target)
+
+
+def test_bf16_autocast_is_deterministic_and_finite(target, data_dir, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        t = Trainer(cfg(data_dir, tmp_path / name, max_steps=3, autocast="bf16", eval_max_examples=2), target=target)
+        final = t.train()
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in t.history if r["kind"] == "train")
+        assert all(v == v for v in final["loss_per_step"])
+        runs.append(t.draft.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert all(p.dtype == torch.float32 for p in runs[0].values())  # master weights stay fp32
+    with pytest.raises(ValueError, match="autocast must be"):
+        cfg(data_dir, tmp_path, autocast="fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_with_bf16_autocast(tmp_path):
+    gpu_target = tiny_target("chatml", seed=3, hidden=256, head_scale=20.0)  # head_dim 64 for the CUDA kernel
+    data = str(tmp_path / "data")
+    prepare_data(gpu_target, make_records(40, seed=14), data, max_len=96, shard_size=20, progress=False)
+    t = Trainer(cfg(data, tmp_path / "o", max_steps=10, lr=5e-3, noise_std=0.0, eval_max_examples=4),
+                target=gpu_target)
+    assert t.device.type == "cuda" and t.lm_head_weight.is_cuda
+    first = t.train_step()
+    for _ in range(8):
+        last = t.train_step()
+    assert last["loss"] < first["loss"] and all(v == v for v in t.evaluate()["loss_per_step"])

@@ -84,6 +84,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="noise amplitude std instead of the reference's std * 512 / length")
     p.add_argument("--mask-alignment", choices=["predicted", "reference"], default=d.mask_alignment)
     p.add_argument("--attention", choices=["proper", "reference"], default=d.attention)
+    p.add_argument("--autocast", choices=["auto", "bf16", "off"], default=d.autocast,
+                   help="auto: bf16 on CUDA, fp32 on CPU (default); bf16: also on CPU")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
@@ -109,7 +111,7 @@ def run_train(args) -> int:
         weight_decay=args.weight_decay, clip_value=args.clip_value, warmup_ratio=args.warmup_ratio,
         warmup_steps=args.warmup_steps, batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
         max_len=args.max_len, noise_std=args.noise_std, noise_scale_by_length=not args.noise_constant,
-        mask_alignment=args.mask_alignment, attention=args.attention, seed=args.seed,
+        mask_alignment=args.mask_alignment, attention=args.attention, autocast=args.autocast, seed=args.seed,
         eval_fraction=args.eval_fraction, eval_every=args.eval_every, eval_k=args.eval_k,
         eval_max_examples=args.eval_max_examples, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, init_from=args.init_from,

@@ -19,8 +19,8 @@ scheduler and RNG states; each is built in a temporary folder and renamed into p
 replaced, so an interruption never leaves a half-written checkpoint behind.
 
 Multi-process data parallelism: run under ``torchrun``; each process takes its slice of every global batch and
-PyTorch DDP averages the gradients (nccl on GPUs, gloo on CPUs). bf16 autocast is used on CUDA only; master
-weights and optimizer state stay fp32.
+PyTorch DDP averages the gradients (nccl on GPUs, gloo on CPUs). bf16 autocast is used on CUDA by default (and on
+CPUs with ``autocast="bf16"``); master weights and optimizer state stay fp32.
 """
 import contextlib
 import hashlib
@@ -74,6 +74,8 @@ class TrainConfig:
     noise_scale_by_length: bool = True         # reference: amplitude std * 512 / n (P-5); False: std
     mask_alignment: str = "predicted"          # see loss.py
     attention: str = "proper"                  # "reference" = the reference's leaky softmax (P-1)
+    autocast: str = "auto"                     # "auto": bf16 on CUDA, fp32 on CPU; "bf16": bf16 on any device
+                                               # (fast on CPUs with AMX/avx512_bf16); "off": fp32
     seed: int = 0
     eval_fraction: float = 0.05
     eval_every: int = 0                        # steps; 0 = only at the end
@@ -108,6 +110,8 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if self.mask_alignment not in MASK_ALIGNMENTS:
             raise ValueError(f"mask_alignment must be one of {MASK_ALIGNMENTS}, got {self.mask_alignment!r}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         for name in ("batch_size", "epochs", "topk", "eval_k", "keep_checkpoints", "log_every"):
@@ -272,8 +276,10 @@ class Trainer:
     # ---- one optimizer step ----------------------------------------------------------------------------------
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
-            else contextlib.nullcontext()
+        mode = self.config.autocast
+        if mode == "bf16" or (mode == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def train_step(self) -> dict:
         c = self.config
