@@ -219,6 +219,10 @@ def test_resume_is_bit_for_bit(target, data_dir, tmp_path, monkeypatch):
     resumed = Trainer(cfg(data_dir, tmp_path / "b", **kw), target=target)
     resumed.train(resume=True)
     assert resumed.step == 6
+    log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]  # step 4 once, not twice
+    log_a = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert [r["loss"] for r in log if r["kind"] == "train"] == [r["loss"] for r in log_a if r["kind"] == "train"]
     for (k, a), b in zip(straight.draft.state_dict().items(), resumed.draft.state_dict().values()):
         assert torch.equal(a, b), k
     sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]

@@ -37,11 +37,11 @@ def _fingerprint(records) -> str:
 
 
 @torch.inference_mode()
-def target_features(target, sequences, batch_tokens: int = 16384):
+def target_features(target, sequences, batch_tokens: int = 16384, on_batch=None):
     """Final-norm hidden states ``[L_i, H]`` of the target for each token list, batched by a token budget.
 
     Sequences are sorted by length and right-padded; the attention mask hides the padding (with right padding
-    and causal attention the real positions never see it anyway).
+    and causal attention the real positions never see it anyway). ``on_batch(n)`` is called after each forward.
     """
     model = target.model.model
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
@@ -61,6 +61,8 @@ def target_features(target, sequences, batch_tokens: int = 16384):
         for b, j in enumerate(idx):
             out[j] = hidden[b, :len(sequences[j])].clone()
         i += n
+        if on_batch is not None:
+            on_batch(n)
     return out
 
 
@@ -135,7 +137,7 @@ def prepare_data(target, conversations, out_dir: str, max_len: int = 2048, *, nu
             chunk = records[k * shard_size:(k + 1) * shard_size]
             skipped = {}
             examples = list(iter_examples(tok, chunk, max_len, system_prompt, skipped))
-            hidden = target_features(target, [e[1] for e in examples], batch_tokens)
+            hidden = target_features(target, [e[1] for e in examples], batch_tokens, on_batch=bar.update)
             tensors = pack_examples([(e[0], e[1], h, e[2]) for e, h in zip(examples, hidden)],
                                     settings["hidden_size"], _DTYPES[hidden_dtype])
             name = shard_name(k)
@@ -151,7 +153,7 @@ def prepare_data(target, conversations, out_dir: str, max_len: int = 2048, *, nu
             manifest["complete"] = len(manifest["shards"]) == num_shards
             atomic_write_json(manifest_path, manifest)
             written += 1
-            bar.update(len(chunk))
+            bar.update(len(chunk) - len(examples))  # the skipped ones
             bar.set_postfix(examples=manifest["num_examples"], tokens=manifest["num_tokens"])
     finally:
         bar.close()

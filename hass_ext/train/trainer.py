@@ -39,7 +39,7 @@ import torch.nn as nn
 from .align import ATTENTION_MODES, align_forward, next_level
 from .evaluate import evaluate_batch, merge_counts, summarize
 from .loss import MASK_ALIGNMENTS, step_loss, target_stats, training_pairs, uniform_noise
-from .shards import ShardDataset, atomic_write_json, collate
+from .shards import ShardDataset, atomic_write_bytes, atomic_write_json, collate
 
 MODES = ("hass", "eagle")
 CHECKPOINTS = "checkpoints"
@@ -430,6 +430,10 @@ class Trainer:
         _set_rng_state(state["rng"][self.rank])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
+        if self.rank == 0:  # the log restarts from the checkpoint: records of lost steps are dropped
+            os.makedirs(self.config.out_dir, exist_ok=True)
+            atomic_write_bytes(os.path.join(self.config.out_dir, "log.jsonl"),
+                               "".join(json.dumps(r) + "\n" for r in self.history).encode())
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
