@@ -262,3 +262,28 @@ def test_split_and_collate(tmp_path, target):
         assert not batch["hidden_states"][b, n:].any()
     with pytest.raises(ValueError, match="split must be"):
         ShardDataset(out, split="test")
+
+
+def test_cli_prepare_data_and_train(tmp_path, capsys):
+    from hass_ext.train.cli import main
+
+    t = tiny_target("chatml", seed=7)
+    tdir = str(tmp_path / "target")
+    t.model.save_pretrained(tdir)
+    t.tokenizer.save_pretrained(tdir)
+    src = tmp_path / "convs.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in make_records(24, seed=8)), encoding="utf-8")
+    out = str(tmp_path / "data")
+    args = ["prepare-data", "--target", tdir, "--conversations", str(src), "--out", out, "--max-len", "96",
+            "--shard-size", "10", "--device", "cpu", "--no-progress"]
+    assert main(args + ["--stop-after-shards", "1"]) == 0
+    assert not read_manifest(out)["complete"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["complete"] and summary["shards"] == 3 and summary["examples"] == read_manifest(out)["num_examples"]
+    assert main(["train", "--data", out, "--out", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "2",
+                 "--eval-fraction", "0.1", "--eval-k", "2", "--step-weights", "1", "0.5", "0.25",
+                 "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 2 and len(summary["acc"]) == 2 and len(summary["loss_per_step"]) == 3
+    assert os.path.exists(tmp_path / "run" / "draft" / "model.safetensors")
