@@ -220,6 +220,13 @@ def test_prepare_data_resumes_without_duplicates(tmp_path, target, monkeypatch):
         prepare_data(target, recs, dir_, **{**kw, "max_len": 97})
     with pytest.raises(ValueError, match="different settings.*source"):
         prepare_data(target, recs[:29], dir_, **kw)
+    import copy
+
+    from hass_ext.target import Target
+
+    half = Target(copy.deepcopy(target.model).to(torch.bfloat16), target.tokenizer, target.name)
+    with pytest.raises(ValueError, match="different settings.*target_dtype"):
+        prepare_data(half, recs, dir_, **kw)
 
 
 def test_corrupt_shard_is_named(tmp_path, target):

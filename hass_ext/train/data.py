@@ -103,6 +103,7 @@ def prepare_data(target, conversations, out_dir: str, max_len: int = 2048, *, nu
         "hidden_size": int(target.config.hidden_size),
         "vocab_size": int(target.config.vocab_size),
         "hidden_dtype": hidden_dtype,
+        "target_dtype": str(target.dtype).replace("torch.", ""),
         "max_len": int(max_len),
         "shard_size": int(shard_size),
         "system_prompt": system_prompt,

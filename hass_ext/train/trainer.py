@@ -206,8 +206,9 @@ class Trainer:
         self.warmup_steps = c.warmup_steps if c.warmup_steps is not None else int(self.total_steps * c.warmup_ratio)
 
         target = self._resolve_target(target, manifest)
-        self.draft = self._make_draft(target)
+        # the target's head, frozen, fp32 (autocast runs its GEMMs in bf16 where enabled); shared with the draft
         self.lm_head_weight = target.model.get_output_embeddings().weight.detach().to(self.device, torch.float32)
+        self.draft = self._make_draft(target)
         self.target_name = target.name
         del target
 
@@ -255,7 +256,7 @@ class Trainer:
         else:
             draft = init_draft(target, seed=c.seed, bias=c.bias)
         draft = draft.to(device=self.device, dtype=torch.float32)
-        draft.set_lm_head(target.model.get_output_embeddings().weight.detach().to(self.device, torch.float32))
+        draft.set_lm_head(self.lm_head_weight)
         return draft.train()
 
     # ---- data ----------------------------------------------------------------------------------------------
