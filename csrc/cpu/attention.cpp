@@ -1,13 +1,17 @@
 // CPU kernels of hass::tree_attention and hass::align_attention (+ backward); semantics in
-// csrc/include/hass/attention.h. Work items are (batch, kv head, block of query rows); the query rows of all
-// heads sharing a kv head are processed together so every key tile, converted to fp32 once, serves them all.
-// Accumulation is fp32 throughout; bf16/fp16 inputs are converted on load.
+// csrc/include/hass/attention.h.
+//
+// Flash-style on the CPU: a work item (batch, kv head, block of query rows) walks the visible keys in tiles,
+// converting each tile to fp32 once for all query rows of the heads sharing that kv head. The tile products
+// (scores, P*V and the backward's gradient products) run as small fp32 GEMMs through ATen's BLAS; the masking
+// and online softmax between them are plain vectorisable loops. Nothing of size rows x all-keys is formed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <tuple>
@@ -17,8 +21,8 @@
 
 namespace {
 
-constexpr int64_t kRowBlock = 32;  // query rows per work item
-constexpr int64_t kKeyTile = 64;   // keys per tile
+constexpr int64_t kRowBlock = 64;  // query rows per work item
+constexpr int64_t kKeyTile = 128;  // keys per tile
 
 // A [B, H, S, D] view with a contiguous last dim.
 template <typename T>
@@ -33,6 +37,14 @@ View4<T> view4(const at::Tensor& t) {
   return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// The F levels of a [F, B, H, S, D] tensor as 4-D views.
+template <typename T>
+std::vector<View4<T>> level_views(const at::Tensor& x) {
+  std::vector<View4<T>> out;
+  for (int64_t i = 0; i < x.size(0); ++i) out.push_back(view4<T>(x.select(0, i)));
+  return out;
+}
+
 inline float dot(const float* a, const float* b, int64_t d) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -45,51 +57,95 @@ inline void axpy(float a, const float* x, float* y, int64_t d) {
   for (int64_t i = 0; i < d; ++i) y[i] += a * x[i];
 }
 
-inline void scale_row(float a, float* y, int64_t d) {
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) y[i] *= a;
-}
-
 template <typename T>
-inline void load_row(const T* src, int64_t d, float scale, float* dst) {
+inline void load_row(const T* __restrict src, int64_t d, float scale, float* __restrict dst) {
   for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]) * scale;
 }
 
 template <typename T>
-inline void store_row(const float* src, int64_t d, float scale, T* dst) {
+inline void store_row(const float* __restrict src, int64_t d, float scale, T* __restrict dst) {
   for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<T>(src[i] * scale);
 }
 
-// Online-softmax state of a block of query rows: running max m, denominator l, unnormalised output acc.
-struct RowState {
-  int64_t R, d;
-  std::vector<float> q, m, l, acc;
-  RowState(int64_t R_, int64_t d_) : R(R_), d(d_), q(R_ * d_), m(R_), l(R_), acc(R_ * d_) {}
-  void reset(int64_t r, float m0, float l0) {
-    m[r] = m0;
-    l[r] = l0;
-    std::fill(acc.begin() + r * d, acc.begin() + (r + 1) * d, 0.f);
+// exp(x) for the x <= ~0 (x < 88) of a softmax: Cody-Waite reduction and the Cephes expf polynomial (relative error
+// < 1e-7), branch-free so that the loops calling it vectorise (GCC needs -fno-trapping-math, set in setup.py,
+// to turn its selects into vector blends). Results below exp(-87) flush to 0 (-inf -> 0).
+inline float exp_fast(float x) {
+  const float keep = x > -87.f ? 1.f : 0.f;
+  x = x > -87.f ? x : -87.f;  // callers pass x < 88 (scores minus a running max or a log-sum-exp)
+  const float t = x * 1.44269504088896341f;
+  const int n = static_cast<int>(t + std::copysign(0.5f, t));
+  const float fn = static_cast<float>(n);
+  const float r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  return p * std::bit_cast<float>((n + 127) << 23) * keep;
+}
+
+// The per-row loops between the GEMMs, compiled once per x86 vector width (AVX-512, AVX2, baseline) and
+// picked at load time, so they keep pace with the BLAS calls around them.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define HASS_MULTIVERSION __attribute__((noinline, target_clones("avx512f", "avx2", "default")))
+#else
+#define HASS_MULTIVERSION __attribute__((noinline))
+#endif
+
+HASS_MULTIVERSION float row_max(const float* s, int64_t n) {
+  float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  return mx;
+}
+
+// s <- exp(s - m) in place; returns the sum.
+HASS_MULTIVERSION float exp_shift_sum(float* s, int64_t n, float m) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = exp_fast(s[j] - m);
+    sum += s[j];
   }
-  // Folds keys [0, nk) of a tile (scores already in s, -inf where masked) into row r.
-  void fold(int64_t r, const float* s, const float* vt, int64_t nk) {
-    float bmax = -INFINITY;
-    for (int64_t j = 0; j < nk; ++j) bmax = std::max(bmax, s[j]);
-    if (bmax == -INFINITY) return;
-    const float mn = hass::online_max(m[r], bmax);
-    const float alpha = hass::rescale_factor(m[r], mn);
-    float* a = acc.data() + r * d;
-    if (alpha != 1.f) scale_row(alpha, a, d);
-    float sum = 0.f;
-    for (int64_t j = 0; j < nk; ++j) {
-      const float p = hass::softmax_weight(s[j], mn);
-      if (p != 0.f) axpy(p, vt + j * d, a, d);
-      sum += p;
-    }
-    l[r] = l[r] * alpha + sum;
-    m[r] = mn;
+  return sum;
+}
+
+// Backward of one row: p = exp(s - lse), then s <- p (dp - D) (= ds) and dp <- p.
+HASS_MULTIVERSION void grad_row(float* s, float* dp, int64_t n, float lse, float D) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = exp_fast(s[j] - lse);
+    s[j] = p * (dp[j] - D);
+    dp[j] = p;
   }
-  float lse(int64_t r) const { return hass::row_lse(m[r], l[r]); }
-};
+}
+
+HASS_MULTIVERSION void scale_row(float* x, int64_t n, float a) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= a;
+}
+
+// Small fp32 GEMMs on row-major buffers through ATen (BLAS); `acc` adds into C instead of overwriting it.
+inline at::Tensor fview(const float* p, int64_t rows, int64_t cols) {
+  return at::from_blob(const_cast<float*>(p), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+}
+// C[M, N] (+)= A[M, K] B[N, K]^T
+void mm_abt(float* C, const float* A, const float* B, int64_t M, int64_t N, int64_t K, bool acc) {
+  auto c = fview(C, M, N);
+  if (acc) c.addmm_(fview(A, M, K), fview(B, N, K).t());
+  else at::mm_out(c, fview(A, M, K), fview(B, N, K).t());
+}
+// C[M, N] += A[M, K] B[K, N]
+void mm_ab_acc(float* C, const float* A, const float* B, int64_t M, int64_t N, int64_t K) {
+  fview(C, M, N).addmm_(fview(A, M, K), fview(B, K, N));
+}
+// C[M, N] += A[K, M]^T B[K, N]
+void mm_atb_acc(float* C, const float* A, const float* B, int64_t M, int64_t N, int64_t K) {
+  fview(C, M, N).addmm_(fview(A, K, M).t(), fview(B, K, N));
+}
 
 // Converts keys [c0, c0+nk) of one (b, h) into fp32 rows.
 template <typename T>
@@ -97,7 +153,45 @@ void load_tile(const View4<const T>& x, int64_t b, int64_t h, int64_t c0, int64_
   for (int64_t j = 0; j < nk; ++j) load_row(x.row(b, h, c0 + j), d, 1.f, dst + j * d);
 }
 
+// Online-softmax state of a block of query rows: running max m, denominator l, unnormalised output acc [R, d].
+struct RowState {
+  int64_t d;
+  std::vector<float> q, m, l, acc;
+  RowState(int64_t R, int64_t d_) : d(d_), q(R * d_), m(R), l(R), acc(R * d_) {}
+  void reset(int64_t r, float m0, float l0) {
+    m[r] = m0;
+    l[r] = l0;
+    std::fill(acc.begin() + r * d, acc.begin() + (r + 1) * d, 0.f);
+  }
+  // Turns row r of a score tile (-inf where masked) into probabilities under the updated running max,
+  // rescaling the row's accumulator; the caller then adds P * V.
+  void softmax_row(int64_t r, float* s, int64_t nk) {
+    const float bmax = row_max(s, nk);
+    if (bmax == -INFINITY) {
+      std::fill(s, s + nk, 0.f);
+      return;
+    }
+    const float mn = hass::online_max(m[r], bmax);
+    const float alpha = hass::rescale_factor(m[r], mn);
+    if (alpha != 1.f) scale_row(acc.data() + r * d, d, alpha);
+    l[r] = l[r] * alpha + exp_shift_sum(s, nk, mn);
+    m[r] = mn;
+  }
+  // Folds one key (score s, value row v) into row r: the diagonal keys of the alignment attention.
+  void fold_one(int64_t r, float s, const float* v) {
+    const float mn = hass::online_max(m[r], s);
+    const float alpha = hass::rescale_factor(m[r], mn), p = hass::softmax_weight(s, mn);
+    float* a = acc.data() + r * d;
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) a[i] = a[i] * alpha + p * v[i];
+    l[r] = l[r] * alpha + p;
+    m[r] = mn;
+  }
+  float lse(int64_t r) const { return hass::row_lse(m[r], l[r]); }
+};
+
 // ---- tree_attention ---------------------------------------------------------------------------------
+// Rows of a work item: r -> (head hk * g + r / n, node r % n).
 
 template <typename T>
 void tree_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
@@ -112,7 +206,7 @@ void tree_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
   at::parallel_for(0, B * Hkv * blocks, 1, [&](int64_t w0, int64_t w1) {
     RowState st(kRowBlock, d);
     std::vector<uint64_t> words(kRowBlock * W);
-    std::vector<float> kt(kKeyTile * d), vt(kKeyTile * d), s(kKeyTile);
+    std::vector<float> kt(kKeyTile * d), vt(kKeyTile * d), s(kRowBlock * kKeyTile);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t blk = w % blocks, hk = (w / blocks) % Hkv, b = w / (blocks * Hkv);
       const int64_t r0 = blk * kRowBlock, R = std::min(kRowBlock, rows - r0);
@@ -130,14 +224,17 @@ void tree_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
           const int64_t nk = std::min(kKeyTile, hi - c0);
           load_tile(kv, b, hk, c0, nk, d, kt.data());
           load_tile(vv, b, hk, c0, nk, d, vt.data());
+          mm_abt(s.data(), st.q.data(), kt.data(), R, nk, d, false);
           for (int64_t r = 0; r < R; ++r) {
-            const uint64_t* wr = words.data() + r * W;
-            for (int64_t j = 0; j < nk; ++j)
-              s[j] = (part == 0 || hass::tree_key_visible(c0 + j, prefix, L, static_cast<int>(n), wr))
-                         ? dot(st.q.data() + r * d, kt.data() + j * d, d)
-                         : -INFINITY;
-            st.fold(r, s.data(), vt.data(), nk);
+            float* sr = s.data() + r * nk;
+            if (part == 1) {
+              const uint64_t* wr = words.data() + r * W;
+              for (int64_t j = 0; j < nk; ++j)
+                if (!hass::mask_bit(wr, static_cast<int>(c0 + j - lo))) sr[j] = -INFINITY;
+            }
+            st.softmax_row(r, sr, nk);
           }
+          mm_ab_acc(st.acc.data(), s.data(), vt.data(), R, d, nk);
         }
       }
       for (int64_t r = 0; r < R; ++r) {
@@ -177,7 +274,6 @@ at::Tensor tree_attention_cpu(const at::Tensor& q_, const at::Tensor& k_, const 
 }
 
 // ---- align_attention ---------------------------------------------------------------------------------
-//
 // Rows of a work item are ordered position-major (r -> t = r / g, head hk * g + r % g) so that the rows of one
 // position share their level-0 keys; the diagonal keys are single row-wise dot products.
 
@@ -195,14 +291,12 @@ AlignGeom align_geom(const at::Tensor& q, const at::Tensor& kl, double scale) {
   return a;
 }
 
-template <typename T>
-std::vector<View4<const T>> level_views(const at::Tensor& x) {
-  std::vector<View4<const T>> out;
-  for (int64_t i = 0; i < x.size(0); ++i) {
-    const auto xi = x.select(0, i);
-    out.push_back({static_cast<const T*>(xi.data_ptr()), xi.stride(0), xi.stride(1), xi.stride(2)});
+// Masks a level-0 score tile (rows r0.., keys c0..) to c <= t - (F-1).
+inline void mask_level0(float* s, int64_t R, int64_t nk, int64_t c0, const AlignGeom& a, int64_t r0) {
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t lim = hass::align_level0_last((r0 + r) / a.g, a.F);
+    for (int64_t j = std::max<int64_t>(0, lim - c0 + 1); j < nk; ++j) s[r * nk + j] = -INFINITY;
   }
-  return out;
 }
 
 template <typename T>
@@ -210,12 +304,12 @@ void align_forward_impl(const at::Tensor& q, const at::Tensor& kl, const at::Ten
                         const AlignGeom& a, at::Tensor& out, at::Tensor& lse) {
   const int64_t rows = a.T * a.g, blocks = (rows + kRowBlock - 1) / kRowBlock, d = a.d;
   const auto qv = view4<const T>(q);
-  const auto ks = level_views<T>(kl), vs = level_views<T>(vl);
+  const auto ks = level_views<const T>(kl), vs = level_views<const T>(vl);
   const auto ov = view4<T>(out);
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, a.B * a.Hkv * blocks, 1, [&](int64_t w0, int64_t w1) {
     RowState st(kRowBlock, d);
-    std::vector<float> kt(kKeyTile * d), vt(kKeyTile * d), s(kKeyTile);
+    std::vector<float> kt(kKeyTile * d), vt(kKeyTile * d), s(kRowBlock * kKeyTile);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t blk = w % blocks, hk = (w / blocks) % a.Hkv, b = w / (blocks * a.Hkv);
       const int64_t r0 = blk * kRowBlock, R = std::min(kRowBlock, rows - r0);
@@ -232,26 +326,21 @@ void align_forward_impl(const at::Tensor& q, const at::Tensor& kl, const at::Ten
         const int64_t nk = std::min(kKeyTile, last + 1 - c0);
         load_tile(ks[0], b, hk, c0, nk, d, kt.data());
         load_tile(vs[0], b, hk, c0, nk, d, vt.data());
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t lim = hass::align_level0_last((r0 + r) / a.g, a.F);
-          if (lim < c0) continue;
-          for (int64_t j = 0; j < nk; ++j)
-            s[j] = c0 + j <= lim ? dot(st.q.data() + r * d, kt.data() + j * d, d) : -INFINITY;
-          st.fold(r, s.data(), vt.data(), nk);
-        }
+        mm_abt(s.data(), st.q.data(), kt.data(), R, nk, d, false);
+        mask_level0(s.data(), R, nk, c0, a, r0);
+        for (int64_t r = 0; r < R; ++r) st.softmax_row(r, s.data() + r * nk, nk);
+        mm_ab_acc(st.acc.data(), s.data(), vt.data(), R, d, nk);
       }
       // Levels 1..F-1: one key each, c = t - (F-1) + i.
       for (int64_t r = 0; r < R; ++r) {
-        const int64_t t = (r0 + r) / a.g;
+        const int64_t t = (r0 + r) / a.g, h = hk * a.g + (r0 + r) % a.g;
         for (int i = 1; i < a.F; ++i) {
           const int64_t c = hass::align_diag_col(t, a.F, i);
           if (c < 0) continue;
           load_row(ks[i].row(b, hk, c), d, 1.f, kt.data());
           load_row(vs[i].row(b, hk, c), d, 1.f, vt.data());
-          s[0] = dot(st.q.data() + r * d, kt.data(), d);
-          st.fold(r, s.data(), vt.data(), 1);
+          st.fold_one(r, dot(st.q.data() + r * d, kt.data(), d), vt.data());
         }
-        const int64_t h = hk * a.g + (r0 + r) % a.g;
         store_row(st.acc.data() + r * d, d, st.l[r] > 0.f ? 1.f / st.l[r] : 0.f, ov.row(b, h, t));
         lp[(b * a.Hq + h) * a.T + t] = st.lse(r);
       }
@@ -260,7 +349,7 @@ void align_forward_impl(const at::Tensor& q, const at::Tensor& kl, const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor> align_attention_cpu(const at::Tensor& q_, const at::Tensor& k_levels,
-                                            const at::Tensor& v_levels, double scale, bool leaky) {
+                                                       const at::Tensor& v_levels, double scale, bool leaky) {
   const auto q = q_.stride(-1) == 1 ? q_ : q_.contiguous();
   const auto kl = k_levels.stride(-1) == 1 ? k_levels : k_levels.contiguous();
   const auto vl = v_levels.stride(-1) == 1 ? v_levels : v_levels.contiguous();
@@ -277,8 +366,8 @@ std::tuple<at::Tensor, at::Tensor> align_attention_cpu(const at::Tensor& q_, con
 }
 
 // Backward (flash-style, from the saved log-sum-exp): with p = exp(s - lse), dp = dO.v and D = dO.O,
-// ds = p (dp - D); dq = scale * sum ds k, dk = scale * sum ds q, dv = sum p dO. Three passes write
-// disjoint outputs, so no accumulation races: dq by query rows, level-0 dk/dv by key blocks, and the
+// ds = p (dp - D); dq = scale * sum ds k, dk = scale * sum ds q, dv = sum p dO. Three passes write disjoint
+// outputs, so there are no accumulation races: dq by query rows, level-0 dk/dv by key blocks, and the
 // diagonal levels' dk/dv by key.
 template <typename T>
 void align_backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& kl, const at::Tensor& vl,
@@ -286,13 +375,13 @@ void align_backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::
                          at::Tensor& dkl, at::Tensor& dvl) {
   const int64_t d = a.d, T_ = a.T, g = a.g;
   const auto qv = view4<const T>(q), gv = view4<const T>(dout), ov = view4<const T>(out);
-  const auto ks = level_views<T>(kl), vs = level_views<T>(vl);
+  const auto ks = level_views<const T>(kl), vs = level_views<const T>(vl);
+  const auto dks = level_views<T>(dkl), dvs = level_views<T>(dvl);
   const auto dqv = view4<T>(dq);
   const float* lp = lse.data_ptr<float>();
-  // D = rowsum(dO * O) in fp32.
-  auto Dt = at::empty({a.B, a.Hq, T_}, lse.options());
-  float* Dp = Dt.data_ptr<float>();
-  at::parallel_for(0, a.B * a.Hq, 1, [&](int64_t w0, int64_t w1) {
+  auto delta = at::empty({a.B, a.Hq, T_}, lse.options());
+  float* Dp = delta.data_ptr<float>();
+  at::parallel_for(0, a.B * a.Hq, 1, [&](int64_t w0, int64_t w1) {  // D = rowsum(dO * O)
     std::vector<float> x(d), y(d);
     for (int64_t w = w0; w < w1; ++w)
       for (int64_t t = 0; t < T_; ++t) {
@@ -302,18 +391,28 @@ void align_backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::
       }
   });
   auto row_index = [&](int64_t b, int64_t h, int64_t t) { return (b * a.Hq + h) * T_ + t; };
-  // ds for one (row, key) pair given the row's scaled query qs, its dO, and the key's k, v.
+  // s (scores, -inf where masked) and dp tiles -> ds in place of s, p in place of dp (when wanted).
+  auto grad_tile = [&](float* s, float* dp, int64_t R, int64_t nk, const float* row_lse, const float* row_D) {
+    for (int64_t r = 0; r < R; ++r) {
+      if (row_lse[r] == -INFINITY) {  // cannot happen for a real row (its own key is always visible)
+        std::fill(s + r * nk, s + (r + 1) * nk, 0.f);
+        std::fill(dp + r * nk, dp + (r + 1) * nk, 0.f);
+      } else {
+        grad_row(s + r * nk, dp + r * nk, nk, row_lse[r], row_D[r]);
+      }
+    }
+  };
+  // One (row, single key) pair of a diagonal level: returns ds, sets p.
   auto grad_pair = [&](const float* qs, const float* go, int64_t ri, const float* kk, const float* vv, float* p) {
-    const float s = dot(qs, kk, d);
-    *p = lp[ri] == -INFINITY ? 0.f : std::exp(s - lp[ri]);
+    *p = hass::softmax_weight(dot(qs, kk, d), lp[ri]);
     return *p * (dot(go, vv, d) - Dp[ri]);
   };
 
   // Pass 1: dq, by blocks of query rows (position-major as in the forward).
   const int64_t rows = T_ * g, blocks = (rows + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, a.B * a.Hkv * blocks, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> qs(kRowBlock * d), go(kRowBlock * d), acc(kRowBlock * d);
-    std::vector<float> kt(kKeyTile * d), vt(kKeyTile * d);
+    std::vector<float> qs(kRowBlock * d), go(kRowBlock * d), acc(kRowBlock * d), rl(kRowBlock), rd(kRowBlock);
+    std::vector<float> kt(kKeyTile * d), vt(kKeyTile * d), s(kRowBlock * kKeyTile), dp(kRowBlock * kKeyTile);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t blk = w % blocks, hk = (w / blocks) % a.Hkv, b = w / (blocks * a.Hkv);
       const int64_t r0 = blk * kRowBlock, R = std::min(kRowBlock, rows - r0);
@@ -322,22 +421,19 @@ void align_backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::
         load_row(qv.row(b, h, t), d, a.scale, qs.data() + r * d);
         load_row(gv.row(b, h, t), d, 1.f, go.data() + r * d);
         std::fill(acc.begin() + r * d, acc.begin() + (r + 1) * d, 0.f);
+        rl[r] = lp[row_index(b, h, t)];
+        rd[r] = Dp[row_index(b, h, t)];
       }
       const int64_t last = hass::align_level0_last((r0 + R - 1) / g, a.F);
       for (int64_t c0 = 0; c0 <= last; c0 += kKeyTile) {
         const int64_t nk = std::min(kKeyTile, last + 1 - c0);
         load_tile(ks[0], b, hk, c0, nk, d, kt.data());
         load_tile(vs[0], b, hk, c0, nk, d, vt.data());
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t t = (r0 + r) / g, h = hk * g + (r0 + r) % g, ri = row_index(b, h, t);
-          const int64_t lim = std::min(hass::align_level0_last(t, a.F), c0 + nk - 1);
-          for (int64_t c = c0; c <= lim; ++c) {
-            float p;
-            const float ds = grad_pair(qs.data() + r * d, go.data() + r * d, ri, kt.data() + (c - c0) * d,
-                                       vt.data() + (c - c0) * d, &p);
-            axpy(ds, kt.data() + (c - c0) * d, acc.data() + r * d, d);
-          }
-        }
+        mm_abt(s.data(), qs.data(), kt.data(), R, nk, d, false);
+        mm_abt(dp.data(), go.data(), vt.data(), R, nk, d, false);
+        mask_level0(s.data(), R, nk, c0, a, r0);
+        grad_tile(s.data(), dp.data(), R, nk, rl.data(), rd.data());
+        mm_ab_acc(acc.data(), s.data(), kt.data(), R, d, nk);
       }
       for (int64_t r = 0; r < R; ++r) {
         const int64_t t = (r0 + r) / g, h = hk * g + (r0 + r) % g, ri = row_index(b, h, t);
@@ -347,8 +443,8 @@ void align_backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::
           load_row(ks[i].row(b, hk, c), d, 1.f, kt.data());
           load_row(vs[i].row(b, hk, c), d, 1.f, vt.data());
           float p;
-          const float ds = grad_pair(qs.data() + r * d, go.data() + r * d, ri, kt.data(), vt.data(), &p);
-          axpy(ds, kt.data(), acc.data() + r * d, d);
+          axpy(grad_pair(qs.data() + r * d, go.data() + r * d, ri, kt.data(), vt.data(), &p), kt.data(),
+               acc.data() + r * d, d);
         }
         store_row(acc.data() + r * d, d, a.scale, dqv.row(b, h, t));
       }
@@ -357,11 +453,11 @@ void align_backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::
 
   // Pass 2: level-0 dk/dv, by blocks of keys; key c is seen by the rows t >= c + F - 1 of every group head.
   const int64_t kblocks = (T_ + kKeyTile - 1) / kKeyTile;
-  auto dk0 = dkl.select(0, 0), dv0 = dvl.select(0, 0);
-  const auto dkv = view4<T>(dk0), dvv = view4<T>(dv0);
   at::parallel_for(0, a.B * a.Hkv * kblocks, 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> kt(kKeyTile * d), vt(kKeyTile * d), dk(kKeyTile * d), dv(kKeyTile * d);
-    std::vector<float> qs(d), go(d);
+    std::vector<float> qs(kRowBlock * d), go(kRowBlock * d), rl(kRowBlock), rd(kRowBlock);
+    std::vector<float> s(kRowBlock * kKeyTile), dp(kRowBlock * kKeyTile);
+    const AlignGeom one = [&] { AlignGeom x = a; x.g = 1; return x; }();  // rows of one head: r -> t
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t kb = w % kblocks, hk = (w / kblocks) % a.Hkv, b = w / (kblocks * a.Hkv);
       const int64_t c0 = kb * kKeyTile, nk = std::min(kKeyTile, T_ - c0);
@@ -369,24 +465,27 @@ void align_backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::
       load_tile(vs[0], b, hk, c0, nk, d, vt.data());
       std::fill(dk.begin(), dk.end(), 0.f);
       std::fill(dv.begin(), dv.end(), 0.f);
-      for (int64_t t = c0 + a.F - 1; t < T_; ++t) {
-        const int64_t cmax = std::min(hass::align_level0_last(t, a.F), c0 + nk - 1);
-        for (int64_t hh = 0; hh < g; ++hh) {
-          const int64_t h = hk * g + hh, ri = row_index(b, h, t);
-          load_row(qv.row(b, h, t), d, a.scale, qs.data());
-          load_row(gv.row(b, h, t), d, 1.f, go.data());
-          for (int64_t c = c0; c <= cmax; ++c) {
-            float p;
-            const float ds = grad_pair(qs.data(), go.data(), ri, kt.data() + (c - c0) * d,
-                                       vt.data() + (c - c0) * d, &p);
-            axpy(p, go.data(), dv.data() + (c - c0) * d, d);
-            axpy(ds, qs.data(), dk.data() + (c - c0) * d, d);
+      for (int64_t hh = 0; hh < g; ++hh) {
+        const int64_t h = hk * g + hh;
+        for (int64_t t0 = c0 + a.F - 1; t0 < T_; t0 += kRowBlock) {
+          const int64_t R = std::min(kRowBlock, T_ - t0);
+          for (int64_t r = 0; r < R; ++r) {
+            load_row(qv.row(b, h, t0 + r), d, a.scale, qs.data() + r * d);
+            load_row(gv.row(b, h, t0 + r), d, 1.f, go.data() + r * d);
+            rl[r] = lp[row_index(b, h, t0 + r)];
+            rd[r] = Dp[row_index(b, h, t0 + r)];
           }
+          mm_abt(s.data(), qs.data(), kt.data(), R, nk, d, false);
+          mm_abt(dp.data(), go.data(), vt.data(), R, nk, d, false);
+          mask_level0(s.data(), R, nk, c0, one, t0);
+          grad_tile(s.data(), dp.data(), R, nk, rl.data(), rd.data());
+          mm_atb_acc(dv.data(), dp.data(), go.data(), nk, d, R);  // dv += p^T dO
+          mm_atb_acc(dk.data(), s.data(), qs.data(), nk, d, R);   // dk += ds^T (scale q)
         }
       }
       for (int64_t j = 0; j < nk; ++j) {
-        store_row(dk.data() + j * d, d, 1.f, dkv.row(b, hk, c0 + j));
-        store_row(dv.data() + j * d, d, 1.f, dvv.row(b, hk, c0 + j));
+        store_row(dk.data() + j * d, d, 1.f, dks[0].row(b, hk, c0 + j));
+        store_row(dv.data() + j * d, d, 1.f, dvs[0].row(b, hk, c0 + j));
       }
     }
   });
@@ -398,8 +497,6 @@ void align_backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::
       for (int64_t w = w0; w < w1; ++w) {
         const int i = static_cast<int>(w % (a.F - 1)) + 1;
         const int64_t hk = (w / (a.F - 1)) % a.Hkv, b = w / ((a.F - 1) * a.Hkv);
-        auto dki = dkl.select(0, i), dvi = dvl.select(0, i);
-        const auto dkv_i = view4<T>(dki), dvv_i = view4<T>(dvi);
         for (int64_t c = 0; c < T_; ++c) {
           std::fill(dk.begin(), dk.end(), 0.f);
           std::fill(dv.begin(), dv.end(), 0.f);
@@ -408,26 +505,26 @@ void align_backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::
             load_row(ks[i].row(b, hk, c), d, 1.f, kk.data());
             load_row(vs[i].row(b, hk, c), d, 1.f, vv.data());
             for (int64_t hh = 0; hh < g; ++hh) {
-              const int64_t h = hk * g + hh, ri = row_index(b, h, t);
+              const int64_t h = hk * g + hh;
               load_row(qv.row(b, h, t), d, a.scale, qs.data());
               load_row(gv.row(b, h, t), d, 1.f, go.data());
               float p;
-              const float ds = grad_pair(qs.data(), go.data(), ri, kk.data(), vv.data(), &p);
+              const float ds = grad_pair(qs.data(), go.data(), row_index(b, h, t), kk.data(), vv.data(), &p);
               axpy(p, go.data(), dv.data(), d);
               axpy(ds, qs.data(), dk.data(), d);
             }
           }
-          store_row(dk.data(), d, 1.f, dkv_i.row(b, hk, c));
-          store_row(dv.data(), d, 1.f, dvv_i.row(b, hk, c));
+          store_row(dk.data(), d, 1.f, dks[i].row(b, hk, c));
+          store_row(dv.data(), d, 1.f, dvs[i].row(b, hk, c));
         }
       }
     });
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> align_attention_backward_cpu(const at::Tensor& dout_, const at::Tensor& q_,
-                                                     const at::Tensor& k_levels, const at::Tensor& v_levels,
-                                                     const at::Tensor& out_, const at::Tensor& lse_, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> align_attention_backward_cpu(
+    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_levels, const at::Tensor& v_levels,
+    const at::Tensor& out_, const at::Tensor& lse_, double scale) {
   const auto dout = dout_.stride(-1) == 1 ? dout_ : dout_.contiguous();
   const auto q = q_.stride(-1) == 1 ? q_ : q_.contiguous();
   const auto kl = k_levels.stride(-1) == 1 ? k_levels : k_levels.contiguous();

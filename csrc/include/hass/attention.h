@@ -108,4 +108,40 @@ HASS_HD void split_range(int tiles, int splits, int s, int* begin, int* end) {
   *end = *begin + base + (s < extra ? 1 : 0);
 }
 
+// ---- kernel parameters (CUDA launch interface) ------------------------------------------------------
+
+enum AttnDtype : int { kAttnF32 = 0, kAttnBF16 = 1, kAttnF16 = 2 };
+
+// A [B, H, S, D] tensor with a contiguous last dim; strides in elements.
+struct Strided4 {
+  void* p;
+  int64_t sb, sh, ss;
+};
+
+// A [F, B, H, S, D] tensor (stacked levels) with a contiguous last dim; strides in elements.
+struct Strided5 {
+  void* p;
+  int64_t sl, sb, sh, ss;
+};
+
+struct TreeAttnParams {
+  Strided4 q, k, v, out;
+  const bool* mask;            // [B, n, n] contiguous
+  const int64_t* prefix_lens;  // [B] or null (= L - n)
+  float* o_part;               // [splits, B*Hq*n, D] partial outputs when splits > 1
+  float* lse_part;             // [splits, B*Hq*n]
+  int B, Hq, Hkv, n, L, D, splits;
+  float scale;
+};
+
+struct AlignParams {
+  Strided4 q, out, dout, dq;  // out: written by the forward, read by the backward
+  Strided5 k, v, dk, dv;
+  float* lse;                 // [B, Hq, T] contiguous
+  float* delta;               // [B, Hq, T] contiguous, backward workspace (rowsum dO * O)
+  int B, Hq, Hkv, T, D, F;
+  float scale;
+  bool leaky;
+};
+
 }  // namespace hass

@@ -1,0 +1,244 @@
+"""Benchmark of hass_ext's tree-masked and alignment attention, side by side in one run.
+
+Tree attention (verification of an n-node tree over a prefix), Llama-3-8B shapes (32 query heads, 8 KV heads,
+head_dim 128), prefix 1k and 4k, n = 60, against
+  - PyTorch SDPA with the materialised [B, 1, n, L] visibility mask (what a stock model does with a 4D mask),
+  - PyTorch SDPA with a bottom-right causal mask of the same shape (the speed ceiling: same work, no tree),
+  - the oracle (explicit mask + softmax).
+Alignment attention (HASS training, step F = 3, T = 2048), forward + backward, against the oracle and against
+causal SDPA of the same length (the flash-attention ceiling), with peak memory.
+
+CPU: fp32, times are medians of interleaved runs, reported as ratios (the CPUs are shared and noisy). CUDA: bf16,
+absolute times from CUDA events. Writes bench/results/attention_<device>.json and .md.
+Usage: python bench/bench_attention.py [--device cpu|cuda] [--quick] [--reps N]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import hass_ext  # noqa: E402
+from hass_ext import ops  # noqa: E402
+from hass_ext.reference import (reference_align_attention, reference_tree_attention,  # noqa: E402
+                                tree_attention_mask)
+
+FULL = dict(Hq=32, Hkv=8, d=128, n=60, prefixes=(1024, 4096), T=2048, F=3)
+QUICK = dict(Hq=4, Hkv=2, d=64, n=12, prefixes=(64, 192), T=96, F=3)
+
+
+def machine_info(device):
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = dict(cpu=cpu, cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="seconds"))
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_side_by_side(fns, device, reps, warmup=1):
+    """Median seconds per function, the functions interleaved rep by rep so load changes hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def random_tree_mask(n, gen):
+    parents = [-1] + [int(torch.randint(max(0, i - 8), i, (1,), generator=gen)) for i in range(1, n)]
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            mask[i] = mask[p]
+        mask[i, i] = True
+    return mask
+
+
+def bench_tree(cfg, device, dtype, reps):
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for prefix in cfg["prefixes"]:
+        n, L = cfg["n"], prefix + cfg["n"]
+        q = torch.randn(1, cfg["Hq"], n, cfg["d"], generator=gen).to(device, dtype)
+        k = torch.randn(1, cfg["Hkv"], L, cfg["d"], generator=gen).to(device, dtype)
+        v = torch.randn(1, cfg["Hkv"], L, cfg["d"], generator=gen).to(device, dtype)
+        mask = random_tree_mask(n, gen)[None].to(device)
+        visible = tree_attention_mask(mask, L)[:, None]  # [B, 1, n, L], built once like a model's 4D mask
+        causal = causal_lower_right(n, L)
+        fns = {
+            "hass tree_attention": lambda: ops.tree_attention(q, k, v, mask),
+            "SDPA + materialised mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=visible,
+                                                                               enable_gqa=True),
+            "SDPA causal (ceiling)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=causal,
+                                                                            enable_gqa=True),
+            "oracle": lambda: reference_tree_attention(q, k, v, mask),
+        }
+        t = time_side_by_side(fns, device, reps)
+        ours = t["hass tree_attention"]
+        rows.append(dict(prefix=prefix, n=n, L=L, times_s=t,
+                         ratio_vs_causal=ours / t["SDPA causal (ceiling)"],
+                         ratio_vs_masked_sdpa=ours / t["SDPA + materialised mask"],
+                         ratio_vs_oracle=ours / t["oracle"]))
+        print(f"tree prefix={prefix} n={n}: " + ", ".join(f"{k_}={v_ * 1e3:.3f} ms" for k_, v_ in t.items()),
+              flush=True)
+    return rows
+
+
+def align_inputs(cfg, device, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    T, Fs = cfg["T"], cfg["F"]
+    q = torch.randn(1, cfg["Hq"], T, cfg["d"], generator=gen).to(device, dtype).requires_grad_()
+    k = torch.randn(Fs, 1, cfg["Hkv"], T, cfg["d"], generator=gen).to(device, dtype).requires_grad_()
+    v = torch.randn(Fs, 1, cfg["Hkv"], T, cfg["d"], generator=gen).to(device, dtype).requires_grad_()
+    go = torch.randn(1, cfg["Hq"], T, cfg["d"], generator=gen).to(device, dtype)
+    return q, k, v, go
+
+
+def align_fns(cfg, device, dtype):
+    q, k, v, go = align_inputs(cfg, device, dtype)
+    kc, vc = k[0].detach().clone().requires_grad_(), v[0].detach().clone().requires_grad_()
+
+    def ours():
+        ops.align_attention(q, k, v).backward(go)
+
+    def oracle():
+        reference_align_attention(q, k, v).backward(go)
+
+    def causal():
+        F.scaled_dot_product_attention(q, kc, vc, is_causal=True, enable_gqa=True).backward(go)
+
+    return {"hass align_attention fwd+bwd": ours, "oracle fwd+bwd": oracle, "SDPA causal fwd+bwd (ceiling)": causal}
+
+
+def peak_memory_cuda(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def peak_memory_cpu(which, quick):
+    """Peak extra resident memory (MiB) of one fwd+bwd, measured in a fresh interpreter."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--mem-child", which] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def mem_child(which, quick):
+    cfg = QUICK if quick else FULL
+    fns = align_fns(cfg, "cpu", torch.float32)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fns[which]()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def bench_align(cfg, device, dtype, reps, quick):
+    fns = align_fns(cfg, device, dtype)
+    t = time_side_by_side(fns, device, reps)
+    mem = {name: (peak_memory_cuda(fn) if device == "cuda" else peak_memory_cpu(name, quick))
+           for name, fn in fns.items()}
+    ours = t["hass align_attention fwd+bwd"]
+    row = dict(T=cfg["T"], F=cfg["F"], times_s=t, peak_mib=mem,
+               ratio_vs_causal=ours / t["SDPA causal fwd+bwd (ceiling)"], ratio_vs_oracle=ours / t["oracle fwd+bwd"],
+               memory_vs_oracle=mem["hass align_attention fwd+bwd"] / max(mem["oracle fwd+bwd"], 1e-9))
+    print(f"align T={cfg['T']} F={cfg['F']}: " + ", ".join(f"{k_}={v_ * 1e3:.1f} ms" for k_, v_ in t.items()))
+    print("  peak MiB: " + ", ".join(f"{k_}={v_:.1f}" for k_, v_ in mem.items()), flush=True)
+    return row
+
+
+def markdown(res):
+    info, unit = res["machine"], "ms"
+    lines = [f"# Attention benchmark ({res['device']}, {res['dtype']}{', quick shapes' if res['quick'] else ''})", "",
+             f"{info['date']}; CPU {info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads)"
+             + (f"; GPU {info['gpu']}" if "gpu" in info else "") + f"; torch {info['torch']}.", "",
+             f"Shapes: {res['shapes']}.", "",
+             "## Tree attention (n tree queries over prefix + tree keys)", "",
+             "| prefix | n | hass | SDPA + mask | SDPA causal (ceiling) | oracle | hass / causal | hass / SDPA+mask |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["tree"]:
+        t = r["times_s"]
+        lines.append(f"| {r['prefix']} | {r['n']} | {t['hass tree_attention'] * 1e3:.3f} {unit} | "
+                     f"{t['SDPA + materialised mask'] * 1e3:.3f} {unit} | {t['SDPA causal (ceiling)'] * 1e3:.3f} {unit} | "
+                     f"{t['oracle'] * 1e3:.3f} {unit} | {r['ratio_vs_causal']:.2f}x | {r['ratio_vs_masked_sdpa']:.2f}x |")
+    a = res["align"]
+    t, m = a["times_s"], a["peak_mib"]
+    lines += ["", f"## Alignment attention, forward + backward (T = {a['T']}, F = {a['F']})", "",
+              "| | time | peak memory |", "|---|---|---|"]
+    for name in t:
+        lines.append(f"| {name} | {t[name] * 1e3:.1f} {unit} | {m[name]:.1f} MiB |")
+    lines += ["", f"hass / causal SDPA: {a['ratio_vs_causal']:.2f}x time; hass / oracle: {a['ratio_vs_oracle']:.2f}x time, "
+              f"{a['memory_vs_oracle']:.3f}x memory.", ""]
+    if res["device"] == "cpu":
+        lines += ["CPU times are medians of interleaved runs on a shared machine: read the ratios, not the "
+                  "absolute numbers.", ""]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if "cuda" in hass_ext.available_devices() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.mem_child:
+        return mem_child(args.mem_child, args.quick)
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = QUICK if args.quick else FULL
+    reps = args.reps or (3 if args.quick else (50 if device == "cuda" else 5))
+    res = dict(device=device, dtype=str(dtype).replace("torch.", ""), quick=args.quick, machine=machine_info(device),
+               shapes=dict(B=1, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}), reps=reps)
+    res["tree"] = bench_tree(cfg, device, dtype, reps)
+    res["align"] = bench_align(cfg, device, dtype, max(1, reps // 2) if device == "cpu" else reps, args.quick)
+    os.makedirs(args.out, exist_ok=True)
+    name = f"attention_{device}" + ("_quick" if args.quick else "")
+    with open(os.path.join(args.out, name + ".json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(args.out, name + ".md"), "w") as f:
+        f.write(markdown(res))
+    print(f"wrote {os.path.join(args.out, name)}.json/.md")
+
+
+if __name__ == "__main__":
+    main()
