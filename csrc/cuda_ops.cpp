@@ -163,3 +163,128 @@ TORCH_LIBRARY_IMPL(hass, CUDA, m) {
   m.impl("align_attention", &align_attention_cuda);
   m.impl("align_attention_backward", &align_attention_backward_cuda);
 }
+
+// ---- distill_loss / distill_loss_backward / online_softmax_chunk ----------------------------------------
+extern "C" cudaError_t hass_distill_loss_fwd_cuda(const void* z, int z_dtype, const void* t, int t_dtype,
+                                                  const float* mask, int64_t N, int64_t V, int k, float* stats,
+                                                  int64_t* topk_idx, float* rows, cudaStream_t stream);
+extern "C" cudaError_t hass_distill_loss_bwd_cuda(const void* z, int z_dtype, const void* t, int t_dtype,
+                                                  const float* mask, const float* stats, const int64_t* topk_idx,
+                                                  int k, const float* g_ce, const float* g_topk, const float* S,
+                                                  int64_t N, int64_t V, void* grad, cudaStream_t stream);
+extern "C" cudaError_t hass_online_softmax_chunk_cuda(const void* x, int dtype, int64_t N, int64_t C, float* state,
+                                                      float* alpha, float* topk_val, int64_t* topk_idx, int k,
+                                                      int64_t col0, void* e_out, cudaStream_t stream);
+
+namespace {
+
+int distill_dtype_code(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    default: TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+void distill_check(const at::Tensor& draft, const at::Tensor& target, const at::Tensor& mask, const char* op) {
+  TORCH_CHECK(draft.dim() == 2, op, ": draft_logits must be [N, V], got ", draft.sizes());
+  TORCH_CHECK(target.sizes() == draft.sizes(), op, ": target_logits ", target.sizes(), " != draft_logits ",
+              draft.sizes());
+  TORCH_CHECK(mask.dim() == 1 && mask.size(0) == draft.size(0) && mask.scalar_type() == at::kFloat, op,
+              ": loss_mask must be float32 [N], got ", mask.scalar_type(), " ", mask.sizes());
+  TORCH_CHECK(target.device() == draft.device() && mask.device() == draft.device(), op,
+              ": draft_logits, target_logits and loss_mask must be on one device");
+  TORCH_CHECK(draft.size(1) < (int64_t(1) << 31) - 1, op, ": vocabulary too large");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_cuda(const at::Tensor& draft_logits,
+                                                                            const at::Tensor& target_logits,
+                                                                            const at::Tensor& loss_mask,
+                                                                            int64_t topk) {
+  distill_check(draft_logits, target_logits, loss_mask, "distill_loss");
+  const int64_t N = draft_logits.size(0), V = draft_logits.size(1);
+  TORCH_CHECK(topk >= 1 && topk <= 64 && topk <= V, "distill_loss: topk must be in [1, min(64, V=", V, ")], got ",
+              topk);
+  const c10::cuda::CUDAGuard guard(draft_logits.device());
+  const auto z = draft_logits.contiguous(), t = target_logits.contiguous(), m = loss_mask.contiguous();
+  const auto f32 = z.options().dtype(at::kFloat);
+  auto stats = at::empty({N, 5}, f32);
+  auto idx = at::empty({N, topk}, z.options().dtype(at::kLong));
+  auto rows = at::empty({N, 2}, f32);  // m_t * ce_t, m_t * topk_t
+  HASS_CUDA_CHECK(hass_distill_loss_fwd_cuda(z.data_ptr(), distill_dtype_code(z, "distill_loss", "draft_logits"),
+                                             t.data_ptr(), distill_dtype_code(t, "distill_loss", "target_logits"),
+                                             m.data_ptr<float>(), N, V, static_cast<int>(topk),
+                                             stats.data_ptr<float>(), idx.data_ptr<int64_t>(),
+                                             rows.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+                  "distill_loss kernel launch");
+  const auto S = m.sum() + 1e-5;
+  return {rows.select(1, 0).sum() / S, rows.select(1, 1).sum() / S, stats, idx};
+}
+
+at::Tensor distill_loss_backward_cuda(const at::Tensor& grad_ce, const at::Tensor& grad_topk,
+                                      const at::Tensor& draft_logits, const at::Tensor& target_logits,
+                                      const at::Tensor& loss_mask, const at::Tensor& stats,
+                                      const at::Tensor& topk_idx) {
+  distill_check(draft_logits, target_logits, loss_mask, "distill_loss_backward");
+  const int64_t N = draft_logits.size(0), V = draft_logits.size(1);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 5 && stats.scalar_type() == at::kFloat,
+              "distill_loss_backward: row_stats must be float32 [N, 5], got ", stats.sizes());
+  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == N && topk_idx.scalar_type() == at::kLong &&
+                  topk_idx.size(1) >= 1 && topk_idx.size(1) <= 64,
+              "distill_loss_backward: topk_idx must be int64 [N, K], got ", topk_idx.sizes());
+  TORCH_CHECK(grad_ce.numel() == 1 && grad_topk.numel() == 1,
+              "distill_loss_backward: grad_ce and grad_topk must be scalars");
+  const c10::cuda::CUDAGuard guard(draft_logits.device());
+  const auto z = draft_logits.contiguous(), t = target_logits.contiguous(), m = loss_mask.contiguous();
+  const auto st = stats.contiguous(), ix = topk_idx.contiguous();
+  const auto f32 = z.options().dtype(at::kFloat);
+  const auto gce = grad_ce.to(f32).contiguous(), gtk = grad_topk.to(f32).contiguous();
+  const auto S = (m.sum() + 1e-5).contiguous();
+  auto grad = at::empty_like(z);
+  HASS_CUDA_CHECK(
+      hass_distill_loss_bwd_cuda(z.data_ptr(), distill_dtype_code(z, "distill_loss_backward", "draft_logits"),
+                                 t.data_ptr(), distill_dtype_code(t, "distill_loss_backward", "target_logits"),
+                                 m.data_ptr<float>(), st.data_ptr<float>(), ix.data_ptr<int64_t>(),
+                                 static_cast<int>(ix.size(1)), gce.data_ptr<float>(), gtk.data_ptr<float>(),
+                                 S.data_ptr<float>(), N, V, grad.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+      "distill_loss_backward kernel launch");
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> online_softmax_chunk_cuda(
+    const at::Tensor& logits, const at::Tensor& state, const at::Tensor& topk_val, const at::Tensor& topk_idx,
+    int64_t col0, bool want_exp) {
+  TORCH_CHECK(logits.dim() == 2, "online_softmax_chunk: logits must be [N, C], got ", logits.sizes());
+  const int64_t N = logits.size(0), C = logits.size(1);
+  TORCH_CHECK(state.dim() == 2 && state.size(0) == N && state.size(1) == 2 && state.scalar_type() == at::kFloat,
+              "online_softmax_chunk: state must be float32 [N, 2], got ", state.sizes());
+  TORCH_CHECK(topk_val.dim() == 2 && topk_val.size(0) == N && topk_val.scalar_type() == at::kFloat &&
+                  topk_val.size(1) <= 64,
+              "online_softmax_chunk: topk_val must be float32 [N, K<=64], got ", topk_val.sizes());
+  TORCH_CHECK(topk_idx.sizes() == topk_val.sizes() && topk_idx.scalar_type() == at::kLong,
+              "online_softmax_chunk: topk_idx must be int64 shaped like topk_val, got ", topk_idx.sizes());
+  TORCH_CHECK(col0 >= 0 && col0 + C < (int64_t(1) << 31) - 1, "online_softmax_chunk: bad col0 ", col0);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto x = logits.contiguous();
+  auto new_state = state.contiguous().clone();  // the kernel updates these copies in place
+  auto new_val = topk_val.contiguous().clone();
+  auto new_idx = topk_idx.contiguous().clone();
+  auto alpha = at::ones({N}, state.options());
+  auto e = want_exp ? at::empty_like(x) : at::empty({0}, x.options());
+  HASS_CUDA_CHECK(hass_online_softmax_chunk_cuda(
+                      x.data_ptr(), distill_dtype_code(x, "online_softmax_chunk", "logits"), N, C,
+                      new_state.data_ptr<float>(), alpha.data_ptr<float>(), new_val.data_ptr<float>(),
+                      new_idx.data_ptr<int64_t>(), static_cast<int>(new_val.size(1)), col0,
+                      want_exp ? e.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream()),
+                  "online_softmax_chunk kernel launch");
+  return {e, alpha, new_state, new_val, new_idx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hass, CUDA, m) {
+  m.impl("distill_loss", &distill_loss_cuda);
+  m.impl("distill_loss_backward", &distill_loss_backward_cuda);
+  m.impl("online_softmax_chunk", &online_softmax_chunk_cuda);
+}

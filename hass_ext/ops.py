@@ -327,9 +327,10 @@ def distill_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, loss_m
 # ---- fused_linear_distill_loss: the loss straight from hidden states, never holding N x V logits -----------
 #
 # The head is linear, so every vocabulary sum collapses to an H-vector per row (W_v = row v of the head):
-#   sum_v p_v z_v = <x, P>,   P = sum_v p_v W_v          (target side only)
-#   sum_{v in K} p_v z_v = <x, P_K>, P_K = sum_{v in K} p_v W_v   (target side only)
-#   dce/dx = (m/S) (Q - P),  dtopk/dx = (m/S) (P_K Q - P_K_w),  Q = sum_v q_v W_v = softmax(x W^T) W
+#   sum_v p_v z_v = <x, P>,           P   = sum_v p_v W_v              (target side only: p_w)
+#   sum_{v in K} p_v z_v = <x, P_K>,  P_K = sum_{v in K} p_v W_v       (target side only: pk_w)
+#   ce_row = lse(z) - <x, P>,  topk_row = pk lse(z) - <x, P_K>,  pk = sum_{v in K} p_v
+#   dce/dx = (m/S) (Q - P),  dtopk/dx = (m/S) (pk Q - P_K),  Q = sum_v q_v W_v = softmax(x W^T) W
 # P, P_K and the top-K come from one streaming pass over the head for the target (distill_target_stats),
 # reusable by every alignment step of a batch. A draft step streams the head once more: per vocabulary chunk
 # one GEMM for the logits, the online softmax kernel, and (when a gradient is needed) one GEMM accumulating Q
@@ -358,9 +359,9 @@ def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         return
     if acc.is_cuda and _MM_OUT_DTYPE_OK[0]:
         try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
             return
-        except (RuntimeError, TypeError):
+        except (RuntimeError, TypeError):  # a torch without the fp32-output GEMM
             _MM_OUT_DTYPE_OK[0] = False
     acc.add_(a @ b)
 
@@ -413,7 +414,12 @@ def distill_target_stats(target_hidden: torch.Tensor, lm_head_weight: torch.Tens
     V, H = lm_head_weight.shape
     _check_topk(topk, V)
     chunk = _check_chunk(chunk_size)
-    y = target_hidden.reshape(-1, H).to(lm_head_weight.dtype)
+    with torch.autocast(lm_head_weight.device.type, enabled=False):  # GEMMs in the head's dtype
+        return _target_stats(target_hidden.reshape(-1, H).to(lm_head_weight.dtype), lm_head_weight, topk, chunk)
+
+
+def _target_stats(y, lm_head_weight, topk, chunk):
+    H = lm_head_weight.shape[1]
     n, dev = y.shape[0], y.device
     state = _row_init(n, dev)
     val = torch.full((n, topk), float("-inf"), dtype=torch.float32, device=dev)
@@ -514,5 +520,6 @@ def fused_linear_distill_loss(draft_hidden: torch.Tensor, target_hidden: Optiona
         raise ValueError(f"target_stats was computed for {tuple(target_stats.topk_idx.shape)} top-K rows and "
                          f"{tuple(target_stats.p_w.shape)} head rows; this call needs ({n}, {topk}) and ({n}, {H})")
     need_grad = torch.is_grad_enabled() and draft_hidden.requires_grad
-    return _FusedLinearDistill.apply(x, lm_head_weight, mask, target_stats, float(ce_weight), float(topk_weight),
-                                     chunk, need_grad)
+    with torch.autocast(lm_head_weight.device.type, enabled=False):  # GEMMs in the head's dtype
+        return _FusedLinearDistill.apply(x, lm_head_weight, mask, target_stats, float(ce_weight),
+                                         float(topk_weight), chunk, need_grad)

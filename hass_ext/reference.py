@@ -118,3 +118,18 @@ def fused_linear_distill_loss_reference(draft_hidden, target_hidden, lm_head_wei
         t = target_hidden.to(lm_head_weight.dtype) @ lm_head_weight.T
     ce, topk_loss = distill_loss_reference(z, t, loss_mask, topk)
     return ce_weight * ce + topk_weight * topk_loss, ce, topk_loss
+
+
+def hass_compute_loss_reference(draft_logits: torch.Tensor, target_p: torch.Tensor, loss_mask: torch.Tensor,
+                                topk: int = 10):
+    """The HASS reference `compute_loss` soft-CE and top-K terms as written (main_hass.py), as (ploss, topk_loss).
+
+    draft_logits ``[B, T, V]``, target_p = softmax(target logits) ``[B, T, V]``, loss_mask ``[B, T, 1]``. Ties in
+    torch.topk are resolved however torch resolves them. Used as the speed/memory baseline of the benchmarks.
+    """
+    out_logp = torch.log_softmax(draft_logits.float(), dim=2)
+    plogp = target_p * out_logp
+    ploss = -torch.sum(torch.sum(loss_mask * plogp, 2)) / (loss_mask.sum() + 1e-5)
+    topk_mask = torch.topk(target_p, k=topk, dim=2).indices
+    topk_loss = -torch.sum(torch.sum(loss_mask * plogp.gather(dim=2, index=topk_mask), 2)) / (loss_mask.sum() + 1e-5)
+    return ploss, topk_loss

@@ -1,4 +1,5 @@
 """hass_ext.ops.distill_loss / fused_linear_distill_loss against the plain-PyTorch HASS formulas."""
+import json
 import math
 import os
 import subprocess
@@ -94,16 +95,12 @@ def test_bf16_and_mixed_dtypes():
 
 
 def test_matches_literal_hass_formula_without_ties():
-    # HASS main_hass.py compute_loss, verbatim in spirit: topk over target_p, gather of p * log q
+    # HASS main_hass.py compute_loss as written: torch.topk over target_p, gather of p * log q
     _seed()
     B, T, V = 2, 6, 500
     z, t = torch.randn(B, T, V), torch.randn(B, T, V)
     loss_mask = (torch.rand(B, T) > 0.3).float()[..., None]
-    target_p = torch.softmax(t, dim=2)
-    plogp = target_p * torch.log_softmax(z, dim=2)
-    ploss = -torch.sum(torch.sum(loss_mask * plogp, 2)) / (loss_mask.sum() + 1e-5)
-    topk_mask = torch.topk(target_p, k=10, dim=2).indices
-    topk_loss = -torch.sum(torch.sum(loss_mask * plogp.gather(dim=2, index=topk_mask), 2)) / (loss_mask.sum() + 1e-5)
+    ploss, topk_loss = R.hass_compute_loss_reference(z, torch.softmax(t, dim=2), loss_mask, 10)
     ce, tk = ops.distill_loss(z, t, loss_mask, 10)
     torch.testing.assert_close(ce, ploss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tk, topk_loss, rtol=1e-5, atol=1e-6)
@@ -374,6 +371,29 @@ def test_fused_linear_all_masked_and_bf16():
     assert all(o.item() == 0.0 for o in out) and torch.all(x1.grad == 0)
     m = (torch.rand(N) > 0.2).float()
     _fused_compare(x, y, w, m, 10, 1024)
+
+
+def test_fused_linear_ignores_autocast():
+    # the GEMMs run in the head's dtype even inside an autocast region (documented behaviour)
+    _seed()
+    w, x, y = torch.randn(500, 16), torch.randn(9, 16), torch.randn(9, 16)
+    m = torch.ones(9)
+    plain = ops.fused_linear_distill_loss(x, y, w, m, chunk_size=128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = ops.fused_linear_distill_loss(x, y, w, m, chunk_size=128)
+    for a_, b_ in zip(plain, auto):
+        assert torch.equal(a_, b_)
+
+
+def test_bench_quick(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_loss.py"), "--quick", "--out-dir",
+                        str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "bench_loss_quick.json").read_text())
+    assert {(r["case"], r["variant"]) for r in res["rows"]} == {
+        ("logits", "oracle"), ("logits", "ours"), ("fused", "oracle"), ("fused", "logits_op"), ("fused", "ours")}
+    assert all(r["time_s"] > 0 for r in res["rows"]) and (tmp_path / "bench_loss_quick.md").exists()
 
 
 # ---- CUDA against the CPU kernels ---------------------------------------------------------------------------

@@ -91,11 +91,59 @@ HASS_INLINE float lane_max(const float* x) {
   return m;
 }
 
-// Scans a block of target logits into the running top-K list (only when its maximum can enter it).
-HASS_INLINE void topk_scan(const float* tb, int n, int64_t c0, float bmax, float* vals, int* idx, int k) {
-  if (k == 0 || bmax < vals[k - 1]) return;
-  for (int i = 0; i < n; ++i) hass::topk_insert(vals, idx, k, tb[i], static_cast<int>(c0 + i));
-}
+// Running top-K of a row: candidates that beat the current threshold are buffered; when the buffer is full a
+// selection keeps the best k and raises the threshold. Amortised O(1) per candidate even for adversarial
+// (e.g. ascending) rows, where inserting into a sorted list would cost O(k) per element.
+class TopK {
+ public:
+  explicit TopK(int k) : k_(k), cap_(std::max(4 * k, 64)) {}
+
+  void push(float v, int i) {
+    if (!hass::topk_before(v, i, thr_v_, thr_i_)) return;
+    buf_[n_++] = {v, i};
+    if (n_ == cap_) shrink();
+  }
+
+  // Scans a block whose maximum is bmax and whose first column is c0 (skipped when nothing in it can enter).
+  HASS_INLINE void scan(const float* x, int n, int64_t c0, float bmax) {
+    if (k_ == 0 || !hass::topk_before(bmax, static_cast<int>(c0), thr_v_, thr_i_)) return;
+    for (int i0 = 0; i0 < n; i0 += kLanes) {  // vectorised pre-check of kLanes columns at a time
+      const int i1 = std::min(n, i0 + kLanes);
+      bool any = false;
+      for (int j = 0; j < kLanes; ++j) any |= x[i0 + j] >= thr_v_;  // x is padded to kLanes with -inf
+      if (any)
+        for (int i = i0; i < i1; ++i) push(x[i], static_cast<int>(c0 + i));
+    }
+  }
+
+  // The k best in rank order; missing entries (rows of NaN) become (-inf, sentinel).
+  void finish(float* vals, int* idx) {
+    if (n_ > k_) shrink();
+    std::sort(buf_, buf_ + n_, before);
+    for (int j = 0; j < k_; ++j) {
+      vals[j] = j < n_ ? buf_[j].v : -INFINITY;
+      idx[j] = j < n_ ? buf_[j].i : hass::kTopKSentinelIndex;
+    }
+  }
+
+ private:
+  struct Cand {
+    float v;
+    int i;
+  };
+  static bool before(const Cand& a, const Cand& b) { return hass::topk_before(a.v, a.i, b.v, b.i); }
+  void shrink() {
+    std::nth_element(buf_, buf_ + (k_ - 1), buf_ + n_, before);
+    n_ = k_;
+    thr_v_ = buf_[k_ - 1].v;
+    thr_i_ = buf_[k_ - 1].i;
+  }
+  static constexpr int kCap = 4 * hass::kMaxTopK;
+  int k_, cap_, n_ = 0;
+  float thr_v_ = -INFINITY;
+  int thr_i_ = hass::kTopKSentinelIndex;
+  Cand buf_[kCap];
+};
 
 // ---- forward --------------------------------------------------------------------------------------------
 
@@ -109,8 +157,7 @@ HASS_CPU_CLONES
 FwdRow forward_row(const void* zrow, Dt zdt, const void* trow, Dt tdt, int64_t V, int k, int* topk_idx) {
   alignas(64) float tb[kBlock], zb[kBlock];
   alignas(64) float st[kLanes] = {}, sz[kLanes] = {}, sa[kLanes] = {}, tmax[kLanes], zmax[kLanes];
-  float vals[hass::kMaxTopK];
-  hass::topk_init(vals, topk_idx, k);
+  TopK top(k);
   float mt = -INFINITY, mz = -INFINITY;
   for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, V - c0));
@@ -137,10 +184,12 @@ FwdRow forward_row(const void* zrow, Dt zdt, const void* trow, Dt tdt, int64_t V
         const float w = hass::fast_exp(tb[i + j] - shift_t);
         st[j] += w;
         sz[j] += hass::fast_exp(zb[i + j] - shift_z);
-        sa[j] += w > 0.0f ? w * (zb[i + j] - mz) : 0.0f;  // p = 0 terms contribute 0 (also for z = -inf)
+        sa[j] += hass::distill_cross(w, zb[i + j], mz);
       }
-    topk_scan(tb, n, c0, bt, vals, topk_idx, k);
+    top.scan(tb, n, c0, bt);
   }
+  float vals[hass::kMaxTopK];
+  top.finish(vals, topk_idx);
   hass::DistillRowStats s{mt, 0.0f, mz, 0.0f, 0.0f};
   for (int j = 0; j < kLanes; ++j) {
     s.st += st[j]; s.sz += sz[j]; s.a += sa[j];
@@ -203,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(cons
       s[0] = f.out.mz; s[1] = f.out.lz; s[2] = f.out.mt; s[3] = f.out.lt; s[4] = f.pk;
       rp[2 * r] = f.out.ce;
       rp[2 * r + 1] = f.topk_loss;
-      for (int j = 0; j < k; ++j) ip[r * topk + j] = kidx[j];
+      for (int j = 0; j < k; ++j) ip[r * topk + j] = kidx[j] == hass::kTopKSentinelIndex ? -1 : kidx[j];
     }
   });
   double ce = 0.0, tk = 0.0;
@@ -231,6 +280,7 @@ void backward_row(const void* zrow, Dt zdt, const void* trow, Dt tdt, void* grow
   }
   for (int j = 0; j < k; ++j) {  // the top-K columns get the extra -g_topk p_v term
     const int64_t v = topk_idx[j];
+    if (v < 0 || v >= V) continue;  // no entry (a row of NaN)
     store_one(grow, gdt, v, hass::distill_grad(o, c, load_one(zrow, zdt, v), load_one(trow, tdt, v), true));
   }
 }
@@ -283,6 +333,9 @@ HASS_CPU_CLONES
 void chunk_row(const void* xrow, Dt dt, int64_t C, float* state, float* alpha, void* erow, int k, float* vals,
                int* idx, int64_t col0) {
   alignas(64) float xb[kBlock], lmax[kLanes], eb[kBlock];
+  TopK top(k);
+  for (int j = 0; j < k; ++j)
+    if (idx[j] != hass::kTopKSentinelIndex) top.push(vals[j], idx[j]);
   // Pass 1: chunk maximum and top-K (the chunk is small enough to stay in cache for pass 2).
   float cm = -INFINITY;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
@@ -293,8 +346,9 @@ void chunk_row(const void* xrow, Dt dt, int64_t C, float* state, float* alpha, v
       for (int j = 0; j < kLanes; ++j) lmax[j] = xb[i + j] > lmax[j] ? xb[i + j] : lmax[j];
     const float bm = lane_max(lmax);
     cm = bm > cm ? bm : cm;
-    topk_scan(xb, n, col0 + c0, bm, vals, idx, k);
+    top.scan(xb, n, col0 + c0, bm);
   }
+  top.finish(vals, idx);
   const float m_old = state[0];
   const float m = cm > m_old ? cm : m_old;
   const float shift = hass::safe_max(m);

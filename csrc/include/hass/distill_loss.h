@@ -50,20 +50,6 @@ HASS_HD float safe_max(float m) { return m == -INFINITY ? 0.0f : m; }
 
 // ---- online softmax statistics ------------------------------------------------------------------------
 
-// One side of a row: m = max x, s = sum exp(x - m) over the columns seen so far.
-struct SoftmaxStats {
-  float m;
-  float s;
-};
-
-HASS_HD SoftmaxStats softmax_empty() { return {-INFINITY, 0.0f}; }
-
-HASS_HD SoftmaxStats softmax_merge(SoftmaxStats x, SoftmaxStats y) {
-  const float m = x.m > y.m ? x.m : y.m;
-  const float sm = safe_max(m);
-  return {m, x.s * expf(x.m - sm) + y.s * expf(y.m - sm)};
-}
-
 // Both sides of a row plus the cross term a = sum exp(t - mt) * (z - mz).
 struct DistillRowStats {
   float mt, st;  // target
@@ -90,12 +76,16 @@ HASS_HD DistillRowStats distill_merge(DistillRowStats x, DistillRowStats y) {
   return {mt, u.st + w.st, mz, u.sz + w.sz, u.a + w.a};
 }
 
+// The cross-term contribution of one column with target weight w = exp(t - mt): w (z - mz), and 0 where
+// w = 0 (p = 0 contributes nothing, also where log q = -inf, e.g. a vocabulary entry masked in both).
+HASS_HD float distill_cross(float w, float z, float mz) { return w > 0.0f ? w * (z - mz) : 0.0f; }
+
 // Adds one column (target logit t, draft logit z) to statistics whose maxima already cover it.
 HASS_HD void distill_accumulate(DistillRowStats& s, float t, float z) {
   const float w = fast_exp(t - safe_max(s.mt));
   s.st += w;
   s.sz += fast_exp(z - safe_max(s.mz));
-  s.a += w * (z - s.mz);
+  s.a += distill_cross(w, z, s.mz);
 }
 
 // Adds one column, raising the maxima first when needed.
@@ -149,26 +139,25 @@ HASS_HD float distill_grad(const DistillRowOut& o, const DistillGradCoef& c, flo
 // NaN ranks before nothing, so it is never selected.
 HASS_HD bool topk_before(float va, int ia, float vb, int ib) { return va > vb || (va == vb && ia < ib); }
 
-// A sorted list of the k best (value, index) pairs seen so far; empty slots hold (-inf, sentinel).
-HASS_HD void topk_init(float* vals, int* idx, int k) {
-  for (int j = 0; j < k; ++j) {
-    vals[j] = -INFINITY;
-    idx[j] = kTopKSentinelIndex;
+// Number of entries of a rank-sorted list (vals/idx, length n) that rank before (v, i): the position where
+// (v, i) belongs. Binary search; empty slots (-inf, sentinel) sort last and never rank before a real entry.
+HASS_HD int topk_count_before(const float* vals, const int* idx, int n, float v, int i) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (topk_before(vals[mid], idx[mid], v, i))
+      lo = mid + 1;
+    else
+      hi = mid;
   }
+  return lo;
 }
 
-// Inserts (v, i) if it ranks before the current k-th entry; returns whether it did.
-HASS_HD bool topk_insert(float* vals, int* idx, int k, float v, int i) {
-  if (!topk_before(v, i, vals[k - 1], idx[k - 1])) return false;
-  int j = k - 1;
-  while (j > 0 && topk_before(v, i, vals[j - 1], idx[j - 1])) {
-    vals[j] = vals[j - 1];
-    idx[j] = idx[j - 1];
-    --j;
-  }
-  vals[j] = v;
-  idx[j] = i;
-  return true;
+// One top-K entry of a row: returns -p log q for target logit t and draft logit z, and writes p.
+HASS_HD float distill_topk_entry(const DistillRowOut& o, float t, float z, float* p_out) {
+  const float p = expf(distill_log_p(o, t));
+  *p_out = p;
+  return -p * distill_log_q(o, z);
 }
 
 // Top-K part of one row given the K target indices, their target and draft logits:
@@ -178,9 +167,9 @@ HASS_HD float distill_topk_term(const DistillRowOut& o, const float* t_k, const 
   float loss = 0.0f, pk = 0.0f;
   for (int j = 0; j < k; ++j) {
     if (idx[j] == kTopKSentinelIndex) continue;
-    const float p = expf(distill_log_p(o, t_k[j]));
+    float p;
+    loss += distill_topk_entry(o, t_k[j], z_k[j], &p);
     pk += p;
-    loss -= p * distill_log_q(o, z_k[j]);
   }
   *pk_out = pk;
   return loss;
