@@ -218,8 +218,21 @@ def test_prepare_data_resumes_without_duplicates(tmp_path, target, monkeypatch):
     assert prepare_data(target, recs, dir_, **kw) == m
     with pytest.raises(ValueError, match="different settings.*max_len"):
         prepare_data(target, recs, dir_, **{**kw, "max_len": 97})
-    with pytest.raises(ValueError, match="different settings.*source"):
-        prepare_data(target, recs[:29], dir_, **kw)
+    # a different selection of the same source keeps the shards made from the same conversations
+    grown_dir = str(tmp_path / "grown")
+    small = prepare_data(target, recs[:20], grown_dir, **kw)  # shards of 6, 6, 6, 2 conversations
+    assert small["complete"] and len(small["shards"]) == 4
+    kept = os.stat(os.path.join(grown_dir, small["shards"][0]["file"])).st_mtime_ns
+    grown = prepare_data(target, recs, grown_dir, **kw)
+    assert [s["sha256"] for s in grown["shards"]] == [s["sha256"] for s in ref["shards"]]
+    assert grown["num_examples"] == ref["num_examples"] and grown["skipped"] == ref["skipped"]
+    assert os.stat(os.path.join(grown_dir, small["shards"][0]["file"])).st_mtime_ns == kept
+    shrunk = prepare_data(target, recs[:12], grown_dir, **kw)
+    assert [s["sha256"] for s in shrunk["shards"]] == [s["sha256"] for s in ref["shards"][:2]]
+    assert sorted(f for f in os.listdir(grown_dir) if f.endswith(".safetensors")) == ["shard-00000.safetensors",
+                                                                                       "shard-00001.safetensors"]
+    with pytest.raises(ValueError, match="different settings.*system_prompt"):
+        prepare_data(target, recs, dir_, system_prompt="Be brief.", **kw)
     import copy
 
     from hass_ext.target import Target

@@ -1,9 +1,10 @@
 """prepare_data: conversations -> chat template + loss mask -> target forward -> shards (see shards.py).
 
 Work is cut into shards of ``shard_size`` consecutive selected conversations. A shard is computed whole, written
-atomically, and only then recorded in manifest.json, so an interrupted run (Ctrl-C, a crash, a killed job) is
-resumed by running the same command again: finished shards are kept, the first unrecorded one is recomputed, and
-no example is lost or written twice. Re-running with different settings into the same folder is refused.
+atomically, and only then recorded in manifest.json (with a fingerprint of its conversations), so an interrupted
+run (Ctrl-C, a crash, a killed job) is resumed by running the same command again: finished shards are kept, the
+first unrecorded one is recomputed, and no example is lost or written twice. A larger selection of the same
+source grows the folder the same way. Re-running with different settings into the same folder is refused.
 """
 import hashlib
 import json
@@ -78,7 +79,8 @@ def prepare_data(target, conversations, out_dir: str, max_len: int = 2048, *, nu
     out_dir: the data folder (created); manifest.json + shard-*.safetensors.
     max_len: tokens kept per conversation (longer ones are truncated).
     num_conversations, start, seed: which records: ``[start, start + num)`` of the source order, or of a
-        deterministic shuffle when ``seed`` is an int.
+        deterministic shuffle when ``seed`` is an int. Running again with a larger ``num_conversations`` grows
+        the folder: every finished shard whose conversations are unchanged is kept, the rest is recomputed.
     shard_size: conversations per shard (the unit of resumption). batch_tokens: padded tokens per target forward.
     hidden_dtype: "bfloat16" (default), "float16" or "float32" for the stored features.
     stop_after_shards: return after writing this many new shards (the folder stays resumable).
@@ -96,9 +98,9 @@ def prepare_data(target, conversations, out_dir: str, max_len: int = 2048, *, nu
     records, source = load_records(conversations, start=start, num=num_conversations, seed=seed)
     if not records:
         raise ValueError(f"no conversations selected from {source['name']} (start={start}, num={num_conversations})")
-    source["fingerprint"] = _fingerprint(records)
-    source["selected"] = len(records)
-    settings = {
+    selection = {k: source.pop(k) for k in ("num_conversations", "truncated_tail_chars") if k in source}
+    selection["selected"] = len(records)
+    settings = {  # what every shard of the folder must share
         "target": target.name,
         "hidden_size": int(target.config.hidden_size),
         "vocab_size": int(target.config.vocab_size),
@@ -111,31 +113,42 @@ def prepare_data(target, conversations, out_dir: str, max_len: int = 2048, *, nu
         "source": source,
         "mask_convention": MASK_CONVENTION,
     }
+    num_shards = (len(records) + shard_size - 1) // shard_size
+    chunks = [records[k * shard_size:(k + 1) * shard_size] for k in range(num_shards)]
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, MANIFEST)
+    shards = []
     if os.path.exists(manifest_path):
-        manifest = read_manifest(out_dir)
-        changed = sorted(k for k in settings if manifest.get(k) != settings[k])
+        old = read_manifest(out_dir)
+        changed = sorted(k for k in settings if old.get(k) != settings[k])
         if changed:
             raise ValueError(f"{out_dir} already holds data prepared with different settings ({', '.join(changed)}); "
                              "use a new folder or the original settings")
+        for k, sh in enumerate(old["shards"]):  # keep the leading shards made from the same conversations
+            if k >= num_shards or sh.get("records_sha256") != _fingerprint(chunks[k]):
+                break
+            shards.append(sh)
+        dropped = [sh["file"] for sh in old["shards"][len(shards):]]
     else:
-        manifest = {"format": FORMAT, **settings, "complete": False, "num_examples": 0, "num_tokens": 0,
-                    "skipped": {}, "shards": []}
-        atomic_write_json(manifest_path, manifest)
+        dropped = []
+    manifest = {"format": FORMAT, **settings, "selection": selection, "complete": False, "shards": shards}
+    _update_totals(manifest, num_shards)
+    atomic_write_json(manifest_path, manifest)
+    for name in dropped:  # shards of conversations no longer selected (recomputed ones are rewritten anyway)
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
 
-    num_shards = (len(records) + shard_size - 1) // shard_size
-    done = len(manifest["shards"])
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(records), initial=min(done * shard_size, len(records)), unit="conv",
+    bar = tqdm(total=len(records), initial=sum(len(c) for c in chunks[:len(shards)]), unit="conv",
                desc="prepare-data", disable=not progress)
     written = 0
     try:
-        for k in range(done, num_shards):
+        for k in range(len(shards), num_shards):
             if stop_after_shards is not None and written >= stop_after_shards:
                 break
-            chunk = records[k * shard_size:(k + 1) * shard_size]
+            chunk = chunks[k]
             skipped = {}
             examples = list(iter_examples(tok, chunk, max_len, system_prompt, skipped))
             hidden = target_features(target, [e[1] for e in examples], batch_tokens, on_batch=bar.update)
@@ -143,15 +156,12 @@ def prepare_data(target, conversations, out_dir: str, max_len: int = 2048, *, nu
                                     settings["hidden_size"], _DTYPES[hidden_dtype])
             name = shard_name(k)
             digest = write_shard(os.path.join(out_dir, name), tensors)
-            ntok = int(tensors["offsets"][-1])
-            manifest["shards"].append({"file": name, "conversations": [k * shard_size, k * shard_size + len(chunk)],
-                                       "examples": len(examples), "tokens": ntok,
-                                       "loss_tokens": int(tensors["loss_mask"].sum()), "sha256": digest})
-            manifest["num_examples"] += len(examples)
-            manifest["num_tokens"] += ntok
-            for r, c in skipped.items():
-                manifest["skipped"][r] = manifest["skipped"].get(r, 0) + c
-            manifest["complete"] = len(manifest["shards"]) == num_shards
+            manifest["shards"].append({
+                "file": name, "conversations": [k * shard_size, k * shard_size + len(chunk)],
+                "records_sha256": _fingerprint(chunk), "examples": len(examples),
+                "tokens": int(tensors["offsets"][-1]), "loss_tokens": int(tensors["loss_mask"].sum()),
+                "skipped": skipped, "sha256": digest})
+            _update_totals(manifest, num_shards)
             atomic_write_json(manifest_path, manifest)
             written += 1
             bar.update(len(chunk) - len(examples))  # the skipped ones
@@ -159,3 +169,15 @@ def prepare_data(target, conversations, out_dir: str, max_len: int = 2048, *, nu
     finally:
         bar.close()
     return manifest
+
+
+def _update_totals(manifest: dict, num_shards: int) -> None:
+    shards = manifest["shards"]
+    manifest["num_examples"] = sum(s["examples"] for s in shards)
+    manifest["num_tokens"] = sum(s["tokens"] for s in shards)
+    skipped = {}
+    for s in shards:
+        for r, c in s["skipped"].items():
+            skipped[r] = skipped.get(r, 0) + c
+    manifest["skipped"] = skipped
+    manifest["complete"] = len(shards) == num_shards
