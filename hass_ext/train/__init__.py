@@ -1,0 +1,12 @@
+"""hass_ext.train: training data preparation and the HASS / EAGLE draft trainer.
+
+- prepare_data (data.py): conversations (conversations.py) -> chat template + assistant-token loss mask ->
+  target features -> safetensors shards (shards.py); resumable.
+- ShardDataset, collate (shards.py): deterministic reading of prepared data, train / held-out split.
+- Trainer, TrainConfig (trainer.py): HASS (harmonized context alignment, align.py; top-K distillation, loss.py)
+  or EAGLE training with checkpoints, exact resume and DDP; held-out k-step acceptance (evaluate.py).
+"""
+from .conversations import encode_conversation, iter_json_records, load_records, to_messages  # noqa: F401
+from .data import prepare_data  # noqa: F401
+from .shards import CorruptShardError, ShardDataset, collate  # noqa: F401
+from .trainer import TrainConfig, Trainer  # noqa: F401

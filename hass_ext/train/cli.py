@@ -1,0 +1,140 @@
+"""The ``prepare-data`` and ``train`` subcommands of ``hass-ext`` (also runnable as ``python -m hass_ext.train.cli``).
+
+Multi-process training: ``torchrun --nproc_per_node N -m hass_ext.train.cli train ...``.
+"""
+import argparse
+import json
+import sys
+
+
+def add_prepare_data_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "prepare-data", help="conversations -> target features -> training shards (resumable)",
+        description="Render ShareGPT-style conversations with the target's chat template, mark the assistant tokens, "
+                    "run the target and write safetensors shards + manifest.json. Re-run the same command to "
+                    "resume an interrupted run.")
+    p.add_argument("--target", default=None, help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--conversations", default="sharegpt",
+                   help="'sharegpt' (the bundled ShareGPT V3) or a JSON/JSONL file of {conversations: [...]} records")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--max-len", type=int, default=2048, help="tokens kept per conversation (default 2048)")
+    p.add_argument("--num-conversations", type=int, default=None, help="how many records (default: all)")
+    p.add_argument("--start", type=int, default=0, help="first record (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="shuffle the records with this seed first (default: file order)")
+    p.add_argument("--shard-size", type=int, default=256, help="conversations per shard (default 256)")
+    p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per target forward (default 16384)")
+    p.add_argument("--system-prompt", default=None, help="system message for every conversation "
+                   "(default: none, the chat template's default applies)")
+    p.add_argument("--hidden-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="target dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--stop-after-shards", type=int, default=None, help="stop after writing this many new shards")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_prepare_data)
+    return p
+
+
+def run_prepare_data(args) -> int:
+    import torch
+
+    from ..target import load_target
+    from .data import prepare_data
+
+    target = load_target(args.target, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
+    m = prepare_data(target, args.conversations, args.out, max_len=args.max_len,
+                     num_conversations=args.num_conversations, start=args.start, seed=args.seed,
+                     shard_size=args.shard_size, batch_tokens=args.batch_tokens, system_prompt=args.system_prompt,
+                     hidden_dtype=args.hidden_dtype, progress=not args.no_progress,
+                     stop_after_shards=args.stop_after_shards)
+    print(json.dumps({"out": args.out, "complete": m["complete"], "shards": len(m["shards"]),
+                      "examples": m["num_examples"], "tokens": m["num_tokens"], "skipped": m["skipped"]}))
+    return 0
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    from .trainer import TrainConfig
+
+    d = TrainConfig(data_dir="", out_dir="")
+    p = subparsers.add_parser(
+        "train", help="train a HASS or EAGLE draft on prepared data",
+        description="Train a draft head on a prepare-data folder. Writes checkpoints (resumable with --resume), "
+                    "log.jsonl and the final draft (EAGLE layout) to OUT/draft. Use torchrun for several processes.")
+    p.add_argument("--data", required=True, help="prepared data folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--target", default=None, help="model folder or hub id (default: the one in the data manifest)")
+    p.add_argument("--mode", choices=["hass", "eagle"], default="hass")
+    p.add_argument("--align-steps", type=int, default=None, help="J (default 3 for hass, 1 for eagle)")
+    p.add_argument("--topk", type=int, default=d.topk)
+    p.add_argument("--topk-w", type=float, default=None, help="top-K loss weight (default 1 for hass, 0 for eagle)")
+    p.add_argument("--v-w", type=float, default=d.v_w)
+    p.add_argument("--p-w", type=float, default=d.p_w)
+    p.add_argument("--step-weights", type=float, nargs="+", default=None, help="one weight per alignment step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--clip-value", type=float, default=d.clip_value)
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per process per step")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-len", type=int, default=None)
+    p.add_argument("--noise-std", type=float, default=d.noise_std)
+    p.add_argument("--noise-constant", action="store_true",
+                   help="noise amplitude std instead of the reference's std * 512 / length")
+    p.add_argument("--mask-alignment", choices=["predicted", "reference"], default=d.mask_alignment)
+    p.add_argument("--attention", choices=["proper", "reference"], default=d.attention)
+    p.add_argument("--autocast", choices=["auto", "bf16", "off"], default=d.autocast,
+                   help="auto: bf16 on CUDA, fp32 on CPU (default); bf16: also on CPU")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-k", type=int, default=d.eval_k)
+    p.add_argument("--eval-max-examples", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--init-from", default=None, help="start from this draft folder (EAGLE layout)")
+    p.add_argument("--no-fc-bias", action="store_true", help="new draft without fc bias")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+    return p
+
+
+def run_train(args) -> int:
+    from .trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig(
+        data_dir=args.data, out_dir=args.out, mode=args.mode, align_steps=args.align_steps, topk=args.topk,
+        topk_w=args.topk_w, v_w=args.v_w, p_w=args.p_w, step_weights=args.step_weights, lr=args.lr,
+        weight_decay=args.weight_decay, clip_value=args.clip_value, warmup_ratio=args.warmup_ratio,
+        warmup_steps=args.warmup_steps, batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
+        max_len=args.max_len, noise_std=args.noise_std, noise_scale_by_length=not args.noise_constant,
+        mask_alignment=args.mask_alignment, attention=args.attention, autocast=args.autocast, seed=args.seed,
+        eval_fraction=args.eval_fraction, eval_every=args.eval_every, eval_k=args.eval_k,
+        eval_max_examples=args.eval_max_examples, save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, init_from=args.init_from,
+        bias=not args.no_fc_bias, progress=not args.no_progress)
+    trainer = Trainer(cfg, target=args.target)
+    final = trainer.train(resume=args.resume)
+    if trainer.rank == 0:
+        print(json.dumps({"out": args.out, "step": trainer.step, "draft": f"{args.out}/draft", **final}))
+    if trainer.distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hass_ext.train.cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_prepare_data_parser(sub)
+    add_train_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

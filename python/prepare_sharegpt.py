@@ -1,0 +1,42 @@
+"""Training data for the SmolLM2-135M-Instruct drafts: ShareGPT V3 conversations -> target features -> shards.
+
+    python python/prepare_sharegpt.py --out DATA_DIR
+
+Runs the embedded target over the first 2,400 records of the bundled ShareGPT V3 file, keeping 1,024 tokens per
+conversation: 2,172 examples (2,064 for training, 108 held out); the other records have no user/assistant
+exchange, contain control-token strings, or start their first answer after 1,024 tokens. Interrupt it at any time and run the same command again to continue; `train_drafts.py` reads
+DATA_DIR. The target runs in bf16 (as on GPUs; on CPUs with AMX it is ~2.6x faster than fp32, and its features
+agree with fp32 ones to ~2 % relative error, 99 % of greedy tokens equal). On one CPU core this takes a few
+hours; use --device cuda where a GPU is available.
+"""
+import argparse
+import json
+import sys
+
+import torch
+
+from hass_ext.target import load_target
+from hass_ext.train import prepare_data
+
+RECIPE = dict(conversations="sharegpt", num_conversations=2400, start=0, seed=None, max_len=1024, shard_size=256,
+              hidden_dtype="bfloat16")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="data folder (outside the repository: about 2 GB)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per target forward")
+    ap.add_argument("--stop-after-shards", type=int, default=None)
+    args = ap.parse_args(argv)
+    target = load_target(dtype=torch.bfloat16, device=args.device)
+    m = prepare_data(target, RECIPE["conversations"], args.out, max_len=RECIPE["max_len"],
+                     num_conversations=RECIPE["num_conversations"], start=RECIPE["start"], seed=RECIPE["seed"],
+                     shard_size=RECIPE["shard_size"], hidden_dtype=RECIPE["hidden_dtype"],
+                     batch_tokens=args.batch_tokens, stop_after_shards=args.stop_after_shards)
+    print(json.dumps({k: m[k] for k in ("complete", "num_examples", "num_tokens", "skipped")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
