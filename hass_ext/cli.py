@@ -217,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", default="eval", help="file name prefix of the results")
     _add_model_args(e)
     e.set_defaults(func=cmd_eval)
+
+    from .train.cli import add_prepare_data_parser, add_train_parser  # the training subcommands
+
+    add_prepare_data_parser(sub)
+    add_train_parser(sub)
     return parser
 
 
