@@ -31,7 +31,18 @@ def _latest_docs(results_dir):
     return docs
 
 
-def _table(doc):
+def _markdown_body(md_path):
+    """A benchmark's own Markdown report minus its title, headings demoted below the section's."""
+    lines = open(md_path).read().strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join("###" + ln if ln.startswith("#") else ln for ln in lines).strip()
+
+
+def _table(doc, path):
+    md = os.path.splitext(path)[0] + ".md"
+    if "rows" not in doc and not isinstance(doc.get("results"), dict) and os.path.isfile(md):
+        return _markdown_body(md)
     if "rows" in doc and doc["rows"]:
         rows = doc["rows"]
         keys = list(rows[0])
@@ -61,11 +72,11 @@ def section(results_dir):
         kind = "GPU times" if m.get("device", "cpu") != "cpu" else "CPU ratios"
         where = m.get("device") if m.get("device", "cpu") != "cpu" else m.get("cpu", "cpu")
         parts += [f"### {name} ({kind})", "",
-                  f"{where}, torch {m.get('torch')}, {m.get('threads', '?')} threads, {date} — "
+                  f"{where}, torch {m.get('torch')}, {m.get('threads', m.get('torch_threads', '?'))} threads, {date} — "
                   f"`{os.path.relpath(path, ROOT)}`", ""]
         if doc.get("notes"):
             parts += [doc["notes"], ""]
-        parts += [_table(doc), ""]
+        parts += [_table(doc, path), ""]
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -307,3 +307,13 @@ def test_cli_prepare_data_and_train(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 2 and len(summary["acc"]) == 2 and len(summary["loss_per_step"]) == 3
     assert os.path.exists(tmp_path / "run" / "draft" / "model.safetensors")
+
+
+def test_hass_ext_cli_has_training_subcommands(capsys):
+    from hass_ext.cli import build_parser
+
+    for cmd in ("prepare-data", "train"):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([cmd, "--help"])
+        assert e.value.code == 0
+        assert f"hass-ext {cmd}" in capsys.readouterr().out
