@@ -13,10 +13,8 @@ absolute times from CUDA events. Writes bench/results/attention_<device>.json an
 Usage: python bench/bench_attention.py [--device cpu|cuda] [--quick] [--reps N]
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import hass_ext  # noqa: E402
+from hass_ext.evaluate import machine_info  # noqa: E402
 from hass_ext import ops  # noqa: E402
 from hass_ext.reference import (reference_align_attention, reference_tree_attention,  # noqa: E402
                                 tree_attention_mask)
@@ -39,20 +38,6 @@ FULL = dict(Hq=32, Hkv=8, d=128, n=60, prefixes=(1024, 4096), T=2048, F=3, align
 # runs a quarter of the heads there (times and memory scale linearly with the head count; ratios do not change).
 FULL_CPU = dict(FULL, align_Hq=8, align_Hkv=2)
 QUICK = dict(Hq=4, Hkv=2, d=64, n=12, prefixes=(64, 192), T=96, F=3, align_Hq=4, align_Hkv=2)
-
-
-def machine_info(device):
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = dict(cpu=cpu, cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="seconds"))
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def sync(device):
@@ -204,8 +189,8 @@ def bench_align(cfg, device, dtype, reps, quick):
 def markdown(res):
     info, unit = res["machine"], "ms"
     lines = [f"# Attention benchmark ({res['device']}, {res['dtype']}{', quick shapes' if res['quick'] else ''})", "",
-             f"{info['date']}; CPU {info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads)"
-             + (f"; GPU {info['gpu']}" if "gpu" in info else "") + f"; torch {info['torch']}.", "",
+             f"{info['date']}; CPU {info['cpu']} ({info['cpu_cores']} cores, {info['threads']} torch threads)"
+             + (f"; GPU {info['device']}" if info['device'] != "cpu" else "") + f"; torch {info['torch']}.", "",
              f"Shapes: {res['shapes']}.", "",
              "## Tree attention (n tree queries over prefix + tree keys)", "",
              "| prefix | n | hass | SDPA + mask | SDPA causal (ceiling) | oracle | hass / causal | hass / SDPA+mask |",

@@ -18,10 +18,8 @@ against a device-to-device copy measured in the same run.
 Writes bench/results/bench_loss[_quick]_<device>.json and .md (or <out-dir>/bench_loss_quick.{json,md}).
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import hass_ext  # noqa: E402
+from hass_ext.evaluate import machine_info  # noqa: E402
 from hass_ext import ops  # noqa: E402
 from hass_ext import reference as R  # noqa: E402
 
@@ -175,22 +174,6 @@ def copy_bandwidth_cuda(nbytes=1 << 30, reps=10):
     return 2 * nbytes * reps / (a.elapsed_time(b) / 1e3)  # read + write
 
 
-def machine_info(device):
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device, "cpu": cpu,
-            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "hass_ext": hass_ext.__version__}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 # ---- driver ---------------------------------------------------------------------------------------------------
 
 def logits_bytes(N, V, dtype):
@@ -266,14 +249,14 @@ def _ms(seconds):
 
 def write_results(results, args):
     os.makedirs(args.out_dir, exist_ok=True)
-    name = "bench_loss_quick" if args.quick else f"bench_loss_{results['machine']['device']}"
+    name = "bench_loss_quick" if args.quick else f"bench_loss_{args.device}"
     name += "_memory" if args.memory_only else ""
     with open(os.path.join(args.out_dir, name + ".json"), "w") as f:
         json.dump(results, f, indent=1)
     m = results["machine"]
-    lines = [f"# Distillation loss benchmark ({m['device']})", "",
-             f"{m['date']}; CPU {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads); "
-             f"torch {m['torch']}" + (f"; GPU {m['gpu']}, CUDA {m['cuda']}" if "gpu" in m else "") + "; "
+    lines = [f"# Distillation loss benchmark ({args.device})", "",
+             f"{m['date']}; CPU {m['cpu']} ({m['cpu_cores']} cores, {m['threads']} torch threads); "
+             f"torch {m['torch']}" + (f"; GPU {m['device']}, CUDA {m['cuda']}" if m['device'] != "cpu" else "") + "; "
              f"{results['dtype']} inputs, K={results['topk']}, J={results['steps']} alignment steps per batch.", ""]
     if args.memory_only:
         lines += ["Memory-only run: one untimed run per variant, each in its own process.", ""]

@@ -10,10 +10,8 @@ Writes bench/results/verify_tree.json and .md.
     python bench/bench_verify.py [--quick] [--device cpu|cuda|all] [--repeats N] [--results-dir DIR]
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hass_ext  # noqa: E402
+from hass_ext.evaluate import machine_info  # noqa: E402
 from hass_ext.ops import verify_tree  # noqa: E402
 from hass_ext.reference import verify_tree_reference  # noqa: E402
 
@@ -106,22 +105,6 @@ def cuda_times(fn, repeats):
     end.record()
     torch.cuda.synchronize()
     return eager, start.elapsed_time(end) * 1e3 / (reps * 20)
-
-
-def machine_info():
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def main(argv=None):

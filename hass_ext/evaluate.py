@@ -123,18 +123,21 @@ def evaluate(target, drafts: Dict[str, object], datasets: Sequence[str] = DATASE
     return results
 
 
-def machine_info() -> dict:
+def machine_info(device=None) -> dict:
+    """Where a measurement was taken: CPU model and cores, torch threads and version, the GPU when it ran on one
+    (``device``: "cuda"/"cpu"; default: the GPU when one is visible), date (UTC)."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    on_gpu = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
-    else:
-        info["device"] = "cpu"
-        try:
-            with open("/proc/cpuinfo") as f:
-                info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            info["cpu"] = platform.processor()
+            "cpu": cpu, "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": "cpu"}
+    if on_gpu:
+        info.update(device=torch.cuda.get_device_name(), cuda=torch.version.cuda)
     return info
 
 
