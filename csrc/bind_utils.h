@@ -21,4 +21,16 @@ inline hass::CacheGeom cache_geom(const at::Tensor& t, int64_t B) {
   return g;
 }
 
+// Shapes shared by distill_loss and its backward, on either device: logits [N, V] alike, loss_mask float32 [N].
+inline void distill_check(const at::Tensor& draft, const at::Tensor& target, const at::Tensor& mask, const char* op) {
+  TORCH_CHECK(draft.dim() == 2, op, ": draft_logits must be [N, V], got ", draft.sizes());
+  TORCH_CHECK(target.sizes() == draft.sizes(), op, ": target_logits ", target.sizes(), " != draft_logits ",
+              draft.sizes());
+  TORCH_CHECK(mask.dim() == 1 && mask.size(0) == draft.size(0) && mask.scalar_type() == at::kFloat, op,
+              ": loss_mask must be float32 [N], got ", mask.scalar_type(), " ", mask.sizes());
+  TORCH_CHECK(target.device() == draft.device() && mask.device() == draft.device(), op,
+              ": draft_logits, target_logits and loss_mask must be on one device");
+  TORCH_CHECK(draft.size(1) < (int64_t(1) << 31) - 1, op, ": vocabulary too large");
+}
+
 }  // namespace hass_bind

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "bind_utils.h"
 #include "hass/distill_loss.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -217,20 +218,11 @@ double mask_sum(const float* m, int64_t N) {
   return s;
 }
 
-void check_inputs(const at::Tensor& draft, const at::Tensor& target, const at::Tensor& mask, const char* op) {
-  TORCH_CHECK(draft.dim() == 2, op, ": draft_logits must be [N, V], got ", draft.sizes());
-  TORCH_CHECK(target.sizes() == draft.sizes(), op, ": target_logits ", target.sizes(), " != draft_logits ",
-              draft.sizes());
-  TORCH_CHECK(mask.dim() == 1 && mask.size(0) == draft.size(0) && mask.scalar_type() == at::kFloat, op,
-              ": loss_mask must be float32 [N], got ", mask.scalar_type(), " ", mask.sizes());
-  TORCH_CHECK(draft.size(1) < (int64_t(1) << 31) - 1, op, ": vocabulary too large");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(const at::Tensor& draft_logits,
                                                                            const at::Tensor& target_logits,
                                                                            const at::Tensor& loss_mask,
                                                                            int64_t topk) {
-  check_inputs(draft_logits, target_logits, loss_mask, "distill_loss");
+  hass_bind::distill_check(draft_logits, target_logits, loss_mask, "distill_loss");
   const int64_t N = draft_logits.size(0), V = draft_logits.size(1);
   TORCH_CHECK(topk >= 1 && topk <= hass::kMaxTopK && topk <= V, "distill_loss: topk must be in [1, min(",
               hass::kMaxTopK, ", V=", V, ")], got ", topk);
@@ -297,7 +289,7 @@ at::Tensor distill_loss_backward_cpu(const at::Tensor& grad_ce, const at::Tensor
                                      const at::Tensor& draft_logits, const at::Tensor& target_logits,
                                      const at::Tensor& loss_mask, const at::Tensor& stats,
                                      const at::Tensor& topk_idx) {
-  check_inputs(draft_logits, target_logits, loss_mask, "distill_loss_backward");
+  hass_bind::distill_check(draft_logits, target_logits, loss_mask, "distill_loss_backward");
   const int64_t N = draft_logits.size(0), V = draft_logits.size(1);
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 5 && stats.scalar_type() == at::kFloat,
               "distill_loss_backward: row_stats must be float32 [N, 5], got ", stats.sizes());
