@@ -44,16 +44,20 @@ def time_fn(fn, device, repeats: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: dict, device, repeats: int = 20, warmup: int = 3) -> dict:
-    """Median seconds of several functions timed alternately, so a noisy shared CPU affects all alike."""
+def interleaved(fns: dict, device, repeats: int = 20, warmup: int = 3, setup=None, stat=statistics.median) -> dict:
+    """Median seconds (or ``stat`` of the samples) of several functions timed alternately, so a noisy shared CPU
+    affects all alike. setup: called (untimed) before every call, e.g. to put back a state the functions change."""
+    setup = setup or (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
+            setup()
             fn()
     samples = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            setup()
             samples[k].append(time_fn(fn, device, repeats=1, warmup=0))
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return {k: stat(v) for k, v in samples.items()}
 
 
 def peak_memory(fn, device) -> int:
@@ -77,18 +81,25 @@ def peak_memory(fn, device) -> int:
     return peak
 
 
-def write(name: str, rows: list, out_dir: str, notes: str = "", quick: bool = False) -> str:
-    """bench/results/<name>.json and .md; the table has one column per key of the rows."""
+def write(name: str, rows: list, out_dir: str, notes: str = "", quick: bool = False, config: dict = None,
+          extra: dict = None) -> str:
+    """bench/results/<name>.json and .md; the table has one column per key of the rows. config: the run's
+    settings (shapes, dtype, ...), kept in the JSON and listed above the table; extra: more JSON-only keys."""
     os.makedirs(out_dir, exist_ok=True)
     if quick:
         name += "-quick"
     info = machine_info()
     doc = {"benchmark": name, "machine": info, "notes": notes, "rows": rows,
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if config:
+        doc["config"] = config
+    doc.update(extra or {})
     with open(os.path.join(out_dir, name + ".json"), "w") as f:
         json.dump(doc, f, indent=2)
     keys = list(rows[0]) if rows else []
     lines = [f"# {name}", "", f"Machine: {info}", ""] + ([notes, ""] if notes else [])
+    if config:
+        lines += ["Config: " + ", ".join(f"{k} {v}" for k, v in config.items()), ""]
     lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[k]) for k in keys) + " |")

@@ -39,5 +39,12 @@ else
 fi
 
 step "kernel benchmarks"
-$PY bench/run_all.py $QUICK --out-dir "$OUT" || status=1
+$PY bench/run_all.py $QUICK --skip bench_round --out-dir "$OUT" || status=1
+
+step "one speculative round vs one vanilla decode step"
+if [ "$TINY" = 0 ]; then
+  $PY bench/bench_round.py --shape llama3-8b --out-dir "$OUT" || status=1
+else
+  $PY bench/bench_round.py --tiny --out-dir "$OUT" || status=1
+fi
 exit $status

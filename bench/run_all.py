@@ -23,12 +23,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (each benchmark's --quick)")
     ap.add_argument("--only", nargs="*", default=None, help="benchmark names to run (e.g. bench_verify)")
+    ap.add_argument("--skip", nargs="*", default=[], help="benchmark names not to run")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     rows = []
     for path in discover():
         name = os.path.splitext(os.path.basename(path))[0]
-        if args.only and name not in args.only:
+        if (args.only and name not in args.only) or name in args.skip:
             continue
         cmd = [sys.executable, path] + (["--quick"] if args.quick else []) + ["--out-dir", args.out_dir]
         start = time.perf_counter()

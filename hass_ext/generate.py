@@ -49,12 +49,16 @@ def vanilla_decode(target, input_ids: torch.Tensor, max_new_tokens: int, tempera
     """Autoregressive decoding with a KV cache: the baseline every speedup is measured against."""
     pre = target.prefill(input_ids)
     cache, logits = pre.past_key_values, pre.logits[:, -1]
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            token = sample_token(logits, temperature, top_p, top_k, generator)
-            yield [int(token)], None
-            out = target.model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+    for _ in range(max_new_tokens):
+        token = sample_token(logits, temperature, top_p, top_k, generator)
+        yield [int(token)], None
+        logits = decode_step(target, token, cache)
+
+
+@torch.no_grad()
+def decode_step(target, token: torch.Tensor, cache) -> torch.Tensor:
+    """One vanilla step: the target over one token, appending to its KV cache; the next logits ``[1, V]``."""
+    return target.model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True).logits[:, -1]
 
 
 def _resolve_target(target):

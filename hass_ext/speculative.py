@@ -17,6 +17,7 @@ real features (the tree used the draft's own predicted features there).
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -71,14 +72,35 @@ def speculative_decode(target, draft, input_ids: torch.Tensor, max_new_tokens: i
     while produced < max_new_tokens:
         # at most max_new_tokens - produced tokens are still wanted: never draft deeper than that
         levels = min(depth, max_new_tokens - produced - 1)
-        tree = draft_tree(draft, state.draft_cache, state.root_hidden, state.root, total_tokens, levels, tree_topk)
-        logits, features = verify(target, state, tree)
-        path, n_accepted, bonus = accept(logits, tree, sampling)
-        compact(state, path)
-        new_tokens = tree.tokens[path[1:]].tolist() + [bonus]
-        extend(draft, state, features[path], new_tokens)
+        new_tokens, n_accepted = speculative_round(target, draft, state, sampling, total_tokens, levels, tree_topk)
         produced += len(new_tokens)
         yield new_tokens, n_accepted
+
+
+def _untimed(phase: str):
+    return nullcontext()
+
+
+def speculative_round(target, draft, state: State, sampling: Sampling, total_tokens: int, depth: int,
+                      tree_topk: int, phase=_untimed) -> tuple:
+    """One round from ``state`` (advanced in place): returns the new tokens (accepted draft tokens + the bonus
+    token) and the number of accepted draft tokens.
+
+    phase: called with each step's name ("draft", "verify", "accept", "compact", "extend") for a context manager
+    wrapped around that step; bench/bench_round.py times the steps with it.
+    """
+    with phase("draft"):
+        tree = draft_tree(draft, state.draft_cache, state.root_hidden, state.root, total_tokens, depth, tree_topk)
+    with phase("verify"):
+        logits, features = verify(target, state, tree)
+    with phase("accept"):
+        path, n_accepted, bonus = accept(logits, tree, sampling)
+    with phase("compact"):
+        compact(state, path)
+    with phase("extend"):
+        new_tokens = tree.tokens[path[1:]].tolist() + [bonus]
+        extend(draft, state, features[path], new_tokens)
+    return new_tokens, n_accepted
 
 
 @torch.inference_mode()
