@@ -12,6 +12,12 @@ A child's score is never above its parent's (log-probs are <= 0), and candidates
 of the scores, where a parent always precedes its children in candidate order: so the selection is closed under
 parents even at ties (pitfall P-20 of the reference, which could keep a child without its parent).
 The tree nodes' draft K/V go after the cache's accepted context and are never counted in ``cache.length``.
+
+With a hot vocabulary (``draft.hot_token_ids``, FR-Spec style) every expansion computes logits over those N rows
+of the lm_head only, ranks the top-k among them (log-probs normalised over the N) and maps the chosen columns
+back to target ids. This stays lossless: verification (hass_ext.ops.verify_tree) decides from the target's own
+full-vocabulary distribution alone, the draft only chooses which tokens are tried; a target token outside the
+hot set is simply never proposed and comes out as the bonus token.
 """
 from dataclasses import dataclass
 
@@ -74,14 +80,14 @@ def draft_tree(draft, cache, root_hidden: torch.Tensor, root_token: int, total_t
         ``0 .. length-1``); level-l nodes sit at draft position ``length + l - 1``.
     """
     dev = root_hidden.device
-    k = min(top_k, draft.config.vocab_size)
+    k = min(top_k, draft.tree_vocab_size)
     n_draft = total_tokens - 1
     if n_draft <= 0 or depth <= 0:
         return root_only(root_token, dev)
     ctx = cache.length
     cache.reserve(ctx + (depth - 1) * k)
 
-    scores, tokens = _top_log_probs(draft.logits(root_hidden), k)  # level 1
+    scores, tokens = _top_log_probs(draft, root_hidden, k)  # level 1
     cand_scores, cand_tokens = [scores], [tokens]
     cand_parent = [torch.full((k,), -1, dtype=torch.long, device=dev)]  # candidate index of the parent, -1 = root
     frontier = torch.arange(k, device=dev)                     # candidate indices of the frontier
@@ -100,7 +106,7 @@ def draft_tree(draft, cache, root_hidden: torch.Tensor, root_token: int, total_t
         pos = torch.full((1, k), ctx + step, dtype=torch.long, device=dev)
         out = draft(ids[None], hidden[None], position_ids=pos, cache=cache, cache_pos=ctx + step * k,
                     attn_mask=attn_mask)[0]                    # [k, H]
-        child_lp, child_tok = _top_log_probs(draft.logits(out), k)  # [k, k]
+        child_lp, child_tok = _top_log_probs(draft, out, k)    # [k, k]
         child_scores = (child_lp + scores[:, None]).flatten()  # cumulative path log-prob
         cand_scores.append(child_scores)
         cand_tokens.append(child_tok.flatten())
@@ -114,12 +120,13 @@ def draft_tree(draft, cache, root_hidden: torch.Tensor, root_token: int, total_t
     return _select(torch.cat(cand_scores), torch.cat(cand_tokens), torch.cat(cand_parent), root_token, n_draft)
 
 
-def _top_log_probs(logits: torch.Tensor, k: int):
-    """The k largest log-probabilities of each row and their tokens (top-k of the logits minus the log-normaliser:
-    one pass over the vocabulary fewer than a full log_softmax; the results are still <= 0)."""
-    logits = logits.float()
-    top, tok = torch.topk(logits, k, dim=-1)
-    return top - torch.logsumexp(logits, dim=-1, keepdim=True), tok
+def _top_log_probs(draft, hidden: torch.Tensor, k: int):
+    """The k largest draft log-probabilities of each row and their target token ids (top-k of the logits minus the
+    log-normaliser: one pass over the vocabulary fewer than a full log_softmax; the results are still <= 0).
+    With a hot vocabulary, over its tokens only."""
+    logits = draft.tree_logits(hidden).float()
+    top, col = torch.topk(logits, k, dim=-1)
+    return top - torch.logsumexp(logits, dim=-1, keepdim=True), draft.tree_token_ids(col)
 
 
 def _select(scores, tokens, parent, root_token, n_draft) -> Tree:
