@@ -11,7 +11,7 @@ step by step with a timer around each part.
 Default target (SmolLM2-135M-Instruct, fp32 on the CPU) with a random draft (init_draft, weights std 0.05 so that
 the trees go 6 levels deep as a trained draft's do) or --draft DIR; a random draft accepts ~nothing, so every round
 is one full-size tree. Prompts: the first turns of the packaged MT-bench,
-HumanEval and GSM8K questions. Writes bench/results/round_profile_<device>.{json,md} (--name to change).
+HumanEval and GSM8K questions. Writes bench/results/round_parts_<device>.{json,md} (--name to change).
 """
 import json
 import os
@@ -72,7 +72,7 @@ def main():
     ap.add_argument("--token-map", default=None, help="a token_map.pt to give the draft a hot vocabulary")
     ap.add_argument("--rounds", type=int, default=24, help="rounds per prompt")
     ap.add_argument("--prompts", type=int, default=3)
-    ap.add_argument("--name", default=None, help="result file name (default round_profile_<device>)")
+    ap.add_argument("--name", default=None, help="result file name (default round_parts_<device>)")
     args = ap.parse_args()
     dev = args.device
     target = hass_ext.load_target(dtype=torch.float32 if dev == "cpu" else torch.bfloat16, device=dev)
@@ -102,7 +102,7 @@ def main():
             f"{'random draft (std %g)' % args.init_range if not args.draft else 'draft ' + os.path.basename(args.draft)}"
             f"{', hot vocabulary of %d' % draft.tree_vocab_size if draft.hot_token_ids is not None else ''}, "
             f"{torch.get_num_threads()} thread(s).")
-    write(args.name or f"round_profile_{dev}", rows, args.out_dir, note, args.quick)
+    write(args.name or f"round_parts_{dev}", rows, args.out_dir, note, args.quick)
 
 
 if __name__ == "__main__":
