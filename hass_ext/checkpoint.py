@@ -6,6 +6,10 @@ from the target when absent), ``fc.weight``, ``fc.bias`` (optional: its presence
 ``layers.0.self_attn.{q,k,v,o}_proj.weight`` (q/k/v biases when present), ``layers.0.mlp.{gate,up,down}_proj.weight``,
 ``layers.0.post_attention_layernorm.weight``. Stray ``*rotary_emb.inv_freq`` keys are ignored. What ``save_draft``
 writes is what the EAGLE/HASS reference, SGLang and vLLM load for an EAGLE-1/2 draft.
+
+A draft with a hot vocabulary (``draft.hot_token_ids``) also gets ``token_map.pt``: the sorted target token ids as
+a 1-D int64 tensor saved with ``torch.save``, the file SGLang's ``--speculative-token-map`` loads (it reads it with
+``torch.load(weights_only=True)`` and slices the draft's lm_head with it). ``load_draft`` applies it when present.
 """
 import json
 import os
@@ -21,6 +25,7 @@ from .draft import DraftConfig, DraftModel
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 BIN_NAME = "pytorch_model.bin"
+TOKEN_MAP_NAME = "token_map.pt"
 
 
 class CheckpointError(ValueError):
@@ -57,6 +62,42 @@ def _read_weights(path: str) -> dict:
             raise CheckpointError(f"{bin_} does not hold a flat dict of tensors (a state dict)")
         return sd
     raise CheckpointError(f"{path} has no weights: expected {SAFETENSORS_NAME} or {BIN_NAME}")
+
+
+def save_token_map(token_ids, path, vocab_size: Optional[int] = None) -> str:
+    """Write a hot vocabulary as SGLang's ``--speculative-token-map`` file: a 1-D int64 tensor of sorted target
+    token ids in a ``torch.save`` file (written to a temporary name, then renamed). Returns ``path``."""
+    from .draft import check_token_map
+
+    path = os.fspath(path)
+    ids = check_token_map(token_ids, vocab_size)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".token_map.", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(ids.clone(), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_token_map(path, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """Read a token map file (a 1-D tensor or list of token ids saved with ``torch.save``, as SGLang's
+    ``--speculative-token-map``); returns the sorted int64 ids. CheckpointError for a bad file."""
+    from .draft import check_token_map
+
+    path = os.fspath(path)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad pickle/zip
+        raise CheckpointError(f"{path} is not a token map file (torch.save of a 1-D tensor of ids): {e}") from e
+    try:
+        return check_token_map(raw, vocab_size)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 def _target_parts(target):
@@ -158,8 +199,11 @@ def load_draft(path, target=None, dtype: Optional[torch.dtype] = None, device=No
         dtype = head.dtype if head is not None else sd["fc.weight"].dtype
     if device is None:
         device = head.device if head is not None else torch.device("cpu")
+    token_map_path = os.path.join(path, TOKEN_MAP_NAME)
+    token_map = load_token_map(token_map_path, config.vocab_size) if os.path.isfile(token_map_path) else None
     draft = DraftModel(config)
     draft.load_state_dict(sd, strict=True)
+    draft.set_token_map(token_map)
     draft = draft.to(device=device, dtype=dtype).eval()
     if head is not None:
         draft.set_lm_head(head)
@@ -180,6 +224,8 @@ def save_draft(draft: DraftModel, path, safe_serialization: bool = True, dtype: 
     """Write ``draft`` as an EAGLE/HASS checkpoint folder (``config.json`` + ``model.safetensors``, or
     ``pytorch_model.bin`` with ``safe_serialization=False``); returns the folder.
 
+    The hot vocabulary, if the draft has one, goes to ``token_map.pt`` (also SGLang's
+    ``--speculative-token-map`` file); saving a draft without one removes a stale ``token_map.pt``.
     Atomic: a new folder is written under a temporary name and renamed into place; into an existing folder each
     file is written to a temporary name and renamed over the old one (weights first, config last), and a weights
     file of the other format is removed so the folder never holds two different drafts.
@@ -201,6 +247,11 @@ def save_draft(draft: DraftModel, path, safe_serialization: bool = True, dtype: 
         else:
             torch.save(sd, file_path)
 
+    token_map = draft.hot_token_ids
+
+    def write_token_map(file_path):
+        torch.save(token_map.detach().to("cpu", torch.int64).clone(), file_path)
+
     def write_config(file_path):
         with open(file_path, "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
@@ -212,6 +263,8 @@ def save_draft(draft: DraftModel, path, safe_serialization: bool = True, dtype: 
         tmp = tempfile.mkdtemp(prefix=".draft-", dir=parent)
         try:
             write_weights(os.path.join(tmp, weights_name))
+            if token_map is not None:
+                write_token_map(os.path.join(tmp, TOKEN_MAP_NAME))
             write_config(os.path.join(tmp, CONFIG_NAME))
             os.replace(tmp, path)
         finally:
@@ -220,7 +273,12 @@ def save_draft(draft: DraftModel, path, safe_serialization: bool = True, dtype: 
         return path
     if not os.path.isdir(path):
         raise ValueError(f"save_draft: {path} exists and is not a folder")
-    for name, writer in ((weights_name, write_weights), (CONFIG_NAME, write_config)):
+    files = [(weights_name, write_weights)]
+    if token_map is not None:
+        files.append((TOKEN_MAP_NAME, write_token_map))
+    elif os.path.exists(os.path.join(path, TOKEN_MAP_NAME)):
+        os.remove(os.path.join(path, TOKEN_MAP_NAME))
+    for name, writer in files + [(CONFIG_NAME, write_config)]:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
         os.close(fd)
         try:

@@ -218,10 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     e.set_defaults(func=cmd_eval)
 
-    from .train.cli import add_prepare_data_parser, add_train_parser  # the training subcommands
+    from .train.cli import add_prepare_data_parser, add_token_map_parser, add_train_parser  # training commands
 
     add_prepare_data_parser(sub)
     add_train_parser(sub)
+    add_token_map_parser(sub)
     return parser
 
 

@@ -358,6 +358,11 @@ class DraftModel(nn.Module):
         # The target's lm_head weight: a reference (not a parameter or buffer), so it is never saved or copied.
         object.__setattr__(self, "_lm_head_weight", None)
         object.__setattr__(self, "_inv_freq", {})
+        # The hot vocabulary (reduced draft vocabulary, FR-Spec style): sorted target ids the tree draws from, or
+        # None for the full vocabulary. A non-persistent buffer: it follows .to(device) and stays out of the state
+        # dict (the checkpoint keeps it in a file of its own, see hass_ext.checkpoint).
+        self.register_buffer("hot_token_ids", None, persistent=False)
+        object.__setattr__(self, "_hot_head", (None, None, None, None))  # (head, its version, map, rows [N, H])
 
     # -- the head ----------------------------------------------------------------------------------------------
     @property
@@ -379,6 +384,47 @@ class DraftModel(nn.Module):
                                "set_lm_head(target.model.lm_head.weight)")
         w = self._lm_head_weight
         return F.linear(hidden.to(w.dtype), w)
+
+    def set_token_map(self, token_ids) -> None:
+        """Draft tree tokens from ``token_ids`` only (a hot vocabulary: 1-D target ids, unique, in
+        ``[0, vocab_size)``; stored sorted as int64), or from the whole vocabulary with None.
+
+        Only the tree expansion uses it (``tree_logits``); ``logits`` (training) keeps the full vocabulary. The
+        target still verifies over its full vocabulary, so decoding stays lossless whatever the map.
+        """
+        if token_ids is None:
+            self.hot_token_ids = None
+            return
+        ids = check_token_map(token_ids, self.config.vocab_size)
+        self.hot_token_ids = ids.to(self.device)
+
+    def tree_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft logits ``[..., N]`` over the hot vocabulary (``[..., V]`` without a map): column j is token
+        ``hot_token_ids[j]`` (see ``tree_token_ids``). The ``[N, H]`` rows of the lm_head are gathered once and
+        kept until the head, its contents or the map change."""
+        ids = self.hot_token_ids
+        if ids is None:
+            return self.logits(hidden)
+        w = self._lm_head_weight
+        if w is None:
+            return self.logits(hidden)  # raises the missing-head error
+        version = _version(w)
+        cw, cv, cids, rows = self._hot_head
+        if cw is not w or cv != version or cids is not ids:  # new head, head updated in place, or new map
+            rows = w.detach().index_select(0, ids.to(w.device))
+            object.__setattr__(self, "_hot_head", (w, version, ids, rows))
+        return F.linear(hidden.to(rows.dtype), rows)
+
+    def tree_token_ids(self, columns: torch.Tensor) -> torch.Tensor:
+        """Target token ids of ``tree_logits`` columns (the identity without a map)."""
+        ids = self.hot_token_ids
+        return columns if ids is None else ids[columns]
+
+    @property
+    def tree_vocab_size(self) -> int:
+        """How many tokens the tree can draw from: the hot vocabulary's size, or the full vocabulary."""
+        ids = self.hot_token_ids
+        return self.config.vocab_size if ids is None else int(ids.shape[0])
 
     # -- reusable pieces ---------------------------------------------------------------------------------------
     @property
@@ -430,6 +476,42 @@ class DraftModel(nn.Module):
 
     def new_cache(self, batch: int = 1, capacity: int = 256) -> DraftCache:
         return DraftCache(self.config, batch, self.dtype, self.device, capacity)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor: it has no version counter and cannot be changed in place
+        return -1
+
+
+def check_token_map(token_ids, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """A hot vocabulary as a sorted int64 CPU tensor; ValueError for an empty, non-1-D, non-integer,
+    out-of-range or repeated one."""
+    if isinstance(token_ids, torch.Tensor):
+        ids = token_ids.detach()
+    else:
+        try:
+            ids = torch.as_tensor(list(token_ids))
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"token map must be a 1-D sequence of token ids, got {type(token_ids).__name__}: "
+                             f"{e}") from e
+    if ids.dim() != 1:
+        raise ValueError(f"token map must be 1-D, got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError("token map is empty: give at least one token id (or None for the full vocabulary)")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"token map must hold integer token ids, got dtype {ids.dtype}")
+    ids = ids.to("cpu", torch.int64)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        bound = vocab_size if vocab_size is not None else "vocab_size"
+        raise ValueError(f"token map ids must be in [0, {bound}) (the vocabulary), got range [{lo}, {hi}]")
+    ids = torch.sort(ids).values
+    dup = ids[1:] == ids[:-1]
+    if bool(dup.any()):
+        raise ValueError(f"token map has repeated token ids, e.g. {int(ids[1:][dup][0])}")
+    return ids
 
 
 def init_draft(target, seed: int = 0, bias: bool = True, **config_overrides) -> DraftModel:

@@ -94,13 +94,12 @@ def speculative_round(target, draft, state: State, sampling: Sampling, total_tok
     with phase("verify"):
         logits, features = verify(target, state, tree)
     with phase("accept"):
-        path, n_accepted, bonus = accept(logits, tree, sampling)
+        path, new_tokens = accept(logits, tree, sampling)
     with phase("compact"):
         compact(state, path)
     with phase("extend"):
-        new_tokens = tree.tokens[path[1:]].tolist() + [bonus]
         extend(draft, state, features[path], new_tokens)
-    return new_tokens, n_accepted
+    return new_tokens, len(new_tokens) - 1
 
 
 @torch.inference_mode()
@@ -132,7 +131,8 @@ def verify(target, state: State, tree: Tree):
 
 
 def accept(logits: torch.Tensor, tree: Tree, sampling: Sampling):
-    """The accepted path (node indices from the root), its number of draft tokens and the bonus token.
+    """The accepted path (node indices from the root, a tensor on the device) and the new tokens (a list: the
+    accepted draft tokens, then the bonus token), read back from the device in one transfer.
 
     Acceptance rule (hass_ext.ops.verify_tree): walk down from the root, trying each node's children in node
     order. Greedy: accept the child whose token is the target's argmax at the node. Sampling: accept child x with
@@ -144,8 +144,10 @@ def accept(logits: torch.Tensor, tree: Tree, sampling: Sampling):
     accepted, accept_len, next_token = ops.verify_tree(logits, tree.tokens[None], tree.parents[None],
                                                        sampling.temperature, sampling.top_p, sampling.top_k,
                                                        sampling.generator)
-    n = int(accept_len[0])
-    return accepted[0, : n + 1], n, int(next_token[0])
+    # the host needs n (how much to keep) and the tokens (the output): one read for both
+    host = torch.cat([accept_len, tree.tokens[accepted[0, 1:].clamp(min=0)], next_token]).tolist()
+    n = host[0]
+    return accepted[0, : n + 1], host[1: n + 1] + [host[-1]]
 
 
 @torch.inference_mode()

@@ -12,8 +12,15 @@ A child's score is never above its parent's (log-probs are <= 0), and candidates
 of the scores, where a parent always precedes its children in candidate order: so the selection is closed under
 parents even at ties (pitfall P-20 of the reference, which could keep a child without its parent).
 The tree nodes' draft K/V go after the cache's accepted context and are never counted in ``cache.length``.
+
+With a hot vocabulary (``draft.hot_token_ids``, FR-Spec style) every expansion computes logits over those N rows
+of the lm_head only, ranks the top-k among them (log-probs normalised over the N) and maps the chosen columns
+back to target ids. This stays lossless: verification (hass_ext.ops.verify_tree) decides from the target's own
+full-vocabulary distribution alone, the draft only chooses which tokens are tried; a target token outside the
+hot set is simply never proposed and comes out as the bonus token.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -41,21 +48,28 @@ def check_tree_options(total_tokens, depth, top_k) -> None:
                          f"nodes cannot hold {top_k} children per node")
 
 
-def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor) -> Tree:
-    """Depths and the ancestor mask of a tree given by parent pointers (parents[0] = -1, parents[i] < i)."""
+def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor, max_depth: Optional[int] = None) -> Tree:
+    """Depths and the ancestor mask of a tree given by parent pointers (parents[0] = -1, parents[i] < i).
+
+    max_depth: a bound on the depth when the caller knows one (the draft's levels): the walk then runs that many
+    steps without reading anything back from the device; without it, it stops when no ancestor is left.
+    """
     n = tokens.shape[0]
     dev = tokens.device
     rows = torch.arange(n, device=dev)
     mask = torch.eye(n, dtype=torch.bool, device=dev)
     depths = torch.zeros(n, dtype=torch.long, device=dev)
     anc = parents.clone()
-    while True:  # one round per tree level: mark the current ancestor, step one level up
+    step = 0
+    while max_depth is None or step < max_depth:  # one step per level: mark the current ancestor, go one up
         live = anc >= 0
-        if not bool(live.any()):
+        if max_depth is None and not bool(live.any()):
             break
-        mask[rows[live], anc[live]] = True
+        col = anc.clamp(min=0)
+        mask[rows, col] |= live                                # no boolean indexing: nothing read back
         depths += live.long()
-        anc = torch.where(live, parents[anc.clamp(min=0)], anc)
+        anc = torch.where(live, parents[col], anc)
+        step += 1
     return Tree(tokens=tokens, parents=parents, depths=depths, mask=mask)
 
 
@@ -74,14 +88,14 @@ def draft_tree(draft, cache, root_hidden: torch.Tensor, root_token: int, total_t
         ``0 .. length-1``); level-l nodes sit at draft position ``length + l - 1``.
     """
     dev = root_hidden.device
-    k = min(top_k, draft.config.vocab_size)
+    k = min(top_k, draft.tree_vocab_size)
     n_draft = total_tokens - 1
     if n_draft <= 0 or depth <= 0:
         return root_only(root_token, dev)
     ctx = cache.length
     cache.reserve(ctx + (depth - 1) * k)
 
-    scores, tokens = _top_log_probs(draft.logits(root_hidden), k)  # level 1
+    scores, tokens = _top_log_probs(draft, root_hidden, k)  # level 1
     cand_scores, cand_tokens = [scores], [tokens]
     cand_parent = [torch.full((k,), -1, dtype=torch.long, device=dev)]  # candidate index of the parent, -1 = root
     frontier = torch.arange(k, device=dev)                     # candidate indices of the frontier
@@ -94,13 +108,13 @@ def draft_tree(draft, cache, root_hidden: torch.Tensor, root_token: int, total_t
         # Exact early stop: a deeper candidate scores at most its frontier ancestor, and loses ties to every
         # earlier candidate; once n_draft candidates score >= the best frontier score, none deeper can be kept.
         best_frontier = scores.max()
-        if sum(int((s >= best_frontier).sum()) for s in cand_scores) >= n_draft:
+        if int(sum((s >= best_frontier).sum() for s in cand_scores)) >= n_draft:  # one read per level
             break
         attn_mask = torch.cat([ctx_cols, fmask], dim=1)
         pos = torch.full((1, k), ctx + step, dtype=torch.long, device=dev)
         out = draft(ids[None], hidden[None], position_ids=pos, cache=cache, cache_pos=ctx + step * k,
                     attn_mask=attn_mask)[0]                    # [k, H]
-        child_lp, child_tok = _top_log_probs(draft.logits(out), k)  # [k, k]
+        child_lp, child_tok = _top_log_probs(draft, out, k)    # [k, k]
         child_scores = (child_lp + scores[:, None]).flatten()  # cumulative path log-prob
         cand_scores.append(child_scores)
         cand_tokens.append(child_tok.flatten())
@@ -111,28 +125,38 @@ def draft_tree(draft, cache, root_hidden: torch.Tensor, root_token: int, total_t
         n_cand += k * k
         hidden, ids = out[slot], child_tok.flatten()[best]
         fmask = torch.cat([fmask[slot], torch.eye(k, dtype=torch.bool, device=dev)], dim=1)
-    return _select(torch.cat(cand_scores), torch.cat(cand_tokens), torch.cat(cand_parent), root_token, n_draft)
+    return _select(torch.cat(cand_scores), torch.cat(cand_tokens), torch.cat(cand_parent), root_token, n_draft,
+                   max_depth=len(cand_scores))
 
 
-def _top_log_probs(logits: torch.Tensor, k: int):
-    """The k largest log-probabilities of each row and their tokens (top-k of the logits minus the log-normaliser:
-    one pass over the vocabulary fewer than a full log_softmax; the results are still <= 0)."""
-    logits = logits.float()
-    top, tok = torch.topk(logits, k, dim=-1)
-    return top - torch.logsumexp(logits, dim=-1, keepdim=True), tok
+def _top_log_probs(draft, hidden: torch.Tensor, k: int):
+    """The k largest draft log-probabilities of each row and their target token ids (top-k of the logits minus the
+    log-normaliser: one pass over the vocabulary fewer than a full log_softmax; the results are still <= 0).
+    With a hot vocabulary, over its tokens only."""
+    logits = draft.tree_logits(hidden).float()
+    top, col = torch.topk(logits, k, dim=-1)
+    return top - _log_normaliser(logits, top[..., :1]), draft.tree_token_ids(col)
 
 
-def _select(scores, tokens, parent, root_token, n_draft) -> Tree:
-    """Keep the n_draft best candidates (stable ranking: parents first at ties), in candidate order."""
+def _log_normaliser(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim given its max. Terms below e^-80 relative to the max are clamped there: they
+    change the sum by less than V * e^-80 (far below fp32 resolution) and would otherwise be denormal, which
+    makes exp ~40x slower on CPUs (a confident draft has many such logits)."""
+    return row_max + (logits - row_max).clamp_(min=-80.0).exp_().sum(-1, keepdim=True).log_()
+
+
+def _select(scores, tokens, parent, root_token, n_draft, max_depth: Optional[int] = None) -> Tree:
+    """Keep the n_draft best candidates (stable ranking: parents first at ties), in candidate order.
+
+    Every kept node's parent is kept (module docstring; tests check it on ties), so nothing is read back here.
+    max_depth: the number of draft levels, if known (see tree_from_parents)."""
     dev = scores.device
     n_keep = min(n_draft, scores.shape[0])
     order = torch.sort(scores, descending=True, stable=True).indices[:n_keep]
     sel = torch.sort(order).values
     par = parent[sel]
     pos = torch.searchsorted(sel, par.clamp(min=0))            # node index - 1 of each kept parent
-    if not bool(((par < 0) | (sel[pos.clamp(max=n_keep - 1)] == par)).all()):
-        raise RuntimeError("draft tree selection kept a node without its parent")  # impossible by construction
     node_parent = torch.where(par < 0, torch.zeros_like(pos), pos + 1)
     all_tokens = torch.cat([torch.tensor([int(root_token)], device=dev), tokens[sel]])
     all_parents = torch.cat([torch.tensor([-1], device=dev), node_parent])
-    return tree_from_parents(all_tokens, all_parents)
+    return tree_from_parents(all_tokens, all_parents, max_depth)

@@ -197,25 +197,29 @@ def _chi2_pvalue(counts, probs):
     return float(chisquare(obs.numpy(), (exp * (n / exp.sum())).numpy()).pvalue), int(big.sum())
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (1.0, 0.8, 0)])
-def test_sampling_matches_target_distribution(temperature, top_p, top_k):
+def sampling_setup():
+    """A tiny target, a prompt and a draft fitted to sampled continuations: its candidates then carry most of the
+    target's mass, so that acceptances, sibling rejections and residual draws all happen often. Also returns the
+    sampled continuations (the draft's training data)."""
+    target = tiny_target("llama", seed=0, vocab=32, hidden=32, layers=2, scale=10.0)
+    prompt = torch.tensor([1, 5, 9, 2])
+    samples = [torch.cat([prompt, torch.tensor(hass_ext.generate(prompt, target=target, max_new_tokens=6,
+                                                                 temperature=1.0, seed=s).token_ids)])
+               for s in range(24)]
+    draft = _train_agreeing_draft(target, [x for x in samples if x.numel() == 10], steps=200)
+    return target, prompt, draft, samples
+
+
+def check_sampling_distribution(target, draft, prompt, temperature, top_p, top_k, n=4000, min_accepted=None):
     """The first 3 tokens of speculative sampling vs the exact enumeration of the target's distribution.
 
     Bounds (fixed seeds): chi-square p-value > 1e-4 for the joint distribution of the 3 tokens and for each
     position's marginal (cells with expected count < 5 pooled); total variation of the joint below the mean + 5
     standard deviations of the TV of exact samplers with the same number of draws; no sequence of probability 0.
+    Returns the sampled counts ``[V, V, V]``.
     """
-    target = tiny_target("llama", seed=0, vocab=32, hidden=32, layers=2, scale=10.0)
-    prompt = torch.tensor([1, 5, 9, 2])
     V = target.config.vocab_size
-    # a draft fitted to sampled continuations: its candidates then carry most of the target's mass, so that
-    # acceptances, sibling rejections and residual draws all happen often
-    samples = [torch.cat([prompt, torch.tensor(hass_ext.generate(prompt, target=target, max_new_tokens=6,
-                                                                 temperature=1.0, seed=s).token_ids)])
-               for s in range(24)]
-    draft = _train_agreeing_draft(target, [x for x in samples if x.numel() == 10], steps=200)
     exact = _exact_three_token_distribution(target, prompt, temperature, top_p, top_k)
-    n = 4000
     g = torch.Generator().manual_seed(1234)
     counts = torch.zeros_like(exact)
     accepted = 0
@@ -228,7 +232,8 @@ def test_sampling_matches_target_distribution(temperature, top_p, top_k):
             if len(toks) >= 3:
                 break
         counts[toks[0], toks[1], toks[2]] += 1
-    assert accepted > n // 4, "too few accepted draft tokens for the test to exercise acceptance"
+    min_accepted = n // 4 if min_accepted is None else min_accepted
+    assert accepted > min_accepted, "too few accepted draft tokens for the test to exercise acceptance"
     pvalues = {"joint": _chi2_pvalue(counts.flatten(), exact.flatten())}
     for pos in range(3):
         dims = tuple(d for d in range(3) if d != pos)
@@ -245,6 +250,14 @@ def test_sampling_matches_target_distribution(temperature, top_p, top_k):
         assert pvalue > 1e-4, f"{name}: speculative sampling does not follow the target (chi2 p={pvalue:.2g})"
     assert tv < tv_bound, f"TV {tv:.3f} above the bound {tv_bound:.3f} of exact sampling"
     assert float(counts[exact == 0].sum()) == 0, "sampled a sequence the target gives probability 0 (top_p)"
+    return counts
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (1.0, 0.8, 0)])
+def test_sampling_matches_target_distribution(temperature, top_p, top_k):
+    """Speculative sampling follows the target's distribution (check_sampling_distribution)."""
+    target, prompt, draft, _ = sampling_setup()
+    check_sampling_distribution(target, draft, prompt, temperature, top_p, top_k)
 
 
 def test_sampling_is_reproducible_with_a_seed():

@@ -167,6 +167,13 @@ class Shard:
     def lengths(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 
+    def token_arrays(self):
+        """``(input_ids [T] int32, loss_mask [T] uint8)`` of the whole shard (no hidden states read)."""
+        try:
+            return self._file.get_tensor("input_ids"), self._file.get_tensor("loss_mask")
+        except Exception as e:
+            raise CorruptShardError(f"corrupt shard {self.path}: cannot read input_ids/loss_mask: {e}") from e
+
     def example(self, i: int) -> Dict[str, torch.Tensor]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         try:
