@@ -72,8 +72,9 @@ def _load_draft(args, target):
     return load_draft(args.draft, target=target)
 
 
-def _stats(prompt, kwargs, result, file=sys.stderr):
+def _stats(prompt, kwargs, result, file=None):
     """--stats: decode the same prompt with the target alone and compare."""
+    file = file or sys.stderr  # looked up per call: sys.stderr may be replaced after import
     from .generate import generate
 
     if kwargs.get("draft") is None:
@@ -102,7 +103,8 @@ def _print_stream(prompt, kwargs):
     return result
 
 
-def _report(result, file=sys.stderr):
+def _report(result, file=None):
+    file = file or sys.stderr
     print(f"[{result.num_new_tokens} tokens in {result.elapsed:.2f} s: {result.tokens_per_second:.1f} tokens/s]",
           file=file)
 

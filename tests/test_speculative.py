@@ -364,7 +364,7 @@ def test_cli_generate_with_draft_and_stats(tmp_path, capsys, smollm2):
     rc = main(["generate", "What is 2+2?", "--max-new-tokens", "6", "--draft", str(path), "--total-tokens", "8",
                "--depth", "3", "--tree-topk", "2", "--stats"])
     out = capsys.readouterr()
-    assert rc == 0
+    assert rc == 0, out.err
     assert out.out.strip() == hass_ext.generate("What is 2+2?", target=target, max_new_tokens=6).text.strip()
     assert "tau 1.00 over 5 rounds" in out.err and "speedup" in out.err
     assert main(["generate", "hi", "--total-tokens", "8"]) == 2
