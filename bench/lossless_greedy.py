@@ -8,12 +8,14 @@ logits within 1e-4 at the first differing token); the run reports every divergen
     python bench/lossless_greedy.py                 # all 240 prompts, 64 new tokens, 4 tree shapes (hours on CPU)
     python bench/lossless_greedy.py --per-file 2    # a quick look
 
-Resumable: finished prompts are kept in bench/results/lossless_greedy.partial.tmp and skipped on a rerun.
+Resumable: finished prompts (in bench/results/lossless_greedy.partial.tmp and the report) are skipped on a rerun;
+--budget-s bounds one sitting.
 Writes bench/results/lossless_greedy.json and .md.
 """
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -86,6 +88,8 @@ def summarise(records):
 
 def markdown(summary, meta):
     lines = [f"# Greedy losslessness: speculative vs vanilla ({meta['date']})", "",
+             (f"**Partial run: {meta['prompts']} of {meta['prompts_planned']} prompts so far** (rerun the command to "
+              "continue). " if meta["prompts"] < meta["prompts_planned"] else "") +
              f"{meta['prompts']} prompts (first turns of mt_bench, humaneval, gsm8k), {meta['max_new_tokens']} new "
              f"tokens, target {meta['target']} fp32 on CPU, randomly initialised draft (seed 0). A divergence is "
              f"tolerated only where vanilla's two best logits are within {TIE:g}.", "",
@@ -99,8 +103,17 @@ def markdown(summary, meta):
             lines.append(f"- {label}: {d['prompt']} differs at token {d['index']}, vanilla top-2 gap "
                          f"{d['top2_gap']:.3g}")
     m = meta["machine"]
-    lines += ["", f"Machine: {m}", f"Command: `{meta['command']}`", ""]
+    lines += ["", f"Records by commit: {meta['records_by_commit']}", f"Machine: {m}",
+              f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)
+
+
+def _commit():
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip() or None
+    except OSError:
+        return None
 
 
 def main(argv=None):
@@ -110,6 +123,9 @@ def main(argv=None):
     ap.add_argument("--eval-dir", default=None,
                     help="folder of mt_bench/humaneval/gsm8k.jsonl (default: the packaged question files)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new prompt after this many seconds; the report then covers the prompts done so far "
+                         "(all runs together) and says it is partial")
     ap.add_argument("--out-dir", default=RESULTS)
     ap.add_argument("--name", default="lossless_greedy")
     args = ap.parse_args(argv)
@@ -120,6 +136,12 @@ def main(argv=None):
     draft = hass_ext.init_draft(target, seed=0)
     partial = os.path.join(args.out_dir, f"{args.name}.partial.tmp")
     done = {}
+    report = os.path.join(args.out_dir, f"{args.name}.json")
+    if os.path.exists(report):  # a committed partial report continues too
+        with open(report) as f:
+            for r in json.load(f)["records"]:
+                if r.get("max_new_tokens") == args.max_new_tokens:
+                    done[r["prompt"]] = r
     if os.path.exists(partial):
         with open(partial) as f:
             for line in f:
@@ -129,25 +151,27 @@ def main(argv=None):
     todo = first_turns(args.per_file, eval_dir=args.eval_dir)
     from tqdm import tqdm
 
+    commit = _commit()
     records = []
+    start = time.perf_counter()
     with open(partial, "a") as f:
         for name, prompt in tqdm(todo, desc="prompts"):
+            if name not in done and args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+                continue
             if name not in done:
                 r = run_prompt(target, draft, name, prompt, args.max_new_tokens)
                 r["max_new_tokens"] = args.max_new_tokens
+                r["commit"] = commit  # the code that produced this record (a run may span several commits)
                 f.write(json.dumps(r) + "\n")
                 f.flush()
                 done[name] = r
             records.append(done[name])
     summary = summarise(records)
-    try:
-        import subprocess
-
-        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or None
-    except OSError:
-        commit = None
-    meta = {"commit": commit, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "prompts": len(records),
+    by_commit = {}
+    for r in records:
+        by_commit[r.get("commit")] = by_commit.get(r.get("commit"), 0) + 1
+    meta = {"commit": commit, "records_by_commit": by_commit, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "prompts": len(records),
+            "prompts_planned": len(todo),
             "max_new_tokens": args.max_new_tokens, "target": target.name, "trees": TREES,
             "machine": machine_info(),
             "command": "python bench/lossless_greedy.py " + " ".join(argv if argv is not None else sys.argv[1:])}

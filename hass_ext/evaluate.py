@@ -48,10 +48,8 @@ def first_turns(per_file: Optional[int] = None, datasets: Sequence[str] = DATASE
     out = []
     for name in datasets:
         rows = [q["turns"][0] for q in load_questions(os.path.join(eval_dir, f"{name}.jsonl") if eval_dir else name)]
-        if per_file:
-            step = len(rows) / per_file
-            rows = [rows[int(i * step)] for i in range(per_file)]
-        out += [(f"{name}[{i}]", r) for i, r in enumerate(rows)]
+        keep = [int(i * len(rows) / per_file) for i in range(per_file)] if per_file else range(len(rows))
+        out += [(f"{name}[{i}]", rows[i]) for i in keep]  # named by the question's index in its file
     return out
 
 
