@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "hass/compact_kv.h"
+#include "hass/distill_loss.h"
 
 namespace hass_bind {
 
@@ -31,6 +32,21 @@ inline void distill_check(const at::Tensor& draft, const at::Tensor& target, con
   TORCH_CHECK(target.device() == draft.device() && mask.device() == draft.device(), op,
               ": draft_logits, target_logits and loss_mask must be on one device");
   TORCH_CHECK(draft.size(1) < (int64_t(1) << 31) - 1, op, ": vocabulary too large");
+}
+
+// distill_loss_backward's inputs: the forward's inputs, its row_stats [N, 5] and top-K ids [N, K], scalar grads.
+inline void distill_backward_check(const at::Tensor& grad_ce, const at::Tensor& grad_topk, const at::Tensor& draft,
+                                   const at::Tensor& target, const at::Tensor& mask, const at::Tensor& stats,
+                                   const at::Tensor& topk_idx) {
+  distill_check(draft, target, mask, "distill_loss_backward");
+  const int64_t N = draft.size(0);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 5 && stats.scalar_type() == at::kFloat,
+              "distill_loss_backward: row_stats must be float32 [N, 5], got ", stats.sizes());
+  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == N && topk_idx.scalar_type() == at::kLong &&
+                  topk_idx.size(1) >= 1 && topk_idx.size(1) <= hass::kMaxTopK,
+              "distill_loss_backward: topk_idx must be int64 [N, K], got ", topk_idx.sizes());
+  TORCH_CHECK(grad_ce.numel() == 1 && grad_topk.numel() == 1,
+              "distill_loss_backward: grad_ce and grad_topk must be scalars");
 }
 
 }  // namespace hass_bind

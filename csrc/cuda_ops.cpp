@@ -316,7 +316,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_cuda(con
                                                                             int64_t topk) {
   hass_bind::distill_check(draft_logits, target_logits, loss_mask, "distill_loss");
   const int64_t N = draft_logits.size(0), V = draft_logits.size(1);
-  TORCH_CHECK(topk >= 1 && topk <= 64 && topk <= V, "distill_loss: topk must be in [1, min(64, V=", V, ")], got ",
+  TORCH_CHECK(topk >= 1 && topk <= hass::kMaxTopK && topk <= V,
+              "distill_loss: topk must be in [1, min(", hass::kMaxTopK, ", V=", V, ")], got ",
               topk);
   const c10::cuda::CUDAGuard guard(draft_logits.device());
   const auto z = draft_logits.contiguous(), t = target_logits.contiguous(), m = loss_mask.contiguous();
@@ -338,15 +339,8 @@ at::Tensor distill_loss_backward_cuda(const at::Tensor& grad_ce, const at::Tenso
                                       const at::Tensor& draft_logits, const at::Tensor& target_logits,
                                       const at::Tensor& loss_mask, const at::Tensor& stats,
                                       const at::Tensor& topk_idx) {
-  hass_bind::distill_check(draft_logits, target_logits, loss_mask, "distill_loss_backward");
+  hass_bind::distill_backward_check(grad_ce, grad_topk, draft_logits, target_logits, loss_mask, stats, topk_idx);
   const int64_t N = draft_logits.size(0), V = draft_logits.size(1);
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 5 && stats.scalar_type() == at::kFloat,
-              "distill_loss_backward: row_stats must be float32 [N, 5], got ", stats.sizes());
-  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == N && topk_idx.scalar_type() == at::kLong &&
-                  topk_idx.size(1) >= 1 && topk_idx.size(1) <= 64,
-              "distill_loss_backward: topk_idx must be int64 [N, K], got ", topk_idx.sizes());
-  TORCH_CHECK(grad_ce.numel() == 1 && grad_topk.numel() == 1,
-              "distill_loss_backward: grad_ce and grad_topk must be scalars");
   const c10::cuda::CUDAGuard guard(draft_logits.device());
   const auto z = draft_logits.contiguous(), t = target_logits.contiguous(), m = loss_mask.contiguous();
   const auto st = stats.contiguous(), ix = topk_idx.contiguous();

@@ -289,13 +289,8 @@ at::Tensor distill_loss_backward_cpu(const at::Tensor& grad_ce, const at::Tensor
                                      const at::Tensor& draft_logits, const at::Tensor& target_logits,
                                      const at::Tensor& loss_mask, const at::Tensor& stats,
                                      const at::Tensor& topk_idx) {
-  hass_bind::distill_check(draft_logits, target_logits, loss_mask, "distill_loss_backward");
+  hass_bind::distill_backward_check(grad_ce, grad_topk, draft_logits, target_logits, loss_mask, stats, topk_idx);
   const int64_t N = draft_logits.size(0), V = draft_logits.size(1);
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 5 && stats.scalar_type() == at::kFloat,
-              "distill_loss_backward: row_stats must be float32 [N, 5], got ", stats.sizes());
-  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == N && topk_idx.scalar_type() == at::kLong &&
-                  topk_idx.size(1) >= 1 && topk_idx.size(1) <= hass::kMaxTopK,
-              "distill_loss_backward: topk_idx must be int64 [N, K], got ", topk_idx.sizes());
   const auto z = draft_logits.contiguous(), t = target_logits.contiguous(), m = loss_mask.contiguous();
   const auto st = stats.contiguous(), ix = topk_idx.contiguous();
   const Dt zdt = dt_of(z, "distill_loss_backward", "draft_logits");
