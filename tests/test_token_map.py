@@ -11,9 +11,8 @@ from hass_ext.checkpoint import CheckpointError, load_token_map, save_token_map
 from hass_ext.draft import check_token_map
 from hass_ext.train.shards import MANIFEST, FORMAT, ShardDataset, pack_examples, shard_name, write_shard
 from hass_ext.train.token_map import hot_vocabulary, template_token_ids, token_frequencies
-from hass_ext.tree import draft_tree
 from test_speculative import _train_agreeing_draft, check_sampling_distribution, sampling_setup
-from test_tree import _brute_force_tree, _draft
+from test_tree import _brute_force_tree, _draft, tree_after_random_context
 from tiny_models import tiny_target
 
 
@@ -29,13 +28,7 @@ def test_tree_matches_brute_force_over_hot_rows(total_tokens, depth, k, n_hot, s
     hot = torch.randperm(40, generator=g)[:n_hot]
     draft.set_token_map(hot)
     assert draft.hot_token_ids.tolist() == sorted(hot.tolist()) and draft.tree_vocab_size == n_hot
-    L = 7
-    ctx_ids, ctx_feats = torch.randint(0, 40, (1, L), generator=g), torch.randn(1, L, 32, generator=g)
-    cache = draft.new_cache(capacity=4)
-    with torch.no_grad():
-        root_hidden = draft(ctx_ids, ctx_feats, cache=cache)[0, -1]
-    cache.length = L
-    tree = draft_tree(draft, cache, root_hidden, 7, total_tokens, depth, k)
+    tree, _, ctx_ids, ctx_feats = tree_after_random_context(draft, g, 7, total_tokens, depth, k)
 
     full = draft.logits
     cold = torch.ones(40, dtype=torch.bool)

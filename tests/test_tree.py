@@ -70,20 +70,25 @@ def _brute_force_tree(draft, ctx_ids, ctx_feats, root, total_tokens, depth, k):
     return tokens, parents
 
 
+def tree_after_random_context(draft, g, L, total_tokens, depth, k, root=7):
+    """The draft tree (root token ``root``) after a random context of L tokens/features drawn from ``g``."""
+    ctx_ids, ctx_feats = torch.randint(0, 40, (1, L), generator=g), torch.randn(1, L, 32, generator=g)
+    cache = draft.new_cache(capacity=4)
+    with torch.no_grad():
+        root_hidden = draft(ctx_ids, ctx_feats, cache=cache)[0, -1]
+    cache.length = L
+    return draft_tree(draft, cache, root_hidden, root, total_tokens, depth, k), cache, ctx_ids, ctx_feats
+
+
 @pytest.mark.parametrize("total_tokens,depth,k,seed,scale", [
     (60, 6, 10, 0, 1.0), (8, 3, 2, 1, 1.0), (12, 4, 3, 2, 1.0), (7, 6, 1, 3, 1.0), (1, 6, 1, 4, 1.0),
     (30, 1, 5, 5, 1.0), (200, 3, 4, 6, 1.0),
     (60, 6, 10, 7, 4.0), (25, 6, 3, 8, 6.0)])  # peaked drafts: deep trees, the early stop rarely fires
 def test_draft_tree_matches_brute_force(total_tokens, depth, k, seed, scale):
     draft = _draft(seed=seed, head_scale=scale)
-    g = torch.Generator().manual_seed(seed)
     L = 9
-    ctx_ids, ctx_feats = torch.randint(0, 40, (1, L), generator=g), torch.randn(1, L, 32, generator=g)
-    cache = draft.new_cache(capacity=4)
-    with torch.no_grad():
-        root_hidden = draft(ctx_ids, ctx_feats, cache=cache)[0, -1]
-    cache.length = L
-    tree = draft_tree(draft, cache, root_hidden, 7, total_tokens, depth, k)
+    tree, cache, ctx_ids, ctx_feats = tree_after_random_context(draft, torch.Generator().manual_seed(seed), L,
+                                                                total_tokens, depth, k)
     tokens, parents = _brute_force_tree(draft, ctx_ids, ctx_feats, 7, total_tokens, depth, k)
     assert tree.tokens.tolist() == tokens
     assert tree.parents.tolist() == parents
