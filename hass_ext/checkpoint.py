@@ -210,9 +210,11 @@ def load_draft(path, target=None, dtype: Optional[torch.dtype] = None, device=No
     return draft
 
 
-def _state_dict_for_save(draft: DraftModel, dtype: Optional[torch.dtype]) -> dict:
+def _state_dict_for_save(draft: DraftModel, dtype: Optional[torch.dtype], embedding: bool = True) -> dict:
     out = {}
     for k, v in draft.state_dict().items():
+        if not embedding and k == "embed_tokens.weight":
+            continue
         v = v.detach()
         if dtype is not None:
             v = v.to(dtype)
@@ -220,7 +222,8 @@ def _state_dict_for_save(draft: DraftModel, dtype: Optional[torch.dtype]) -> dic
     return out
 
 
-def save_draft(draft: DraftModel, path, safe_serialization: bool = True, dtype: Optional[torch.dtype] = None) -> str:
+def save_draft(draft: DraftModel, path, safe_serialization: bool = True, dtype: Optional[torch.dtype] = None,
+               embedding: bool = True) -> str:
     """Write ``draft`` as an EAGLE/HASS checkpoint folder (``config.json`` + ``model.safetensors``, or
     ``pytorch_model.bin`` with ``safe_serialization=False``); returns the folder.
 
@@ -230,11 +233,13 @@ def save_draft(draft: DraftModel, path, safe_serialization: bool = True, dtype: 
     file is written to a temporary name and renamed over the old one (weights first, config last), and a weights
     file of the other format is removed so the folder never holds two different drafts.
     dtype: convert the weights (default: the draft's dtype).
+    embedding: False leaves ``embed_tokens.weight`` out (it is the target's; ``load_draft`` copies it from there),
+        as the published EAGLE drafts do.
     """
     if not isinstance(draft, DraftModel):
         raise ValueError(f"save_draft needs a hass_ext.DraftModel, got {type(draft).__name__}")
     path = os.fspath(path)
-    sd = _state_dict_for_save(draft, dtype)
+    sd = _state_dict_for_save(draft, dtype, embedding)
     cfg = draft.config.to_dict()
     cfg["torch_dtype"] = str(sd["fc.weight"].dtype).replace("torch.", "")
     weights_name = SAFETENSORS_NAME if safe_serialization else BIN_NAME

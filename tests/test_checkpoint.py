@@ -126,6 +126,21 @@ def test_save_load_round_trip(tmp_path, target, fmt):
     torch.testing.assert_close(half.fc.weight, draft.fc.weight, rtol=1e-3, atol=1e-3)
 
 
+def test_save_without_embedding_in_bf16(tmp_path, target):
+    """The shipped layout: bf16 weights, no embed_tokens (copied back from the target on load)."""
+    from safetensors import safe_open
+
+    draft = hass_ext.init_draft(target, seed=5)
+    out = save_draft(draft, tmp_path / "slim", dtype=torch.bfloat16, embedding=False)
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert "embed_tokens.weight" not in keys and "fc.weight" in keys
+        assert {f.get_tensor(k).dtype for k in keys} == {torch.bfloat16}
+    back = load_draft(out, target=target)
+    assert torch.equal(back.embed_tokens.weight, target.model.get_input_embeddings().weight.to(back.dtype))
+    torch.testing.assert_close(back.fc.weight.float(), draft.fc.weight.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_saved_config_is_an_eagle_llama_config(tmp_path, target):
     from transformers import AutoConfig
 
