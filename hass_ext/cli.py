@@ -37,13 +37,17 @@ def _add_draft_args(p):
     p.add_argument("--draft", default=None,
                    help="speculative decoding with this draft: a checkpoint folder (EAGLE/HASS layout) or "
                         "'default' (the packaged draft); without it, vanilla decoding")
+    _add_tree_args(p)
+    p.add_argument("--stats", action="store_true",
+                   help="also decode with the target alone and report tau, tokens/s and the speedup")
+
+
+def _add_tree_args(p):
     p.add_argument("--total-tokens", default=None,
                    help="draft tree size in nodes, root included (default 60), or 'auto' to size it from the "
                         "measured cost of a target forward on this device")
     p.add_argument("--depth", type=int, default=None, help="draft tree levels (default 6)")
     p.add_argument("--tree-topk", type=int, default=None, help="children kept per expanded node (default 10)")
-    p.add_argument("--stats", action="store_true",
-                   help="also decode with the target alone and report tau, tokens/s and the speedup")
 
 
 def _tree_options(args):
@@ -168,9 +172,11 @@ def cmd_eval(args):
     settings = dict(datasets=args.datasets, temperatures=args.temperatures, num_questions=args.num_questions,
                     max_new_tokens=args.max_new_tokens, turns=args.turns, target=target.name,
                     drafts=args.draft or [])
+    tree = _tree_options(args)
+    settings.update(tree)
     results = evaluate(target, drafts, datasets=args.datasets, temperatures=args.temperatures,
                        num_questions=args.num_questions, max_new_tokens=args.max_new_tokens, turns=args.turns,
-                       seed=args.seed or 0)
+                       seed=args.seed or 0, **tree)
     command = "hass-ext " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     paths = write_results(results, args.out_dir, args.name, command, settings)
     print(markdown_table(results))
@@ -217,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out-dir", default="bench/results")
     e.add_argument("--name", default="eval", help="file name prefix of the results")
+    _add_tree_args(e)
     _add_model_args(e)
     e.set_defaults(func=cmd_eval)
 

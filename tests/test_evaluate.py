@@ -43,3 +43,22 @@ def test_vanilla_eval_writes_results(tmp_path):
     doc = json.loads(open(paths["json"]).read())
     assert doc["command"].startswith("hass-ext eval") and doc["machine"]["torch"]
     assert "| gsm8k | 0 | vanilla |" in open(paths["md"]).read()
+
+
+def test_cli_eval_with_a_draft_and_tree_options(tmp_path, capsys):
+    from hass_ext.cli import main
+
+    target = hass_ext.load_target()
+    path = hass_ext.save_draft(hass_ext.init_draft(target, seed=0), tmp_path / "draft")
+    rc = main(["eval", "--draft", f"rnd={path}", "--datasets", "gsm8k", "--temperatures", "0", "--num-questions", "2",
+               "--turns", "1", "--max-new-tokens", "8", "--total-tokens", "4", "--depth", "2", "--tree-topk", "2",
+               "--out-dir", str(tmp_path / "out"), "--name", "t"])
+    assert rc == 0, capsys.readouterr().err
+    (json_path,) = [p for p in (tmp_path / "out").iterdir() if p.suffix == ".json"]
+    doc = json.loads(json_path.read_text())
+    assert doc["settings"]["total_tokens"] == 4 and doc["settings"]["depth"] == 2
+    methods = doc["results"]["gsm8k@T=0"]["methods"]
+    assert set(methods) == {"vanilla", "rnd"}
+    assert methods["rnd"]["questions"] == 2 and methods["rnd"]["tau"] >= 1.0
+    # greedy speculative decoding is lossless: the same number of new tokens as vanilla
+    assert methods["rnd"]["new_tokens"] == methods["vanilla"]["new_tokens"]
