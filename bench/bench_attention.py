@@ -220,7 +220,7 @@ def main():
     ap.add_argument("--device", default="cuda" if "cuda" in hass_ext.available_devices() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--out-dir", "--out", dest="out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mem_child:

@@ -113,7 +113,7 @@ def main(argv=None):
     ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--out", default="verify_tree", help="results file stem")
-    ap.add_argument("--results-dir", default=RESULTS, help="where the .json and .md go (default bench/results)")
+    ap.add_argument("--out-dir", "--results-dir", dest="results_dir", default=RESULTS, help="where the .json and .md go (default bench/results)")
     args = ap.parse_args(argv)
 
     shapes = [(60, 128256), (16, 49152)] if not args.quick else [(12, 500), (5, 97)]

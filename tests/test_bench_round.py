@@ -43,3 +43,17 @@ def test_run_all_runs_it_quick(tmp_path):
     (result,) = tmp_path.glob("round_*-quick.json")  # round_cpu or round_<GPU name>
     s = json.loads(result.read_text())["summary"]
     assert s["round_s"] > 0 and s["vanilla_step_s"] > 0 and s["round_matches_greedy"]
+
+
+def test_gpu_suite_tiny_runs_every_benchmark(tmp_path):
+    """bench/gpu_suite.sh --tiny: the GPU machine's script, on the CPU with tiny shapes; every benchmark succeeds."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, OUT_DIR=str(tmp_path))
+    proc = subprocess.run(["bash", os.path.join("bench", "gpu_suite.sh"), "--tiny"], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "FAILED" not in proc.stdout
+    benches = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(ROOT, "bench")) if f.startswith("bench_")}
+    rows = json.loads((tmp_path / "run_all-quick.json").read_text())["rows"]
+    assert {r["benchmark"] for r in rows} == benches - {"bench_round"}, rows
+    assert all(r["ok"] for r in rows), rows
+    assert (tmp_path / "round_cpu-quick.json").exists()
