@@ -10,6 +10,8 @@ writes is what the EAGLE/HASS reference, SGLang and vLLM load for an EAGLE-1/2 d
 A draft with a hot vocabulary (``draft.hot_token_ids``) also gets ``token_map.pt``: the sorted target token ids as
 a 1-D int64 tensor saved with ``torch.save``, the file SGLang's ``--speculative-token-map`` loads (it reads it with
 ``torch.load(weights_only=True)`` and slices the draft's lm_head with it). ``load_draft`` applies it when present.
+A draft whose tree shapes were measured (hass_ext.tree_choice) also gets ``tree_profile.json``, which
+``generate(total_tokens="auto")`` uses to size the tree for the device; other loaders ignore it.
 """
 import json
 import os
@@ -21,6 +23,7 @@ from typing import Optional
 import torch
 
 from .draft import DraftConfig, DraftModel
+from .tree_choice import PROFILE_NAME, load_profile
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -204,6 +207,7 @@ def load_draft(path, target=None, dtype: Optional[torch.dtype] = None, device=No
     draft = DraftModel(config)
     draft.load_state_dict(sd, strict=True)
     draft.set_token_map(token_map)
+    draft.tree_profile = load_profile(path)
     draft = draft.to(device=device, dtype=dtype).eval()
     if head is not None:
         draft.set_lm_head(head)
@@ -257,6 +261,13 @@ def save_draft(draft: DraftModel, path, safe_serialization: bool = True, dtype: 
     def write_token_map(file_path):
         torch.save(token_map.detach().to("cpu", torch.int64).clone(), file_path)
 
+    profile = draft.tree_profile
+
+    def write_profile(file_path):
+        with open(file_path, "w", encoding="utf-8") as f:
+            json.dump(profile, f, indent=1)
+            f.write("\n")
+
     def write_config(file_path):
         with open(file_path, "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
@@ -270,6 +281,8 @@ def save_draft(draft: DraftModel, path, safe_serialization: bool = True, dtype: 
             write_weights(os.path.join(tmp, weights_name))
             if token_map is not None:
                 write_token_map(os.path.join(tmp, TOKEN_MAP_NAME))
+            if profile is not None:
+                write_profile(os.path.join(tmp, PROFILE_NAME))
             write_config(os.path.join(tmp, CONFIG_NAME))
             os.replace(tmp, path)
         finally:
@@ -283,6 +296,10 @@ def save_draft(draft: DraftModel, path, safe_serialization: bool = True, dtype: 
         files.append((TOKEN_MAP_NAME, write_token_map))
     elif os.path.exists(os.path.join(path, TOKEN_MAP_NAME)):
         os.remove(os.path.join(path, TOKEN_MAP_NAME))
+    if profile is not None:
+        files.append((PROFILE_NAME, write_profile))
+    elif os.path.exists(os.path.join(path, PROFILE_NAME)):  # it measured other weights
+        os.remove(os.path.join(path, PROFILE_NAME))
     for name, writer in files + [(CONFIG_NAME, write_config)]:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
         os.close(fd)

@@ -44,10 +44,14 @@ def _add_draft_args(p):
 
 def _add_tree_args(p):
     p.add_argument("--total-tokens", default=None,
-                   help="draft tree size in nodes, root included (default 60), or 'auto' to size it from the "
-                        "measured cost of a target forward on this device")
-    p.add_argument("--depth", type=int, default=None, help="draft tree levels (default 6)")
-    p.add_argument("--tree-topk", type=int, default=None, help="children kept per expanded node (default 10)")
+                   help="draft tree size in nodes, root included, or 'auto' (the default): size, depth and top-k "
+                        "chosen for this device from the draft's acceptance profile and the measured cost of a "
+                        "round (--stats shows the choice)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="draft tree levels (default: chosen with 'auto', 6 with a given --total-tokens)")
+    p.add_argument("--tree-topk", type=int, default=None,
+                   help="children kept per expanded node (default: chosen with 'auto', 10 with a given "
+                        "--total-tokens)")
 
 
 def _tree_options(args):
@@ -86,6 +90,8 @@ def _stats(prompt, kwargs, result, file=None):
         return
     base = generate(prompt, **{k: v for k, v in kwargs.items() if k not in ("draft", "total_tokens", "depth",
                                                                              "tree_topk")})
+    if result.tree is not None:
+        print(f"[{result.tree.describe()}]", file=file)
     print(f"[tau {result.mean_accept_length:.2f} over {result.num_rounds} rounds; speculative "
           f"{result.tokens_per_second:.1f} tokens/s, vanilla {base.tokens_per_second:.1f} tokens/s: speedup "
           f"{result.tokens_per_second / base.tokens_per_second:.2f}x]", file=file)

@@ -363,6 +363,9 @@ class DraftModel(nn.Module):
         # dict (the checkpoint keeps it in a file of its own, see hass_ext.checkpoint).
         self.register_buffer("hot_token_ids", None, persistent=False)
         object.__setattr__(self, "_hot_head", (None, None, None, None))  # (head, its version, map, rows [N, H])
+        # The measured acceptance of tree shapes (hass_ext.tree_choice), saved as tree_profile.json; None if never
+        # measured. It belongs to these weights and this token map: changing the map drops it.
+        self.tree_profile = None
 
     # -- the head ----------------------------------------------------------------------------------------------
     @property
@@ -392,11 +395,13 @@ class DraftModel(nn.Module):
         Only the tree expansion uses it (``tree_logits``); ``logits`` (training) keeps the full vocabulary. The
         target still verifies over its full vocabulary, so decoding stays lossless whatever the map.
         """
-        if token_ids is None:
-            self.hot_token_ids = None
-            return
-        ids = check_token_map(token_ids, self.config.vocab_size)
-        self.hot_token_ids = ids.to(self.device)
+        old = self.hot_token_ids
+        ids = None if token_ids is None else check_token_map(token_ids, self.config.vocab_size).to(self.device)
+        same = (old is None and ids is None) or (old is not None and ids is not None and old.shape == ids.shape
+                                                 and bool(torch.equal(old, ids)))
+        if not same:
+            self.tree_profile = None
+        self.hot_token_ids = ids
 
     def tree_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits ``[..., N]`` over the hot vocabulary (``[..., V]`` without a map): column j is token

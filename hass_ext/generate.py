@@ -22,6 +22,7 @@ class GenerationResult:
     elapsed: float                     # seconds, prefill included
     accept_lengths: List[int] = field(default_factory=list)  # accepted draft tokens per verification round
     stop_reason: str = "length"        # "eos" or "length"
+    tree: Optional[object] = None      # the tree_choice.TreeChoice used (None for vanilla decoding)
 
     @property
     def num_new_tokens(self) -> int:
@@ -94,14 +95,20 @@ def _make_generator(seed: Optional[int], device: torch.device) -> torch.Generato
 
 
 def _decoder(target, draft, input_ids, max_new_tokens, temperature, top_p, top_k, generator, tree_options):
+    """The decoder generator and the tree it uses (None for vanilla decoding)."""
     if draft is None:
         if tree_options:
             raise ValueError(f"tree options {sorted(tree_options)} need a draft (draft=None is vanilla decoding)")
-        return vanilla_decode(target, input_ids, max_new_tokens, temperature, top_p, top_k, generator)
-    from .speculative import speculative_decode
+        return vanilla_decode(target, input_ids, max_new_tokens, temperature, top_p, top_k, generator), None
+    from .speculative import resolve_draft, resolve_tree, speculative_decode
 
+    unknown = sorted(set(tree_options) - {"total_tokens", "depth", "tree_topk"})
+    if unknown:
+        raise ValueError(f"unknown tree options {unknown}; the options are total_tokens, depth, tree_topk")
+    draft = resolve_draft(draft, target)
+    tree = resolve_tree(target, draft, **tree_options)
     return speculative_decode(target, draft, input_ids, max_new_tokens, temperature, top_p, top_k, generator,
-                              **tree_options)
+                              **tree.options()), tree
 
 
 def _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k, seed, chat,
@@ -119,9 +126,10 @@ def _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, 
     generator = _make_generator(seed, target.device)
     eos = target.eos_token_ids
     tokens, accepts, stop = [], [], "length"
+    # the tree choice (measured once per process and device) is set-up, not generation: timed apart
+    decoder, tree = _decoder(target, draft, input_ids, max_new_tokens, temperature, top_p, top_k, generator,
+                             tree_options)
     start = time.perf_counter()
-    decoder = _decoder(target, draft, input_ids, max_new_tokens, temperature, top_p, top_k, generator,
-                       tree_options)
     try:
         for chunk, accepted in decoder:
             if accepted is not None:
@@ -141,7 +149,7 @@ def _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, 
     elapsed = time.perf_counter() - start
     text = target.tokenizer.decode(tokens, skip_special_tokens=True)
     return GenerationResult(text=text, token_ids=tokens, prompt_tokens=int(input_ids.shape[1]), elapsed=elapsed,
-                            accept_lengths=accepts, stop_reason=stop)
+                            accept_lengths=accepts, stop_reason=stop, tree=tree)
 
 
 def generate(prompt_or_messages, *, target=None, draft=None, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -158,10 +166,13 @@ def generate(prompt_or_messages, *, target=None, draft=None, max_new_tokens: int
         when greedy, the same distribution when sampling.
     temperature: 0 for greedy decoding; otherwise sampling from the distribution of ``hass_ext.sampling``
         (temperature, then top_k, then top_p). seed: makes sampling reproducible.
-    tree_options (speculative decoding only): ``total_tokens`` nodes of the EAGLE-2 draft tree, root included
-        (default 60; ``"auto"`` picks the size from the measured cost of a target forward on this device),
-        ``depth`` draft levels = the most draft tokens a round can accept (default 6), ``tree_topk`` children
-        kept per expanded node (default 10, at most ``total_tokens``).
+    tree_options (speculative decoding only): ``total_tokens`` nodes of the EAGLE-2 draft tree, root included,
+        ``depth`` draft levels = the most draft tokens a round can accept, ``tree_topk`` children kept per
+        expanded node (at most ``total_tokens``). The default ``total_tokens="auto"`` chooses all three for this
+        device: from the draft's acceptance profile (``tree_profile.json`` beside it) and the measured cost of a
+        round here, or, for a draft without a profile, the size from the target's forward cost with depth 6 and
+        top-k 10. ``result.tree`` says what was used. An int ``total_tokens`` is used as given, with depth 6 and
+        top-k 10 (the EAGLE-2 tree: 60 / 6 / 10) unless given.
     """
     gen = _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k, seed, chat,
                       tree_options)

@@ -28,7 +28,7 @@ from .draft import DraftCache, DraftModel
 from .sampling import sample_token
 from .tree import Tree, check_tree_options, draft_tree
 
-DEFAULT_TOTAL_TOKENS = 60
+DEFAULT_TOTAL_TOKENS = 60  # the EAGLE-2 tree; generate() sizes the tree for the device by default
 DEFAULT_DEPTH = 6          # draft levels: at most 6 accepted draft tokens + 1 bonus token per round
 DEFAULT_TREE_TOPK = 10
 _SUPPORTED_ATTENTION = ("eager", "sdpa")  # implementations that honour a custom 4D float mask
@@ -55,15 +55,17 @@ class State:
 
 def speculative_decode(target, draft, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
                        top_p: float, top_k: int, generator: Optional[torch.Generator],
-                       total_tokens=DEFAULT_TOTAL_TOKENS, depth: int = DEFAULT_DEPTH,
-                       tree_topk: int = DEFAULT_TREE_TOPK, **unknown) -> Iterator[tuple]:
+                       total_tokens="auto", depth: Optional[int] = None, tree_topk: Optional[int] = None,
+                       **unknown) -> Iterator[tuple]:
     """Yield ``(new_token_ids, accepted)`` chunks: first the prefill's token (accepted None), then per round the
-    accepted draft tokens plus the bonus token (accepted = number of accepted draft tokens)."""
+    accepted draft tokens plus the bonus token (accepted = number of accepted draft tokens).
+
+    Tree options: see ``resolve_tree`` (default: chosen for this device from the draft's acceptance profile)."""
     if unknown:
         raise ValueError(f"unknown tree options {sorted(unknown)}; the options are total_tokens, depth, tree_topk")
     draft = resolve_draft(draft, target)
-    total_tokens = resolve_total_tokens(target, total_tokens, tree_topk)
-    check_tree_options(total_tokens, depth, tree_topk)
+    tree = resolve_tree(target, draft, total_tokens, depth, tree_topk)
+    total_tokens, depth, tree_topk = tree.total_tokens, tree.depth, tree.tree_topk
     check_target(target, input_ids.shape[1] + max_new_tokens + total_tokens)
     sampling = Sampling(temperature, top_p, top_k, generator)
     state = prefill(target, draft, input_ids, sampling)
@@ -227,18 +229,35 @@ def default_draft_path(target) -> str:
     return folder
 
 
-# ---- total_tokens="auto" ----------------------------------------------------------------------------------
+# ---- the tree options, total_tokens="auto" -----------------------------------------------------------------
 
 _AUTO_SIZES = (4, 8, 16, 24, 32, 48, 60)
 _AUTO_CACHE = {}
 
 
-def resolve_total_tokens(target, total_tokens, tree_topk) -> int:
+def resolve_tree(target, draft: DraftModel, total_tokens="auto", depth: Optional[int] = None,
+                 tree_topk: Optional[int] = None):
+    """The tree options of a run as a ``tree_choice.TreeChoice`` (checked; ValueError naming a bad option).
+
+    ``total_tokens="auto"`` (the default) chooses the shape for this device (hass_ext.tree_choice): from the
+    draft's acceptance profile when it has one (``depth`` / ``tree_topk``, when given, are kept), else the size
+    from the target's forward cost with depth 6 and top-k 10 unless given. An int ``total_tokens`` is used as
+    given, with depth 6 and top-k 10 (the EAGLE-2 settings) unless given.
+    """
+    from .tree_choice import TreeChoice, choose_tree
+
     if isinstance(total_tokens, str):
         if total_tokens != "auto":
             raise ValueError(f"total_tokens must be an int >= 1 or 'auto', got {total_tokens!r}")
-        return auto_total_tokens(target, tree_topk)
-    return total_tokens
+        for name, v in (("depth", depth), ("tree_topk", tree_topk)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        choice = choose_tree(target, draft, depth, tree_topk)
+    else:
+        choice = TreeChoice(total_tokens, DEFAULT_DEPTH if depth is None else depth,
+                            DEFAULT_TREE_TOPK if tree_topk is None else tree_topk, "given")
+    check_tree_options(choice.total_tokens, choice.depth, choice.tree_topk)
+    return choice
 
 
 def auto_total_tokens(target, tree_topk: int = DEFAULT_TREE_TOPK) -> int:

@@ -18,7 +18,7 @@ import torch
 from hass_ext.target import load_target
 from hass_ext.train import prepare_data
 
-RECIPE = dict(conversations="sharegpt", num_conversations=2400, start=0, seed=None, max_len=1024, shard_size=256,
+RECIPE = dict(conversations="sharegpt", num_conversations=2700, start=0, seed=None, max_len=512, shard_size=256,
               hidden_dtype="bfloat16")
 
 
