@@ -30,10 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 TIE = 1e-4
 TREES = {
-    "60-node (default: 60 / 6 levels / top-k 10)": dict(),
+    "60-node (default: 60 / 6 levels / top-k 10)": dict(total_tokens=60, depth=6, tree_topk=10),
     "1-node": dict(total_tokens=1, tree_topk=1),
     "8-node (depth 3, top-k 4)": dict(total_tokens=8, depth=3, tree_topk=4),
-    "chain (top-k 1, 6 levels)": dict(tree_topk=1),
+    "chain (top-k 1, 6 levels)": dict(total_tokens=7, depth=6, tree_topk=1),
 }
 
 

@@ -190,6 +190,51 @@ def cmd_eval(args):
     return 0
 
 
+def _calibration_prompts(source: str, start: int, count: int) -> list:
+    """First user turns: of ShareGPT records from ``start`` ("sharegpt"), or of a question file / packaged
+    dataset (hass_ext.evaluate.load_questions)."""
+    if source == "sharegpt":
+        from .train.conversations import SkipConversation, load_records, to_messages
+
+        prompts = []
+        for _, rec in load_records("sharegpt", start=start, num=count * 4)[0]:
+            try:
+                first = to_messages(rec)[0]
+            except SkipConversation:
+                continue
+            if len(first["content"]) <= 1500:
+                prompts.append([first])
+            if len(prompts) == count:
+                break
+        return prompts
+    from .evaluate import load_questions
+
+    return [q["turns"][0] for q in load_questions(source)[start:start + count]]
+
+
+def cmd_tree_profile(args):
+    from .checkpoint import load_draft
+    from .tree_choice import DEFAULT_SHAPES, measure_acceptance, save_profile
+
+    target = _load(args)
+    draft = load_draft(args.draft, target=target)
+    shapes = DEFAULT_SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(x) for x in s.split(":")) for s in args.shapes]
+        except ValueError:
+            raise ValueError(f"--shapes takes NODES:DEPTH:TOPK items, got {args.shapes}") from None
+        if any(len(s) != 3 for s in shapes):
+            raise ValueError(f"--shapes takes NODES:DEPTH:TOPK items, got {args.shapes}")
+    prompts = _calibration_prompts(args.prompts, args.start, args.num_prompts)
+    profile = measure_acceptance(target, draft, prompts, shapes, max_new_tokens=args.max_new_tokens)
+    path = save_profile(profile, args.draft)
+    for s in sorted(profile["shapes"], key=lambda s: -s["tau"]):
+        print(f"{s['total_tokens']:>4} nodes, depth {s['depth']}, top-k {s['tree_topk']:>2}: tau {s['tau']:.3f}")
+    print(f"written: {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hass-ext",
@@ -232,6 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tree_args(e)
     _add_model_args(e)
     e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("tree-profile", help="measure a draft's acceptance per tree shape (for --total-tokens auto)",
+                       description="Replay greedy speculative decoding on calibration prompts for each tree shape and "
+                                   "write DRAFT/tree_profile.json, from which generate(total_tokens='auto') picks "
+                                   "the fastest shape for the device. Use prompts the draft was not trained on.")
+    t.add_argument("--draft", required=True, help="the draft checkpoint folder (the profile is written there)")
+    t.add_argument("--prompts", default="sharegpt",
+                   help="'sharegpt' (the bundled ShareGPT records from --start) or a question file / packaged "
+                        "dataset name (first turns)")
+    t.add_argument("--start", type=int, default=90000, help="first record or question to use (default 90000)")
+    t.add_argument("--num-prompts", type=int, default=12)
+    t.add_argument("--max-new-tokens", type=int, default=96)
+    t.add_argument("--shapes", nargs="+", metavar="NODES:DEPTH:TOPK", default=None,
+                   help="tree shapes to measure (default: chains, small trees and the EAGLE-2 trees)")
+    _add_model_args(t)
+    t.set_defaults(func=cmd_tree_profile)
 
     from .train.cli import add_prepare_data_parser, add_token_map_parser, add_train_parser  # training commands
 

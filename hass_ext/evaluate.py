@@ -59,7 +59,7 @@ def _dataset_name(name_or_path: str) -> str:
 
 def _run_question(generate, target, draft, question, turns, **kw) -> dict:
     """All turns of one question with one method; returns tokens, seconds and accept lengths."""
-    messages, tokens, seconds, accepts = [], 0, 0.0, []
+    messages, tokens, seconds, accepts, tree, ids = [], 0, 0.0, [], None, []
     for turn in question["turns"][:turns]:
         messages.append({"role": "user", "content": turn})
         res = generate(list(messages), target=target, draft=draft, **kw)
@@ -67,11 +67,14 @@ def _run_question(generate, target, draft, question, turns, **kw) -> dict:
         tokens += res.num_new_tokens
         seconds += res.elapsed
         accepts += list(res.accept_lengths)
-    return {"tokens": tokens, "seconds": seconds, "accept_lengths": accepts}
+        tree = res.tree.to_dict() if res.tree is not None else None
+        ids.append(list(res.token_ids))
+    return {"tokens": tokens, "seconds": seconds, "accept_lengths": accepts, "tree": tree, "token_ids": ids}
 
 
-def summarize(per_question: Dict[str, List[dict]]) -> Dict[str, dict]:
-    """Per-method statistics from the per-question records of one dataset and temperature."""
+def summarize(per_question: Dict[str, List[dict]], greedy: bool = False) -> Dict[str, dict]:
+    """Per-method statistics from the per-question records of one dataset and temperature (``greedy``: T = 0,
+    where every method must reproduce vanilla's tokens: ``identical_to_vanilla`` counts the questions that do)."""
     base = per_question.get("vanilla")
     base_speed = (sum(r["tokens"] / r["seconds"] for r in base) / len(base)) if base else None
     base_total = (sum(r["tokens"] for r in base) / sum(r["seconds"] for r in base)) if base else None
@@ -82,6 +85,9 @@ def summarize(per_question: Dict[str, List[dict]]) -> Dict[str, dict]:
         stats = {"questions": len(rows), "new_tokens": sum(r["tokens"] for r in rows),
                  "seconds": sum(r["seconds"] for r in rows), "tokens_per_second": speed,
                  "throughput": total}
+        trees = [r.get("tree") for r in rows if r.get("tree")]
+        if trees:
+            stats["tree"] = trees[0]
         rounds = [r["accept_lengths"] for r in rows if r["accept_lengths"]]
         if rounds:
             stats["tau"] = sum(sum(a) / len(a) + 1 for a in rounds) / len(rounds)
@@ -94,6 +100,10 @@ def summarize(per_question: Dict[str, List[dict]]) -> Dict[str, dict]:
         if base_speed:
             stats["speedup"] = speed / base_speed
             stats["throughput_speedup"] = total / base_total
+            if greedy and method != "vanilla" and all("token_ids" in r for r in rows + base):
+                # greedy runs must reproduce vanilla's tokens (a numerical tie aside: see bench/lossless_greedy.py)
+                same = [r["token_ids"] == b["token_ids"] for r, b in zip(rows, base)]
+                stats["identical_to_vanilla"] = sum(same)
         out[method] = stats
     return out
 
@@ -129,7 +139,7 @@ def evaluate(target, drafts: Dict[str, object], datasets: Sequence[str] = DATASE
                         kw.update(tree_options)
                     per_q[m].append(_run_question(generate, target, methods[m], q, turns, **kw))
                 bar.update(1)
-            results[f"{dname}@T={T:g}"] = {"dataset": dname, "temperature": T, "methods": summarize(per_q)}
+            results[f"{dname}@T={T:g}"] = {"dataset": dname, "temperature": T, "methods": summarize(per_q, greedy=T == 0)}
     bar.close()
     return results
 
@@ -153,15 +163,18 @@ def machine_info(device=None) -> dict:
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| dataset | T | method | tau | tau (token-weighted) | tokens/s | speedup |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | T | method | tree (nodes/depth/top-k) | tau | tau (token-weighted) | tokens/s | speedup | "
+             "identical to vanilla |", "|---|---|---|---|---|---|---|---|---|"]
     for entry in results.values():
         for m, s in entry["methods"].items():
             tau = f"{s['tau']:.2f}" if "tau" in s else "-"
             tauw = f"{s['tau_token_weighted']:.2f}" if "tau_token_weighted" in s else "-"
             sp = f"{s['speedup']:.2f}x" if "speedup" in s else "-"
-            lines.append(f"| {entry['dataset']} | {entry['temperature']:g} | {m} | {tau} | {tauw} | "
-                         f"{s['tokens_per_second']:.1f} | {sp} |")
+            t = s.get("tree")
+            tree = f"{t['total_tokens']}/{t['depth']}/{t['tree_topk']}" if t else "-"
+            same = f"{s['identical_to_vanilla']}/{s['questions']}" if "identical_to_vanilla" in s else "-"
+            lines.append(f"| {entry['dataset']} | {entry['temperature']:g} | {m} | {tree} | {tau} | {tauw} | "
+                         f"{s['tokens_per_second']:.1f} | {sp} | {same} |")
     return "\n".join(lines)
 
 

@@ -197,12 +197,19 @@ def check_target(target, needed_length: int) -> None:
                          f"here {needed_length}")
 
 
+_DEFAULT_DRAFTS = {}
+
+
 def resolve_draft(draft, target) -> DraftModel:
     """The draft for ``target``: "default" (the packaged one), a checkpoint folder, or a DraftModel (checked)."""
     from .checkpoint import check_draft_matches_target, load_draft
 
     if isinstance(draft, str) and draft == "default":
-        draft = default_draft_path(target)
+        key = (id(target.model), str(target.device), target.dtype)
+        if key not in _DEFAULT_DRAFTS:  # loaded once per target: generate(draft="default") in a loop stays cheap
+            _DEFAULT_DRAFTS.clear()
+            _DEFAULT_DRAFTS[key] = load_draft(default_draft_path(target), target=target)
+        return _DEFAULT_DRAFTS[key]
     if isinstance(draft, (str, os.PathLike)):
         return load_draft(draft, target=target)
     if not isinstance(draft, DraftModel):

@@ -1,12 +1,18 @@
 """Ship the drafts trained by train_drafts.py: bf16 safetensors without the embedding (the target's, copied back on
-load), in the EAGLE layout.
+load), in the EAGLE layout, with a reduced draft vocabulary and an acceptance profile.
 
-    python python/export_drafts.py --runs RUNS                 # RUNS/hass/draft -> hass_ext/drafts/<target>
+    python python/export_drafts.py --runs RUNS --data DATA     # RUNS/hass/draft -> hass_ext/drafts/<target>
                                                                # RUNS/eagle/draft -> bench/drafts/eagle-<target>
-    python python/export_drafts.py --runs RUNS --mode eagle    # one of them
+    python python/export_drafts.py --runs RUNS --data DATA --mode eagle
 
-The HASS draft becomes ``draft="default"`` for the target; the EAGLE draft is kept beside the benchmarks for
-comparison. ``hass-ext token-map`` can add a reduced draft vocabulary to either afterwards.
+For each draft: the hot vocabulary (FR-Spec style, ``token_map.pt``) of each candidate size is built from the
+assistant tokens of DATA, the acceptance of the candidate tree shapes is replayed on held-out ShareGPT prompts
+(hass_ext.tree_choice: records after the training selection, never the evaluation questions), the round costs
+are measured on this machine, and the size with the highest expected speedup is kept together with its
+``tree_profile.json``. The table of every candidate goes to bench/results/draft_export.{json,md}. Both drafts get
+the HASS draft's vocabulary size, so they are compared like for like.
+
+The HASS draft becomes ``draft="default"`` for the target; the EAGLE draft is kept beside the benchmarks.
 """
 import argparse
 import json
@@ -16,8 +22,16 @@ import sys
 import torch
 
 import hass_ext
+from hass_ext import tree_choice
+from hass_ext.evaluate import machine_info
+from hass_ext.train.conversations import SkipConversation, load_records, to_messages
+from hass_ext.train.token_map import hot_vocabulary, template_token_ids, token_frequencies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = (4096, 8192, 16384)
+# the shapes profiled for the shipped drafts: chains and small trees for CPUs, the EAGLE-2 tree for GPUs
+SHAPES = ((2, 1, 1), (3, 2, 1), (4, 3, 1), (5, 4, 1), (6, 5, 1), (6, 3, 2), (8, 4, 2), (10, 4, 3), (12, 5, 3),
+          (16, 5, 4), (24, 6, 4), (60, 6, 10))
 
 
 def destination(mode: str, target_name: str) -> str:
@@ -27,24 +41,102 @@ def destination(mode: str, target_name: str) -> str:
     return os.path.join(ROOT, "bench", "drafts", f"{mode}-{name}")
 
 
-def export(run_dir: str, mode: str, target) -> str:
+def calibration_prompts(data_dir: str, count: int, max_chars: int = 1500) -> list:
+    """First user turns of ShareGPT records after the ones the data folder was prepared from."""
+    with open(os.path.join(data_dir, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    start = manifest["source"].get("start", 0) + manifest["selection"]["num_conversations"]
+    records, _ = load_records(manifest["source"]["name"], start=start, num=count * 4)
+    prompts = []
+    for _, rec in records:
+        try:
+            first = next(m for m in to_messages(rec) if m["role"] == "user")
+        except (StopIteration, SkipConversation):
+            continue
+        if 0 < len(first["content"]) <= max_chars:
+            prompts.append([first])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def export(run_dir: str, mode: str, target, counts, prompts, sizes, max_new_tokens: int) -> dict:
     src = os.path.join(run_dir, "draft")
     if not os.path.isfile(os.path.join(src, "config.json")):
         raise FileNotFoundError(f"{src} holds no finished draft: run python/train_drafts.py to the end first")
-    draft = hass_ext.load_draft(src, target=target)
-    out = hass_ext.save_draft(draft, destination(mode, target.name), dtype=torch.bfloat16, embedding=False)
-    print(json.dumps({"mode": mode, "from": src, "to": os.path.relpath(out, ROOT)}))
-    return out
+    out = destination(mode, target.name)
+    # the shipped weights (bf16, no embedding) are what gets measured
+    hass_ext.save_draft(hass_ext.load_draft(src, target=target), out, dtype=torch.bfloat16, embedding=False)
+    draft = hass_ext.load_draft(out, target=target)
+    always = template_token_ids(target)
+    rows, best = [], None
+    for n in sizes:
+        draft.set_token_map(None if n is None else hot_vocabulary(counts, n, always))
+        profile = tree_choice.measure_acceptance(target, draft, prompts, SHAPES, max_new_tokens=max_new_tokens)
+        taus = {(s["total_tokens"], s["depth"], s["tree_topk"]): s["tau"] for s in profile["shapes"]}
+        costs, vanilla = tree_choice.measure_costs(target, draft, list(taus), taus)
+        for shape, tau in taus.items():
+            rows.append({"mode": mode, "draft_vocab": n or target.config.vocab_size, "total_tokens": shape[0],
+                         "depth": shape[1], "tree_topk": shape[2], "tau": tau, "round_ms": costs[shape] * 1e3,
+                         "vanilla_step_ms": vanilla * 1e3, "expected_speedup": tau * vanilla / costs[shape]})
+        top = max(rows[-len(taus):], key=lambda r: r["expected_speedup"])
+        print(json.dumps({"mode": mode, "draft_vocab": top["draft_vocab"], "best": top}), flush=True)
+        if best is None or top["expected_speedup"] > best[0]["expected_speedup"]:
+            best = (top, n, profile)
+    top, n, profile = best
+    draft.set_token_map(None if n is None else hot_vocabulary(counts, n, always))
+    draft.tree_profile = profile
+    hass_ext.save_draft(draft, out, dtype=torch.bfloat16, embedding=False)
+    print(json.dumps({"mode": mode, "from": src, "to": os.path.relpath(out, ROOT), "chosen": top}), flush=True)
+    return {"mode": mode, "to": os.path.relpath(out, ROOT), "chosen": top, "rows": rows}
+
+
+def write_table(results: list, args) -> None:
+    info = machine_info()
+    path = os.path.join(ROOT, "bench", "results", "draft_export")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".json", "w", encoding="utf-8") as f:
+        json.dump({"machine": info, "command": "python python/export_drafts.py " + " ".join(sys.argv[1:]),
+                   "calibration_prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
+                   "results": results}, f, indent=1)
+    lines = [f"Draft export: hot-vocabulary size and tree shape per draft, {info.get('date', '')}; "
+             f"{info.get('cpu', '')}, {torch.get_num_threads()} torch threads. tau: greedy speculative decoding "
+             f"replayed on {args.prompts} held-out ShareGPT prompts x {args.max_new_tokens} tokens "
+             "(hass_ext.tree_choice); round and vanilla-step times measured on this CPU (compare ratios).", "",
+             "| draft | draft vocab | nodes | depth | top-k | tau | round ms | vanilla step ms | expected speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for r in res["rows"]:
+            mark = " **(chosen)**" if r == res["chosen"] else ""
+            lines.append(f"| {r['mode']} | {r['draft_vocab']} | {r['total_tokens']} | {r['depth']} | "
+                         f"{r['tree_topk']} | {r['tau']:.3f} | {r['round_ms']:.1f} | {r['vanilla_step_ms']:.1f} | "
+                         f"{r['expected_speedup']:.2f}{mark} |")
+    with open(path + ".md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", required=True, help="the --out folder of train_drafts.py")
+    ap.add_argument("--data", required=True, help="the prepared data folder (token counts, held-out prompts)")
     ap.add_argument("--mode", choices=["both", "hass", "eagle"], default="both")
+    ap.add_argument("--sizes", nargs="+", type=int, default=list(SIZES),
+                    help="hot-vocabulary sizes to try (0: the full vocabulary)")
+    ap.add_argument("--prompts", type=int, default=12, help="held-out calibration prompts")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
     args = ap.parse_args(argv)
     target = hass_ext.load_target(dtype=torch.float32, device="cpu")
+    counts = token_frequencies(args.data, target.config.vocab_size)
+    prompts = calibration_prompts(args.data, args.prompts)
+    sizes = [s or None for s in args.sizes]
+    results = []
     for mode in (["hass", "eagle"] if args.mode == "both" else [args.mode]):
-        export(os.path.join(args.runs, mode), mode, target)
+        res = export(os.path.join(args.runs, mode), mode, target, counts, prompts, sizes, args.max_new_tokens)
+        results.append(res)
+        if mode == "hass":  # the EAGLE draft gets the same vocabulary size
+            chosen = res["chosen"]["draft_vocab"]
+            sizes = [None if chosen == target.config.vocab_size else chosen]
+    write_table(results, args)
     return 0
 
 

@@ -30,6 +30,14 @@ def test_summarize_reference_and_weighted_tau():
     assert s["d"]["speedup"] == pytest.approx(((20 + 10) / 2) / ((10 + 5) / 2))
     assert s["d"]["accept_histogram"] == {"0": 1, "1": 1, "3": 1}
     assert "tau" not in s["vanilla"] and s["vanilla"]["speedup"] == pytest.approx(1.0)
+    assert "identical_to_vanilla" not in s["d"]  # no tokens recorded, not greedy
+
+
+def test_summarize_counts_greedy_questions_identical_to_vanilla():
+    row = lambda ids: {"tokens": 2, "seconds": 1.0, "accept_lengths": [1], "token_ids": ids}  # noqa: E731
+    rows = {"vanilla": [row([[1, 2]]), row([[3, 4]])], "d": [row([[1, 2]]), row([[3, 5]])]}
+    assert summarize(rows, greedy=True)["d"]["identical_to_vanilla"] == 1
+    assert "identical_to_vanilla" not in summarize(rows, greedy=False)["d"]  # sampling: tokens differ by design
 
 
 def test_vanilla_eval_writes_results(tmp_path):
@@ -62,3 +70,5 @@ def test_cli_eval_with_a_draft_and_tree_options(tmp_path, capsys):
     assert methods["rnd"]["questions"] == 2 and methods["rnd"]["tau"] >= 1.0
     # greedy speculative decoding is lossless: the same number of new tokens as vanilla
     assert methods["rnd"]["new_tokens"] == methods["vanilla"]["new_tokens"]
+    assert methods["rnd"]["identical_to_vanilla"] == 2
+    assert methods["rnd"]["tree"]["total_tokens"] == 4 and methods["rnd"]["tree"]["source"] == "given"

@@ -69,17 +69,19 @@ def _vanilla(smollm2, prompts, max_new_tokens):
 
 @pytest.mark.slow
 def test_lossless_greedy_smollm2_default_tree(smollm2):
-    """60 evaluation prompts (20 per file), the default tree (60 nodes, 6 levels, top-k 10)."""
+    """60 evaluation prompts (20 per file), the EAGLE-2 tree (60 nodes, 6 levels, top-k 10)."""
     target, draft, _ = smollm2
     prompts = first_turns(per_file=20)
     vanilla = _vanilla(smollm2, prompts, 16)
-    ties, tokens, rounds = assert_lossless(target, prompts, vanilla, draft, 16)
+    ties, tokens, rounds = assert_lossless(target, prompts, vanilla, draft, 16, total_tokens=60, depth=6,
+                                           tree_topk=10)
     assert rounds > 0 and tokens >= rounds
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tree", [dict(total_tokens=1, tree_topk=1), dict(total_tokens=8, depth=3, tree_topk=4),
-                                  dict(tree_topk=1)], ids=["1-node", "8-node", "chain"])
+                                  dict(total_tokens=7, depth=6, tree_topk=1), dict()],
+                         ids=["1-node", "8-node", "chain", "auto"])
 def test_lossless_greedy_smollm2_tree_shapes(smollm2, tree):
     """One prompt per file with trees of 1 and 8 nodes and a chain."""
     target, draft, _ = smollm2

@@ -146,3 +146,20 @@ def test_without_a_profile_the_size_comes_from_the_forward_cost(agreeing):
         hass_ext.generate(prompts[0], target=target, draft=draft, total_tokens="auto", depth=0)
     with pytest.raises(ValueError, match="unknown tree options"):
         hass_ext.generate(prompts[0], target=target, draft=draft, tree_size=3)
+
+
+def test_cli_tree_profile_then_auto_uses_it(tmp_path, capsys):
+    from hass_ext.cli import main
+
+    target = hass_ext.load_target()
+    path = hass_ext.save_draft(hass_ext.init_draft(target, seed=0), tmp_path / "draft")
+    rc = main(["tree-profile", "--draft", str(path), "--prompts", "gsm8k", "--start", "0", "--num-prompts", "1",
+               "--max-new-tokens", "6", "--shapes", "2:1:1", "4:3:1"])
+    assert rc == 0, capsys.readouterr().err
+    assert "tau" in capsys.readouterr().out
+    draft = hass_ext.load_draft(path, target=target)
+    assert [(s["total_tokens"], s["depth"], s["tree_topk"]) for s in draft.tree_profile["shapes"]] == \
+        [(2, 1, 1), (4, 3, 1)]
+    r = hass_ext.generate("2 + 2 =", target=target, draft=draft, max_new_tokens=4)
+    assert r.tree.source == "profile" and (r.tree.total_tokens, r.tree.depth) in [(2, 1), (4, 3)]
+    assert main(["tree-profile", "--draft", str(path), "--shapes", "4:3"]) == 2

@@ -176,6 +176,13 @@ def run_token_map(args) -> int:
     written = []
     if args.draft is not None:
         written.append(save_token_map(ids, os.path.join(args.draft, TOKEN_MAP_NAME), counts.numel()))
+        from ..tree_choice import PROFILE_NAME
+
+        stale = os.path.join(args.draft, PROFILE_NAME)
+        if os.path.exists(stale):  # measured with the old proposals: rerun hass-ext tree-profile
+            os.remove(stale)
+            print(f"removed {stale} (measured with another token map): run hass-ext tree-profile again",
+                  file=sys.stderr)
     if args.out is not None:
         written.append(save_token_map(ids, args.out, counts.numel()))
     print(json.dumps({"size": int(ids.numel()), "coverage": round(coverage, 6), "assistant_tokens": total,
