@@ -183,7 +183,7 @@ def cmd_eval(args):
     results = evaluate(target, drafts, datasets=args.datasets, temperatures=args.temperatures,
                        num_questions=args.num_questions, max_new_tokens=args.max_new_tokens, turns=args.turns,
                        seed=args.seed or 0, **tree)
-    command = "hass-ext " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "hass-ext " + " ".join(shlex.quote(a) for a in args.argv)
     paths = write_results(results, args.out_dir, args.name, command, settings)
     print(markdown_table(results))
     print("written: " + ", ".join(paths.values()), file=sys.stderr)
@@ -303,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line, as stored with results
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

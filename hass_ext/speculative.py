@@ -31,7 +31,8 @@ from .tree import Tree, check_tree_options, draft_tree
 DEFAULT_TOTAL_TOKENS = 60  # the EAGLE-2 tree; generate() sizes the tree for the device by default
 DEFAULT_DEPTH = 6          # draft levels: at most 6 accepted draft tokens + 1 bonus token per round
 DEFAULT_TREE_TOPK = 10
-_SUPPORTED_ATTENTION = ("eager", "sdpa")  # implementations that honour a custom 4D float mask
+TREE_ATTENTION = "hass_tree"  # hass_ext.attention: the tree-attention kernel, the ancestor mask passed as tree_mask
+_SUPPORTED_ATTENTION = ("eager", "sdpa", TREE_ATTENTION)  # eager/sdpa honour a custom 4D float mask
 
 
 @dataclass
@@ -123,11 +124,16 @@ def verify(target, state: State, tree: Tree):
     """One target forward over the tree: node i at position ``length + depth_i``, attending to the whole cache and
     to its ancestors in the tree. Returns logits ``[1, n, V]`` and final-norm features ``[n, H]``."""
     n, P = tree.size, state.length
-    dtype = target.dtype
-    mask = torch.zeros(1, 1, n, P + n, dtype=dtype, device=target.device)
-    mask[0, 0, :, P:].masked_fill_(~tree.mask, torch.finfo(dtype).min)
-    out = target.model.model(input_ids=tree.tokens[None], position_ids=(P + tree.depths)[None], attention_mask=mask,
-                             past_key_values=state.cache, use_cache=True)
+    positions = (P + tree.depths)[None]
+    if _attention_impl(target) == TREE_ATTENTION:  # hass_ext's tree-attention kernel takes the ancestor mask
+        out = target.model.model(input_ids=tree.tokens[None], position_ids=positions, past_key_values=state.cache,
+                                 use_cache=True, tree_mask=tree.mask)
+    else:  # eager / sdpa: the same visibility as an additive 4D mask over [cache, tree]
+        dtype = target.dtype
+        mask = torch.zeros(1, 1, n, P + n, dtype=dtype, device=target.device)
+        mask[0, 0, :, P:].masked_fill_(~tree.mask, torch.finfo(dtype).min)
+        out = target.model.model(input_ids=tree.tokens[None], position_ids=positions, attention_mask=mask,
+                                 past_key_values=state.cache, use_cache=True)
     hidden = out.last_hidden_state
     return target.model.lm_head(hidden), hidden[0]
 
@@ -182,12 +188,17 @@ def extend(draft: DraftModel, state: State, features: torch.Tensor, tokens: list
 
 # ---- checks and resolution --------------------------------------------------------------------------------
 
+def _attention_impl(target) -> str:
+    return getattr(target.model.config, "_attn_implementation", None) or "eager"
+
+
 def check_target(target, needed_length: int) -> None:
     """Raise ValueError for targets whose attention ignores the tree mask or whose cache cannot be compacted."""
-    impl = getattr(target.model.config, "_attn_implementation", None) or "eager"
+    impl = _attention_impl(target)
     if impl not in _SUPPORTED_ATTENTION:
-        raise ValueError(f"speculative decoding needs the target's attention to honour a 4D float mask "
-                         f"(attn_implementation in {_SUPPORTED_ATTENTION}); {target.name} uses {impl!r}")
+        raise ValueError(f"speculative decoding needs the target's attention to take the tree mask "
+                         f"(attn_implementation in {_SUPPORTED_ATTENTION}; 'hass_tree' after "
+                         f"hass_ext.register_hass_tree()); {target.name} uses {impl!r}")
     window = getattr(target.model.config, "sliding_window", None)
     layer_types = getattr(target.model.config, "layer_types", None) or []
     sliding = window is not None and (not layer_types or any("sliding" in str(t) for t in layer_types))

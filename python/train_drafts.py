@@ -23,8 +23,8 @@ import sys
 
 from hass_ext.train import TrainConfig, Trainer
 
-RECIPE = dict(batch_size=4, epochs=1, lr=5e-4, warmup_ratio=0.02, seed=0, max_len=1024, noise_std=0.2,
-              autocast="bf16", eval_fraction=0.05, eval_k=5, eval_every=100, eval_max_examples=48, save_every=25,
+RECIPE = dict(batch_size=4, epochs=1, lr=5e-4, warmup_ratio=0.02, seed=0, max_len=512, noise_std=0.2,
+              autocast="bf16", eval_fraction=0.05, eval_k=5, eval_every=200, eval_max_examples=48, save_every=25,
               keep_checkpoints=2, log_every=5)
 
 

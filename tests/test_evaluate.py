@@ -65,6 +65,7 @@ def test_cli_eval_with_a_draft_and_tree_options(tmp_path, capsys):
     (json_path,) = [p for p in (tmp_path / "out").iterdir() if p.suffix == ".json"]
     doc = json.loads(json_path.read_text())
     assert doc["settings"]["total_tokens"] == 4 and doc["settings"]["depth"] == 2
+    assert doc["command"].startswith("hass-ext eval --draft rnd=") and "--tree-topk 2" in doc["command"]
     methods = doc["results"]["gsm8k@T=0"]["methods"]
     assert set(methods) == {"vanilla", "rnd"}
     assert methods["rnd"]["questions"] == 2 and methods["rnd"]["tau"] >= 1.0

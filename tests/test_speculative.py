@@ -104,6 +104,30 @@ def test_lossless_greedy_tiny_families(family):
         assert_lossless(target, prompts, vanilla, draft, 40, **tree)
 
 
+def test_hass_tree_target_verifies_with_the_tree_attention_kernel(monkeypatch):
+    """A target loaded with attn_implementation="hass_tree" verifies trees with ops.tree_attention (no 4D mask) and
+    decodes exactly what the same weights with sdpa decode."""
+    from hass_ext import ops
+
+    hass_ext.register_hass_tree()
+    sdpa = tiny_target("llama", seed=3, vocab=64, hidden=32, scale=20.0)
+    tree = tiny_target("llama", seed=3, vocab=64, hidden=32, scale=20.0)
+    tree.model.config._attn_implementation = "hass_tree"
+    for layer in tree.model.model.layers:
+        layer.self_attn.config._attn_implementation = "hass_tree"
+    calls = []
+    real = ops.tree_attention
+    monkeypatch.setattr(ops, "tree_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    draft = hass_ext.init_draft(sdpa, seed=1)
+    prompt = torch.tensor([5, 9, 2, 7])
+    vanilla = hass_ext.generate(prompt, target=sdpa, max_new_tokens=24).token_ids
+    for opts in (dict(total_tokens=8, depth=3, tree_topk=4), dict(total_tokens=24, depth=5, tree_topk=3)):
+        a = hass_ext.generate(prompt, target=tree, draft=draft, max_new_tokens=24, **opts)
+        b = hass_ext.generate(prompt, target=sdpa, draft=draft, max_new_tokens=24, **opts)
+        assert a.token_ids == b.token_ids == vanilla and a.accept_lengths == b.accept_lengths
+    assert len(calls) >= 2 * tree.config.num_hidden_layers  # every layer of every verification round
+
+
 # ---- a draft trained to agree with its target ---------------------------------------------------------------
 
 def _train_agreeing_draft(target, sequences, steps=300, lr=3e-3):

@@ -151,6 +151,25 @@ def test_sampling_matches_oracle_shared_stream(temperature, top_p, top_k):
     assert (got[2] >= 7).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.0, 1.0, 0), (1.0, 1.0, 0), (0.8, 0.9, 50)])
+def test_large_vocabulary_matches_oracle(dtype, temperature, top_p, top_k):
+    """V = 262144 (the largest vocabularies in use): the streamed statistics still agree with the oracle."""
+    g = torch.Generator().manual_seed(5)
+    B, n, V = 2, 6, 262144
+    parents = _random_trees(B, n, g)
+    logits = (torch.randn(B, n, V, generator=g) * 3).to(dtype)
+    logits[:, :, V - 1] = 30.0  # the most likely token, at the very end of the vocabulary
+    tokens = _likely_tokens(logits, parents, g)
+    u = torch.rand(B, n, generator=g)
+    got = verify_tree(logits, tokens, parents, temperature, top_p, top_k, uniforms=u)
+    want = verify_tree_reference(logits, tokens, parents, temperature, top_p, top_k, uniforms=u)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    if temperature == 0:
+        assert (got[2] == V - 1).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sampling_half_dtypes_match_oracle(dtype):
     g = torch.Generator().manual_seed(11)
