@@ -207,7 +207,10 @@ def load_draft(path, target=None, dtype: Optional[torch.dtype] = None, device=No
     draft = DraftModel(config)
     draft.load_state_dict(sd, strict=True)
     draft.set_token_map(token_map)
-    draft.tree_profile = load_profile(path)
+    try:
+        draft.tree_profile = load_profile(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     draft = draft.to(device=device, dtype=dtype).eval()
     if head is not None:
         draft.set_lm_head(head)

@@ -135,35 +135,53 @@ def replay_rounds(draft, seq: torch.Tensor, features: torch.Tensor, prompt_len: 
     return accepts
 
 
+def continuations(target, prompts: Iterable, max_new_tokens: int = 128, progress: bool = True) -> list:
+    """``(tokens, features, prompt_len)`` of the target's greedy continuation of each prompt (strings, chat
+    messages or token ids): what ``measure_acceptance`` replays, computed once for several drafts or shapes."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for p in tqdm(list(prompts), desc="greedy continuations", unit="prompt", disable=not progress):
+        ids = target.encode(p)
+        seq, feats = greedy_continuation(target, ids, max_new_tokens)
+        out.append((seq, feats, int(ids.shape[1])))
+    return out
+
+
+def replay_tau(draft, conts: Sequence, shape) -> Tuple[List[List[int]], float]:
+    """Accept lengths per continuation and the token-weighted tau of one shape over ``continuations(...)``."""
+    accepts = [replay_rounds(draft, seq, feats, plen, shape) for seq, feats, plen in conts]
+    rounds = sum(len(a) for a in accepts)
+    return accepts, (sum(x + 1 for a in accepts for x in a) / rounds if rounds else 1.0)
+
+
 def measure_acceptance(target, draft, prompts: Iterable, shapes=DEFAULT_SHAPES, max_new_tokens: int = 128,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, conts: Optional[Sequence] = None) -> dict:
     """The draft's acceptance profile: tau (new tokens per verification round) of greedy speculative decoding
     with each tree shape, over the target's greedy continuations of ``prompts`` (strings, chat messages or
-    token ids). Returns the profile dict (see ``save_profile``)."""
+    token ids; or ``conts`` from ``continuations``). Returns the profile dict (see ``save_profile``)."""
     from tqdm.auto import tqdm
 
     from .speculative import resolve_draft
 
     shapes = _check_shapes(shapes)
     draft = resolve_draft(draft, target)
-    prompts = list(prompts)
-    if not prompts:
+    if conts is None:
+        conts = continuations(target, prompts, max_new_tokens, progress)
+    if not conts:
         raise ValueError("measure_acceptance needs at least one calibration prompt")
     rounds = {s: 0 for s in shapes}
     tokens = {s: 0 for s in shapes}
-    generated = 0
-    for p in tqdm(prompts, desc="tree profile", unit="prompt", disable=not progress):
-        ids = target.encode(p)
-        seq, feats = greedy_continuation(target, ids, max_new_tokens)
-        generated += len(seq) - ids.shape[1]
+    generated = sum(len(seq) - plen for seq, _, plen in conts)
+    for seq, feats, plen in tqdm(conts, desc="tree profile", unit="prompt", disable=not progress):
         for s in shapes:
-            acc = replay_rounds(draft, seq, feats, ids.shape[1], s)
+            acc = replay_rounds(draft, seq, feats, plen, s)
             rounds[s] += len(acc)
             tokens[s] += sum(a + 1 for a in acc)
     return {
         "format": PROFILE_FORMAT,
         "target": str(target.name),
-        "prompts": len(prompts),
+        "prompts": len(conts),
         "max_new_tokens": int(max_new_tokens),
         "generated_tokens": int(generated),
         "shapes": [{"total_tokens": n, "depth": d, "tree_topk": k, "rounds": rounds[(n, d, k)],

@@ -60,7 +60,7 @@ def calibration_prompts(data_dir: str, count: int, max_chars: int = 1500) -> lis
     return prompts
 
 
-def export(run_dir: str, mode: str, target, counts, prompts, sizes, max_new_tokens: int) -> dict:
+def export(run_dir: str, mode: str, target, counts, conts, sizes, max_new_tokens: int) -> dict:
     src = os.path.join(run_dir, "draft")
     if not os.path.isfile(os.path.join(src, "config.json")):
         raise FileNotFoundError(f"{src} holds no finished draft: run python/train_drafts.py to the end first")
@@ -72,7 +72,8 @@ def export(run_dir: str, mode: str, target, counts, prompts, sizes, max_new_toke
     rows, best = [], None
     for n in sizes:
         draft.set_token_map(None if n is None else hot_vocabulary(counts, n, always))
-        profile = tree_choice.measure_acceptance(target, draft, prompts, SHAPES, max_new_tokens=max_new_tokens)
+        profile = tree_choice.measure_acceptance(target, draft, None, SHAPES, max_new_tokens=max_new_tokens,
+                                                 conts=conts)
         taus = {(s["total_tokens"], s["depth"], s["tree_topk"]): s["tau"] for s in profile["shapes"]}
         costs, vanilla = tree_choice.measure_costs(target, draft, list(taus), taus)
         for shape, tau in taus.items():
@@ -89,6 +90,45 @@ def export(run_dir: str, mode: str, target, counts, prompts, sizes, max_new_toke
     hass_ext.save_draft(draft, out, dtype=torch.bfloat16, embedding=False)
     print(json.dumps({"mode": mode, "from": src, "to": os.path.relpath(out, ROOT), "chosen": top}), flush=True)
     return {"mode": mode, "to": os.path.relpath(out, ROOT), "chosen": top, "rows": rows}
+
+
+def training_summary(run_dir: str, mode: str) -> dict:
+    """Steps, wall time and the held-out k-step acceptance of a finished run (its log.jsonl)."""
+    with open(os.path.join(run_dir, "log.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    final = evals[-1]
+    seconds, last = 0.0, 0.0  # "elapsed" restarts from 0 when a run is resumed: add up the sittings
+    for r in train:
+        if r.get("elapsed", 0.0) < last:
+            seconds += last
+        last = r.get("elapsed", 0.0)
+    seconds += last
+    return {"mode": mode, "steps": final["step"], "train_seconds": seconds or None,
+            "final_loss_avg": train[-1].get("loss_avg") if train else None, "heldout_acc": final["acc"],
+            "heldout_accepted_per_chain": final["accepted_per_chain"], "heldout_chains": final["chains"],
+            "heldout_loss_per_step": final["loss_per_step"],
+            "evals": [{"step": r["step"], "acc": r["acc"]} for r in evals]}
+
+
+def write_training(summaries: list) -> None:
+    path = os.path.join(ROOT, "bench", "results", "draft_training")
+    with open(path + ".json", "w", encoding="utf-8") as f:
+        json.dump({"benchmark": "draft_training", "machine": machine_info("cpu"),
+                   "recipe": "python python/prepare_sharegpt.py; python python/train_drafts.py",
+                   "summaries": summaries}, f, indent=1)
+    lines = ["Training of the shipped drafts (python/prepare_sharegpt.py + python/train_drafts.py: same data, seed and "
+             "optimizer steps). Held-out k-step acceptance: share of greedy chains whose first i+1 draft tokens all "
+             "match the target's (teacher-forced on held-out ShareGPT conversations).", "",
+             "| draft | steps | train time (s) | acc@1 | acc@2 | acc@3 | acc@4 | acc@5 | accepted per 5-chain |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        acc = " | ".join(f"{a:.3f}" for a in s["heldout_acc"])
+        t = f"{s['train_seconds']:.0f}" if s["train_seconds"] else "-"
+        lines.append(f"| {s['mode']} | {s['steps']} | {t} | {acc} | {s['heldout_accepted_per_chain']:.3f} |")
+    with open(path + ".md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def write_table(results: list, args) -> None:
@@ -127,16 +167,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     target = hass_ext.load_target(dtype=torch.float32, device="cpu")
     counts = token_frequencies(args.data, target.config.vocab_size)
-    prompts = calibration_prompts(args.data, args.prompts)
+    conts = tree_choice.continuations(target, calibration_prompts(args.data, args.prompts), args.max_new_tokens)
     sizes = [s or None for s in args.sizes]
     results = []
     for mode in (["hass", "eagle"] if args.mode == "both" else [args.mode]):
-        res = export(os.path.join(args.runs, mode), mode, target, counts, prompts, sizes, args.max_new_tokens)
+        res = export(os.path.join(args.runs, mode), mode, target, counts, conts, sizes, args.max_new_tokens)
         results.append(res)
         if mode == "hass":  # the EAGLE draft gets the same vocabulary size
             chosen = res["chosen"]["draft_vocab"]
             sizes = [None if chosen == target.config.vocab_size else chosen]
     write_table(results, args)
+    write_training([training_summary(os.path.join(args.runs, r["mode"]), r["mode"]) for r in results])
     return 0
 
 

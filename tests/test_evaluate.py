@@ -58,7 +58,7 @@ def test_cli_eval_with_a_draft_and_tree_options(tmp_path, capsys):
 
     target = hass_ext.load_target()
     path = hass_ext.save_draft(hass_ext.init_draft(target, seed=0), tmp_path / "draft")
-    rc = main(["eval", "--draft", f"rnd={path}", "--datasets", "gsm8k", "--temperatures", "0", "--num-questions", "2",
+    rc = main(["eval", "--draft", f"rnd={path}", "--datasets", "gsm8k", "--temperatures", "0", "1", "--num-questions", "2",
                "--turns", "1", "--max-new-tokens", "8", "--total-tokens", "4", "--depth", "2", "--tree-topk", "2",
                "--out-dir", str(tmp_path / "out"), "--name", "t"])
     assert rc == 0, capsys.readouterr().err
@@ -72,4 +72,8 @@ def test_cli_eval_with_a_draft_and_tree_options(tmp_path, capsys):
     # greedy speculative decoding is lossless: the same number of new tokens as vanilla
     assert methods["rnd"]["new_tokens"] == methods["vanilla"]["new_tokens"]
     assert methods["rnd"]["identical_to_vanilla"] == 2
+    sampled = doc["results"]["gsm8k@T=1"]["methods"]
+    assert sampled["rnd"]["questions"] == 2 and "identical_to_vanilla" not in sampled["rnd"]
+    pngs = sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".png")
+    assert pngs and all((tmp_path / "out" / p).stat().st_size > 1000 for p in pngs), pngs
     assert methods["rnd"]["tree"]["total_tokens"] == 4 and methods["rnd"]["tree"]["source"] == "given"

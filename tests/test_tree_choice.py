@@ -92,7 +92,7 @@ def test_bad_profile_is_a_clear_error(agreeing, tmp_path):
     path = hass_ext.save_draft(draft, tmp_path / "d")
     bad = tmp_path / "d" / tree_choice.PROFILE_NAME
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="tree_profile.json is not valid JSON"):
+    with pytest.raises(hass_ext.CheckpointError, match="tree_profile.json is not valid JSON"):
         hass_ext.load_draft(path, target=target)
     bad.write_text(json.dumps({"format": 1, "shapes": [{"total_tokens": 8, "depth": 3, "tree_topk": 4,
                                                         "tau": 9.0}]}))
