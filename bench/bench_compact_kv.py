@@ -35,7 +35,7 @@ def main():
                      "oracle_us": t["oracle"] * 1e6, "speedup_vs_oracle": t["oracle"] / t["op_stacked"]})
     note = ("CPU wall-clock medians, timed interleaved in one run: compare ratios only." if dev == "cpu" else
             "CUDA event medians.")
-    write("compact_kv", rows, args.out_dir, note, args.quick)
+    write("compact_kv" if dev == "cpu" else f"compact_kv_{dev}", rows, args.out_dir, note, args.quick)
 
 
 if __name__ == "__main__":

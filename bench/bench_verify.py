@@ -112,7 +112,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (smoke test)")
     ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default="verify_tree", help="results file stem")
+    ap.add_argument("--out", default=None,
+                    help="results file stem (default verify_tree on the CPU only, verify_tree_cuda with a GPU)")
     ap.add_argument("--out-dir", "--results-dir", dest="results_dir", default=RESULTS, help="where the .json and .md go (default bench/results)")
     args = ap.parse_args(argv)
 
@@ -163,6 +164,8 @@ def main(argv=None):
                         print(json.dumps(row), flush=True)
 
     info = machine_info()
+    if args.out is None:  # a GPU run must not overwrite the committed CPU results
+        args.out = "verify_tree_cuda" if "cuda" in devices else "verify_tree"
     os.makedirs(args.results_dir, exist_ok=True)
     stem = os.path.join(args.results_dir, args.out + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as f:
