@@ -30,10 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 TIE = 1e-4
 TREES = {
-    "60-node (default: 60 / 6 levels / top-k 10)": dict(total_tokens=60, depth=6, tree_topk=10),
+    "60-node (EAGLE-2: 60 / 6 levels / top-k 10)": dict(total_tokens=60, depth=6, tree_topk=10),
     "1-node": dict(total_tokens=1, tree_topk=1),
     "8-node (depth 3, top-k 4)": dict(total_tokens=8, depth=3, tree_topk=4),
     "chain (top-k 1, 6 levels)": dict(total_tokens=7, depth=6, tree_topk=1),
+    "auto (generate's default)": dict(),
 }
 
 
@@ -137,18 +138,25 @@ def main(argv=None):
     partial = os.path.join(args.out_dir, f"{args.name}.partial.tmp")
     done = {}
     report = os.path.join(args.out_dir, f"{args.name}.json")
+    def same_run(r):  # a record counts only for the same length and the same set of trees
+        return r.get("max_new_tokens") == args.max_new_tokens and set(r.get("trees", {})) == set(TREES)
+
     if os.path.exists(report):  # a committed partial report continues too
         with open(report) as f:
             for r in json.load(f)["records"]:
-                if r.get("max_new_tokens") == args.max_new_tokens:
+                if same_run(r):
                     done[r["prompt"]] = r
     if os.path.exists(partial):
         with open(partial) as f:
             for line in f:
                 r = json.loads(line)
-                if r.get("max_new_tokens") == args.max_new_tokens:
+                if same_run(r):
                     done[r["prompt"]] = r
-    todo = first_turns(args.per_file, eval_dir=args.eval_dir)
+    by_file = {}
+    for name, prompt in first_turns(args.per_file, eval_dir=args.eval_dir):
+        by_file.setdefault(name.split("[")[0], []).append((name, prompt))
+    # interleaved across the files, so that a partial run covers all three alike
+    todo = [item for group in zip(*by_file.values()) for item in group]
     from tqdm import tqdm
 
     commit = _commit()
