@@ -132,3 +132,28 @@ def test_build_cuda_forced_with_cpu_torch_fails_clearly():
     env["HASS_BUILD_CUDA"] = "maybe"
     proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "auto, 0 or 1" in proc.stderr
+
+
+def test_cli_generate_streams_and_reports_speed(capsys):
+    from hass_ext.cli import main
+
+    assert main(["generate", "What is 2 + 2?", "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "tokens/s" in err and " tokens in " in err
+    assert main(["generate", "hi", "--max-new-tokens", "0"]) == 2
+    assert "max_new_tokens must be an int > 0" in capsys.readouterr().err
+
+
+def test_cli_help_reads_well(capsys):
+    from hass_ext.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("generate", "chat", "eval", "tree-profile", "prepare-data", "train", "token-map"):
+        assert command in text
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    assert "--draft" in text and "--total-tokens" in text and "--stats" in text
