@@ -197,6 +197,37 @@ def test_a_few_steps_lower_the_loss(target, data_dir, tmp_path, mode):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
+def test_draft_vocab_trains_over_the_hot_rows_and_saves_the_map(target, data_dir, tmp_path):
+    """draft_vocab=N: the losses and the eval use the N hot rows of the head, the loss falls, and the exported
+    draft carries that hot vocabulary as its token map."""
+    from hass_ext.checkpoint import load_draft
+    from hass_ext.train.token_map import hot_vocabulary, template_token_ids, token_frequencies
+
+    V = int(target.config.vocab_size)
+    n = max(12, V // 3)
+    t = Trainer(cfg(data_dir, tmp_path, mode="hass", max_steps=10, lr=5e-3, noise_std=0.0, eval_max_examples=8,
+                    draft_vocab=n), target=target)
+    want = hot_vocabulary(token_frequencies(data_dir, V), n, template_token_ids(target))
+    assert torch.equal(t.draft.hot_token_ids, want)
+    assert torch.equal(t.loss_head, t.lm_head_weight[want]) and t.loss_head.shape[0] == n
+    fixed = t._pairs([t.train_set[i] for i in range(4)])
+
+    def loss_on_fixed():
+        with torch.no_grad():
+            return sum(float(step_loss(p, fixed["target"], fixed["loss_mask"], t.loss_head)[0])
+                       for p in alignment_steps(t.draft, fixed["input_ids"], fixed["features"], 3))
+
+    before = loss_on_fixed()
+    t.train()
+    assert loss_on_fixed() < 0.85 * before
+    loaded = load_draft(str(tmp_path / "draft"), target=target)
+    assert torch.equal(loaded.hot_token_ids, want)
+    with pytest.raises(ValueError, match="draft_vocab must be an int >= topk"):
+        cfg(data_dir, tmp_path, draft_vocab=3)
+    with pytest.raises(ValueError, match="larger than the vocabulary"):
+        Trainer(cfg(data_dir, tmp_path / "big", draft_vocab=V + 1), target=target)
+
+
 def test_resume_is_bit_for_bit(target, data_dir, tmp_path, monkeypatch):
     kw = dict(max_steps=6, save_every=3, eval_max_examples=2)
     straight = Trainer(cfg(data_dir, tmp_path / "a", **kw), target=target)

@@ -94,6 +94,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="distil over the N most frequent assistant tokens of the data only (the draft's hot "
+                        "vocabulary, saved as its token map; N/V of the head's cost); default: the full vocabulary")
     p.add_argument("--init-from", default=None, help="start from this draft folder (EAGLE layout)")
     p.add_argument("--no-fc-bias", action="store_true", help="new draft without fc bias")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
@@ -115,6 +118,7 @@ def run_train(args) -> int:
         eval_fraction=args.eval_fraction, eval_every=args.eval_every, eval_k=args.eval_k,
         eval_max_examples=args.eval_max_examples, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, init_from=args.init_from,
+        draft_vocab=args.draft_vocab,
         bias=not args.no_fc_bias, progress=not args.no_progress)
     trainer = Trainer(cfg, target=args.target)
     final = trainer.train(resume=args.resume)

@@ -84,6 +84,8 @@ class TrainConfig:
     save_every: int = 0                        # steps; 0 = only at the end
     keep_checkpoints: int = 2
     log_every: int = 10
+    draft_vocab: Optional[int] = None          # distil over the N most frequent assistant tokens of the data only
+                                               # (the draft's hot vocabulary, saved as its token map); None: all
     init_from: Optional[str] = None            # start from a saved draft (EAGLE layout folder)
     bias: bool = True                          # fc bias of a new draft (the reference trains with one)
     verify_checksum: bool = True
@@ -119,6 +121,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.draft_vocab is not None and (isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int)
+                                             or self.draft_vocab < self.topk):
+            raise ValueError(f"draft_vocab must be an int >= topk ({self.topk}) or None, got {self.draft_vocab!r}")
 
 
 # Settings a resumed run may change (they do not affect the trained weights).
@@ -209,6 +214,19 @@ class Trainer:
         # the target's head, frozen, fp32 (autocast runs its GEMMs in bf16 where enabled); shared with the draft
         self.lm_head_weight = target.model.get_output_embeddings().weight.detach().to(self.device, torch.float32)
         self.draft = self._make_draft(target)
+        # The head the losses and the acceptance eval use. With draft_vocab (EAGLE-3 style) both distributions are
+        # the softmax over the hot rows only: the draft learns to rank exactly the tokens its trees propose from,
+        # at N / V of the head's cost. The hot vocabulary becomes the draft's token map (saved with it).
+        self.loss_head = self.lm_head_weight
+        if c.draft_vocab is not None:
+            from .token_map import hot_vocabulary, template_token_ids, token_frequencies
+
+            vocab = int(target.config.vocab_size)
+            if c.draft_vocab > vocab:
+                raise ValueError(f"draft_vocab ({c.draft_vocab}) is larger than the vocabulary ({vocab})")
+            ids = hot_vocabulary(token_frequencies(c.data_dir, vocab), c.draft_vocab, template_token_ids(target))
+            self.draft.set_token_map(ids)
+            self.loss_head = self.lm_head_weight.index_select(0, ids.to(self.device)).contiguous()
         self.target_name = target.name
         del target
 
@@ -291,14 +309,14 @@ class Trainer:
             features = uniform_noise(features, pairs["lengths"], c.noise_std, c.noise_scale_by_length, g)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            stats = target_stats(pairs["target"], pairs["loss_mask"], self.lm_head_weight, c.topk)
+            stats = target_stats(pairs["target"], pairs["loss_mask"], self.loss_head, c.topk)
         levels, parts = [], []
         for j in range(c.align_steps):
             sync = not self.distributed or j == c.align_steps - 1
             with (contextlib.nullcontext() if sync else self.model.no_sync()):
                 with self._autocast():
                     pred = self.model(pairs["input_ids"], features, levels, c.attention)
-                    loss, part = step_loss(pred, pairs["target"], pairs["loss_mask"], self.lm_head_weight,
+                    loss, part = step_loss(pred, pairs["target"], pairs["loss_mask"], self.loss_head,
                                            c.topk, c.v_w, c.p_w, c.topk_w, stats)
                 (loss * c.step_weights[j]).backward()
             part["loss"] = float(loss.detach())
@@ -329,7 +347,7 @@ class Trainer:
             for a in range(0, len(mine), c.batch_size):
                 pairs = self._pairs([self.eval_set[i] for i in mine[a:a + c.batch_size]])
                 counts = merge_counts(counts, evaluate_batch(
-                    self.draft, self.lm_head_weight, pairs, c.eval_k, c.align_steps, c.attention, c.topk,
+                    self.draft, self.loss_head, pairs, c.eval_k, c.align_steps, c.attention, c.topk,
                     (c.v_w, c.p_w, c.topk_w)))
         self.draft.train(was_training)
         if not counts:
