@@ -5,11 +5,11 @@ load), in the EAGLE layout, with a reduced draft vocabulary and an acceptance pr
                                                                # RUNS/eagle/draft -> bench/drafts/eagle-<target>
     python python/export_drafts.py --runs RUNS --data DATA --mode eagle
 
-For each draft: the hot vocabulary (FR-Spec style, ``token_map.pt``) of each candidate size is built from the
-assistant tokens of DATA, the acceptance of the candidate tree shapes is replayed on held-out ShareGPT prompts
-(hass_ext.tree_choice: records after the training selection, never the evaluation questions), the round costs
-are measured on this machine, and the size with the highest expected speedup is kept together with its
-``tree_profile.json``. The table of every candidate goes to bench/results/draft_export.{json,md}. Both drafts get
+For each draft: the hot vocabulary (FR-Spec style, ``token_map.pt``) it was trained for (``draft_vocab``), or
+else one of each candidate size built from the assistant tokens of DATA; the acceptance of the candidate tree
+shapes is replayed on held-out ShareGPT prompts (hass_ext.tree_choice: records after the training selection,
+never the evaluation questions), the round costs are measured on this machine, and the vocabulary with the
+highest expected speedup is kept together with its ``tree_profile.json``. The table of every candidate goes to bench/results/draft_export.{json,md}. Both drafts get
 the HASS draft's vocabulary size, so they are compared like for like.
 
 The HASS draft becomes ``draft="default"`` for the target; the EAGLE draft is kept beside the benchmarks.
@@ -69,9 +69,12 @@ def export(run_dir: str, mode: str, target, counts, conts, sizes, max_new_tokens
     hass_ext.save_draft(hass_ext.load_draft(src, target=target), out, dtype=torch.bfloat16, embedding=False)
     draft = hass_ext.load_draft(out, target=target)
     always = template_token_ids(target)
+    trained = draft.hot_token_ids  # a draft trained with draft_vocab keeps the vocabulary it was trained for
+    maps = {int(trained.numel()): trained} if trained is not None else {
+        n: None if n is None else hot_vocabulary(counts, n, always) for n in sizes}
     rows, best = [], None
-    for n in sizes:
-        draft.set_token_map(None if n is None else hot_vocabulary(counts, n, always))
+    for n, ids in maps.items():
+        draft.set_token_map(ids)
         profile = tree_choice.measure_acceptance(target, draft, None, SHAPES, max_new_tokens=max_new_tokens,
                                                  conts=conts)
         taus = {(s["total_tokens"], s["depth"], s["tree_topk"]): s["tau"] for s in profile["shapes"]}
@@ -85,7 +88,7 @@ def export(run_dir: str, mode: str, target, counts, conts, sizes, max_new_tokens
         if best is None or top["expected_speedup"] > best[0]["expected_speedup"]:
             best = (top, n, profile)
     top, n, profile = best
-    draft.set_token_map(None if n is None else hot_vocabulary(counts, n, always))
+    draft.set_token_map(maps[n])
     draft.tree_profile = profile
     hass_ext.save_draft(draft, out, dtype=torch.bfloat16, embedding=False)
     print(json.dumps({"mode": mode, "from": src, "to": os.path.relpath(out, ROOT), "chosen": top}), flush=True)

@@ -11,7 +11,10 @@ starting the same command again continues from the latest checkpoint, bit for bi
 The two runs differ only in the method: HASS = 3 harmonized-context-alignment steps + top-K loss (K=10,
 weight 1), EAGLE = 1 step, no top-K loss. Both use the reference's loss weights (feature 1, soft CE 0.1),
 AdamW (0.9, 0.95, wd 0.01), clip-by-value 0.5, warmup + linear decay and feature noise. The learning rate is
-higher than the reference's 3e-5 because the budget is one pass over ~2k conversations, not 40 passes over 68k.
+higher than the reference's 3e-5 because the budget is two passes over ~2.2k conversations, not 40 passes over
+68k. Both distil over the 8192 most frequent assistant tokens (draft_vocab, EAGLE-3 style): the vocabulary their
+trees draft from on a CPU (93% of the assistant tokens, bench/results/draft_vocab_cpu.md), at 1/6 of the head's
+cost per step.
 bf16 autocast (fp32 master weights) as on GPUs; on CPUs with AMX it is also ~2-3x faster than fp32 there.
 With several processes (torchrun --nproc_per_node N python/train_drafts.py ...) the global batch is N times
 larger and the number of steps N times smaller.
@@ -23,8 +26,8 @@ import sys
 
 from hass_ext.train import TrainConfig, Trainer
 
-RECIPE = dict(batch_size=4, epochs=1, lr=5e-4, warmup_ratio=0.02, seed=0, max_len=512, noise_std=0.2,
-              autocast="bf16", eval_fraction=0.05, eval_k=5, eval_every=200, eval_max_examples=48, save_every=25,
+RECIPE = dict(batch_size=4, epochs=2, lr=5e-4, draft_vocab=8192, warmup_ratio=0.02, seed=0, max_len=512, noise_std=0.2,
+              autocast="bf16", eval_fraction=0.05, eval_k=5, eval_every=250, eval_max_examples=48, save_every=50,
               keep_checkpoints=2, log_every=5)
 
 
