@@ -218,8 +218,11 @@ def test_draft_vocab_trains_over_the_hot_rows_and_saves_the_map(target, data_dir
                        for p in alignment_steps(t.draft, fixed["input_ids"], fixed["features"], 3))
 
     before = loss_on_fixed()
-    t.train()
+    final = t.train()
     assert loss_on_fixed() < 0.85 * before
+    # the held-out chains start where the data follows the target's real (full-vocabulary) greedy path
+    full = Trainer(cfg(data_dir, tmp_path / "full", eval_max_examples=8), target=target).evaluate()
+    assert final["chains"] == full["chains"] > 0
     loaded = load_draft(str(tmp_path / "draft"), target=target)
     assert torch.equal(loaded.hot_token_ids, want)
     with pytest.raises(ValueError, match="draft_vocab must be an int >= topk"):

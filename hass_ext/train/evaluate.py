@@ -36,12 +36,20 @@ def _shift(x: torch.Tensor, i: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_batch(draft, lm_head_weight: torch.Tensor, pairs: Dict[str, torch.Tensor], k: int, loss_steps: int,
-                   attention: str = "proper", topk: int = 10, weights=(1.0, 0.1, 1.0)) -> Dict[str, List[float]]:
+                   attention: str = "proper", topk: int = 10, weights=(1.0, 0.1, 1.0), target_head=None,
+                   vocab_ids=None) -> Dict[str, List[float]]:
     """Counts for one batch of training pairs (loss.training_pairs): chains correct/total per step, and
-    the summed losses of alignment steps 1..loss_steps (un-noised features)."""
+    the summed losses of alignment steps 1..loss_steps (un-noised features).
+
+    lm_head_weight: the head of the losses and of the draft's proposals. With a hot vocabulary that is its rows
+    only: ``vocab_ids`` maps them to token ids and ``target_head`` is the full head, which gives the target's
+    real greedy tokens (a token outside the hot set is a miss, as at decode time).
+    """
     ids, feat, target, mask = pairs["input_ids"], pairs["features"], pairs["target"], pairs["loss_mask"] > 0
-    g_next = _argmax_logits(target, lm_head_weight)          # target's greedy token after f_{t+1}: x_{t+2}
-    g_cur = _argmax_logits(feat, lm_head_weight)             # target's greedy token after f_t: x_{t+1}
+    full = lm_head_weight if target_head is None else target_head
+    g_next = _argmax_logits(target, full)                    # target's greedy token after f_{t+1}: x_{t+2}
+    g_cur = _argmax_logits(feat, full)                       # target's greedy token after f_t: x_{t+1}
+    to_ids = (lambda c: c) if vocab_ids is None else (lambda c: vocab_ids.to(c.device)[c])  # noqa: E731
     ok = mask & (ids == g_cur)                               # step may run here (prefix is the greedy path)
     steps = max(k, loss_steps)
     correct, total = [0] * k, [0] * k
@@ -55,7 +63,7 @@ def evaluate_batch(draft, lm_head_weight: torch.Tensor, pairs: Dict[str, torch.T
             losses["loss"][i] += float(loss) * parts["tokens"]
             losses["tokens"][i] += parts["tokens"]
         if i < k:
-            hit = _argmax_logits(pred, lm_head_weight) == g_next
+            hit = to_ids(_argmax_logits(pred, lm_head_weight)) == g_next
             started = alive & _shift(ok, i)
             good = started & _shift(hit, i)
             total[i] += int(started.sum()) + int(failed.sum())

@@ -348,7 +348,8 @@ class Trainer:
                 pairs = self._pairs([self.eval_set[i] for i in mine[a:a + c.batch_size]])
                 counts = merge_counts(counts, evaluate_batch(
                     self.draft, self.loss_head, pairs, c.eval_k, c.align_steps, c.attention, c.topk,
-                    (c.v_w, c.p_w, c.topk_w)))
+                    (c.v_w, c.p_w, c.topk_w), target_head=self.lm_head_weight,
+                    vocab_ids=self.draft.hot_token_ids if c.draft_vocab is not None else None))
         self.draft.train(was_training)
         if not counts:
             counts = {"correct": [0] * c.eval_k, "total": [0] * c.eval_k, "loss": [0.0] * c.align_steps,
