@@ -101,7 +101,7 @@ def training_summary(run_dir: str, mode: str) -> dict:
         records = [json.loads(line) for line in f if line.strip()]
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    final = evals[-1]
+    final = {**evals[-1], **heldout_eval(run_dir)}
     seconds, last = 0.0, 0.0  # "elapsed" restarts from 0 when a run is resumed: add up the sittings
     for r in train:
         if r.get("elapsed", 0.0) < last:
@@ -113,6 +113,19 @@ def training_summary(run_dir: str, mode: str) -> dict:
             "heldout_accepted_per_chain": final["accepted_per_chain"], "heldout_chains": final["chains"],
             "heldout_loss_per_step": final["loss_per_step"],
             "evals": [{"step": r["step"], "acc": r["acc"]} for r in evals]}
+
+
+def heldout_eval(run_dir: str) -> dict:
+    """The final checkpoint's held-out k-step acceptance, recomputed with this version of the trainer."""
+    from hass_ext.train.trainer import STATE_FILE, Trainer, config_from_dict
+
+    with open(os.path.join(run_dir, "checkpoints", "latest.json"), encoding="utf-8") as f:
+        path = os.path.join(run_dir, "checkpoints", json.load(f)["checkpoint"])
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+    cfg = config_from_dict({**state["config"], "progress": False})
+    trainer = Trainer(cfg)
+    trainer.load_checkpoint(path)
+    return trainer.evaluate()
 
 
 def write_training(summaries: list) -> None:
