@@ -317,5 +317,11 @@ def choose_tree(target, draft, depth: Optional[int] = None, tree_topk: Optional[
         choice = TreeChoice(*best, source="profile", expected_tau=taus[best], round_ms=costs[best] * 1e3,
                             vanilla_step_ms=vanilla * 1e3, expected_speedup=taus[best] * vanilla / costs[best])
     log.info("hass_ext: %s", choice.describe())
+    if choice.expected_speedup is not None and choice.expected_speedup < 1.0:
+        import warnings
+
+        warnings.warn(f"hass_ext: with this draft, speculative decoding is expected to be slower than vanilla "
+                      f"decoding on this device (best {choice.describe()}): its acceptance is too low for the cost "
+                      f"of a round here; a better-trained draft (or a GPU) changes that", stacklevel=3)
     _CHOICES[key] = choice
     return choice

@@ -132,6 +132,10 @@ def test_choice_follows_the_profile_and_the_costs(agreeing):
         assert (r.tree.total_tokens, r.tree.depth, r.tree.tree_topk) in taus
         assert r.token_ids == hass_ext.generate(prompts[0], target=target, max_new_tokens=16).token_ids
         assert "expected speedup" in r.tree.describe()
+        # a profile whose best shape cannot beat a vanilla step warns that speculation will be slower here
+        draft.tree_profile = _profile({(2, 1, 1): 1.01})
+        with pytest.warns(UserWarning, match="expected to be slower than vanilla"):
+            choose_tree(target, draft)
     finally:
         draft.tree_profile = None
 
