@@ -278,8 +278,11 @@ def save_draft(draft: DraftModel, path, safe_serialization: bool = True, dtype: 
 
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
     if not os.path.exists(path):
         tmp = tempfile.mkdtemp(prefix=".draft-", dir=parent)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; give it the usual permissions
         try:
             write_weights(os.path.join(tmp, weights_name))
             if token_map is not None:
@@ -308,6 +311,7 @@ def save_draft(draft: DraftModel, path, safe_serialization: bool = True, dtype: 
         os.close(fd)
         try:
             writer(tmp)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private
             os.replace(tmp, os.path.join(path, name))
         finally:
             if os.path.exists(tmp):

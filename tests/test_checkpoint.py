@@ -236,3 +236,17 @@ def test_failed_save_leaves_no_partial_folder(tmp_path, target, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_draft(draft, tmp_path / "x")
     assert os.listdir(tmp_path) == []
+
+
+def test_saved_draft_has_the_usual_permissions(tmp_path, target):
+    """The atomic writes (temporary folder/files, then rename) do not leave the folder or its files private."""
+    import stat
+
+    draft = hass_ext.init_draft(target, seed=0)
+    path = hass_ext.save_draft(draft, tmp_path / "d")    # a new folder
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o777 & ~umask
+    hass_ext.save_draft(draft, path)                     # into the existing folder, file by file
+    for name in os.listdir(path):
+        assert stat.S_IMODE(os.stat(os.path.join(path, name)).st_mode) == 0o666 & ~umask, name
