@@ -152,9 +152,9 @@ def _rss_kib(field):
 def peak_rss_mib(fn):
     """Peak extra resident memory (MiB) of one call of fn, from Linux's resettable high-water mark."""
     fn()  # warm-up: allocator caches, BLAS buffers
-    base = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
         f.write("5")
+    base = _rss_kib("VmHWM")  # read after the reset: RSS may shrink in between (pages reclaimed), HWM cannot
     fn()
     return (_rss_kib("VmHWM") - base) / 1024
 
