@@ -194,19 +194,9 @@ def _calibration_prompts(source: str, start: int, count: int) -> list:
     """First user turns: of ShareGPT records from ``start`` ("sharegpt"), or of a question file / packaged
     dataset (hass_ext.evaluate.load_questions)."""
     if source == "sharegpt":
-        from .train.conversations import SkipConversation, load_records, to_messages
+        from .train.conversations import first_user_turns
 
-        prompts = []
-        for _, rec in load_records("sharegpt", start=start, num=count * 4)[0]:
-            try:
-                first = to_messages(rec)[0]
-            except SkipConversation:
-                continue
-            if len(first["content"]) <= 1500:
-                prompts.append([first])
-            if len(prompts) == count:
-                break
-        return prompts
+        return first_user_turns("sharegpt", start, count)
     from .evaluate import load_questions
 
     return [q["turns"][0] for q in load_questions(source)[start:start + count]]

@@ -24,7 +24,7 @@ import torch
 import hass_ext
 from hass_ext import tree_choice
 from hass_ext.evaluate import machine_info
-from hass_ext.train.conversations import SkipConversation, load_records, to_messages
+from hass_ext.train.conversations import first_user_turns
 from hass_ext.train.token_map import hot_vocabulary, template_token_ids, token_frequencies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,23 +41,12 @@ def destination(mode: str, target_name: str) -> str:
     return os.path.join(ROOT, "bench", "drafts", f"{mode}-{name}")
 
 
-def calibration_prompts(data_dir: str, count: int, max_chars: int = 1500) -> list:
+def calibration_prompts(data_dir: str, count: int) -> list:
     """First user turns of ShareGPT records after the ones the data folder was prepared from."""
     with open(os.path.join(data_dir, "manifest.json"), encoding="utf-8") as f:
         manifest = json.load(f)
     start = manifest["source"].get("start", 0) + manifest["selection"]["num_conversations"]
-    records, _ = load_records(manifest["source"]["name"], start=start, num=count * 4)
-    prompts = []
-    for _, rec in records:
-        try:
-            first = next(m for m in to_messages(rec) if m["role"] == "user")
-        except (StopIteration, SkipConversation):
-            continue
-        if 0 < len(first["content"]) <= max_chars:
-            prompts.append([first])
-        if len(prompts) == count:
-            break
-    return prompts
+    return first_user_turns(manifest["source"]["name"], start, count)
 
 
 def export(run_dir: str, mode: str, target, counts, conts, sizes, max_new_tokens: int) -> dict:

@@ -268,3 +268,19 @@ def iter_examples(tokenizer, records: Iterable[Tuple[int, dict]], max_len: Optio
                 skipped[s.reason] = skipped.get(s.reason, 0) + 1
             continue
         yield idx, ids, mask
+
+
+def first_user_turns(source, start: int, count: int, max_chars: int = 1500) -> List[List[dict]]:
+    """Up to ``count`` one-message chats: the first user turn of the records of ``source`` from ``start`` on
+    (non-empty, at most ``max_chars`` characters), e.g. calibration prompts a draft was not trained on."""
+    prompts = []
+    for _, rec in load_records(source, start=start, num=count * 4)[0]:
+        try:
+            first = to_messages(rec)[0]  # always the user's turn
+        except SkipConversation:
+            continue
+        if 0 < len(first["content"]) <= max_chars:
+            prompts.append([first])
+        if len(prompts) == count:
+            break
+    return prompts
