@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--token-map", default=None, help="a token_map.pt to give the draft a hot vocabulary")
     ap.add_argument("--rounds", type=int, default=24, help="rounds per prompt")
     ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--tree", type=int, nargs=3, default=[60, 6, 10], metavar=("TOTAL", "DEPTH", "TOPK"),
+                    help="tree shape (default: the EAGLE-2 tree 60 6 10)")
     ap.add_argument("--name", default=None, help="result file name (default round_parts_<device>)")
     args = ap.parse_args()
     dev = args.device
@@ -84,9 +86,9 @@ def main():
     totals = dict.fromkeys(PARTS, 0.0)
     n_rounds = 0
     with torch.inference_mode():
-        timed_rounds(target, draft, target.encode(ps[0]), 2, 60, 6, 10, sync)  # warm-up
+        timed_rounds(target, draft, target.encode(ps[0]), 2, *args.tree, sync)  # warm-up
         for p in ps:
-            t = timed_rounds(target, draft, target.encode(p), rounds, 60, 6, 10, sync)
+            t = timed_rounds(target, draft, target.encode(p), rounds, *args.tree, sync)
             for k in PARTS:
                 totals[k] += t[k]
             n_rounds += rounds
@@ -94,7 +96,8 @@ def main():
     rows = [{"part": k, "ms_per_round": totals[k] / n_rounds * 1e3, "share": totals[k] / sum(totals.values())}
             for k in PARTS]
     rows.append({"part": "round", "ms_per_round": round_ms, "share": 1.0})
-    note = (f"{len(ps)} prompt(s) x {rounds} rounds, default tree (60 nodes, depth 6, top-k 10), greedy, "
+    n, d, k = args.tree
+    note = (f"{len(ps)} prompt(s) x {rounds} rounds, tree {n} nodes, depth {d}, top-k {k}, greedy, "
             f"{'random draft (std %g)' % args.init_range if not args.draft else 'draft ' + os.path.basename(args.draft)}"
             f"{', hot vocabulary of %d' % draft.tree_vocab_size if draft.hot_token_ids is not None else ''}, "
             f"{torch.get_num_threads()} thread(s).")

@@ -33,6 +33,10 @@ TORCH_LIBRARY(hass, m) {
   // state float32 [N,2] = (running max, sum exp(x - max)); topk_val/topk_idx [N,K] a running top-K of the
   // logits (K may be 0; empty slots -inf/-1). Returns exp(logits - new max) (empty unless want_exp), the
   // rescale factor alpha [N] = exp(old max - new max) for accumulators, and the updated state and top-K.
+  // y = x @ weight.T + bias for a few rows x (decode steps, tree verification) on CPUs, fp32
+  // (csrc/include/hass/small_gemm.h): each weight row streamed once for all rows; a row's result does not depend
+  // on the other rows. x [..., K], weight [N, K], bias [N] or None -> [..., N].
+  m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("online_softmax_chunk(Tensor logits, Tensor state, Tensor topk_val, Tensor topk_idx, int col0, "
         "bool want_exp) -> (Tensor exp, Tensor alpha, Tensor new_state, Tensor new_topk_val, Tensor new_topk_idx)");
 }

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cpu_linear import linear, use_small_batch_linear
+
 _ROPE_TYPES = ("default", "linear", "llama3")
 # config.json keys that to_dict() always writes itself (so they are not carried in DraftConfig.extra)
 _FIXED_KEYS = ("architectures", "model_type", "pretraining_tp", "tie_word_embeddings", "use_cache", "mlp_bias",
@@ -366,6 +368,7 @@ class DraftModel(nn.Module):
         # The measured acceptance of tree shapes (hass_ext.tree_choice), saved as tree_profile.json; None if never
         # measured. It belongs to these weights and this token map: changing the map drops it.
         self.tree_profile = None
+        use_small_batch_linear(self)  # tree expansion calls the layers with a few rows (hass_ext.cpu_linear)
 
     # -- the head ----------------------------------------------------------------------------------------------
     @property
@@ -386,7 +389,7 @@ class DraftModel(nn.Module):
             raise RuntimeError("the draft has no lm_head: create it with init_draft/load_draft(target=...) or call "
                                "set_lm_head(target.model.lm_head.weight)")
         w = self._lm_head_weight
-        return F.linear(hidden.to(w.dtype), w)
+        return linear(hidden.to(w.dtype), w)
 
     def set_token_map(self, token_ids) -> None:
         """Draft tree tokens from ``token_ids`` only (a hot vocabulary: 1-D target ids, unique, in
@@ -418,7 +421,7 @@ class DraftModel(nn.Module):
         if cw is not w or cv != version or cids is not ids:  # new head, head updated in place, or new map
             rows = w.detach().index_select(0, ids.to(w.device))
             object.__setattr__(self, "_hot_head", (w, version, ids, rows))
-        return F.linear(hidden.to(rows.dtype), rows)
+        return linear(hidden.to(rows.dtype), rows)
 
     def tree_token_ids(self, columns: torch.Tensor) -> torch.Tensor:
         """Target token ids of ``tree_logits`` columns (the identity without a map)."""

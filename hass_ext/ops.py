@@ -602,3 +602,36 @@ def fused_linear_distill_loss(draft_hidden: torch.Tensor, target_hidden: Optiona
     with torch.autocast(lm_head_weight.device.type, enabled=False):  # GEMMs in the head's dtype
         return _FusedLinearDistill.apply(x, lm_head_weight, mask, target_stats, float(ce_weight),
                                          float(topk_weight), chunk, need_grad)
+
+
+# ---- small_linear -----------------------------------------------------------------------------------------
+
+@torch.library.register_fake("hass::small_linear")
+def _small_linear_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a few rows on a CPU, as memory-bound as one row (float32; inference only).
+
+    x: ``[..., K]`` float32 on the CPU, a handful of rows (a decode step, a tree verification; past ~32 rows a
+    BLAS GEMM is faster: see ``hass_ext.cpu_linear``). weight: ``[N, K]`` float32 (nn.Linear layout).
+    bias: ``[N]`` float32 or None. Returns ``[..., N]`` float32.
+
+    Each weight row is read once for all rows of x, and each output is summed in a fixed order whatever the
+    number of rows, so a tree node's result is bit-identical to a one-token step over the same input. No autograd:
+    use torch.nn.functional.linear for training.
+    """
+    _check_tensor("x", x, dtypes=(torch.float32,), device=torch.device("cpu"))
+    _check_tensor("weight", weight, dims=(2,), dtypes=(torch.float32,), device=torch.device("cpu"))
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be [..., {weight.shape[1]}] to match weight {tuple(weight.shape)}, got {_describe(x)}")
+    if bias is not None:
+        _check_tensor("bias", bias, dims=(1,), dtypes=(torch.float32,), device=torch.device("cpu"))
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have {weight.shape[0]} entries (weight rows), got {_describe(bias)}")
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        raise ValueError("small_linear has no backward: call it under torch.no_grad()/inference_mode(), or use "
+                         "torch.nn.functional.linear for training")
+    return torch.ops.hass.small_linear(x, weight, bias)

@@ -159,12 +159,16 @@ def _default_model_dir() -> str:
 
 
 def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-                device: Optional[Union[str, torch.device]] = None) -> Target:
+                device: Optional[Union[str, torch.device]] = None, small_batch_linear: Optional[bool] = None
+                ) -> Target:
     """Load a target model and its tokenizer.
 
     name_or_path: None for the embedded SmolLM2-135M-Instruct (offline), a local Hugging Face model folder,
         or a hub id (needs network access or a populated HF cache).
     dtype: default float32 on CPU, bfloat16 on CUDA.  device: default "cuda" when available, else "cpu".
+    small_batch_linear: run the linear layers' decode-sized calls through hass_ext.ops.small_linear
+        (hass_ext.cpu_linear); default: for float32 targets on the CPU, where it makes a one-token step and a
+        tree verification cheaper. Vanilla and speculative decoding with this target both use it.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
@@ -193,4 +197,10 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
             raise FileNotFoundError(f"could not load target model {name!r}: {e}") from e
         finally:
             hf_logging.enable_progress_bar()
+    if small_batch_linear is None:
+        small_batch_linear = device.type == "cpu" and dtype == torch.float32
+    if small_batch_linear:
+        from .cpu_linear import use_small_batch_linear
+
+        use_small_batch_linear(model)
     return Target(model.to(device), tok, name)

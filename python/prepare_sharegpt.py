@@ -1,6 +1,7 @@
 """Training data for the SmolLM2-135M-Instruct drafts: ShareGPT V3 conversations -> target features -> shards.
 
-    python python/prepare_sharegpt.py --out DATA_DIR
+    python python/prepare_sharegpt.py --out DATA_DIR             # stage 1 data
+    python python/prepare_sharegpt.py --out DATA2_DIR --part 2   # stage 2 data: the next 2,700 records
 
 Runs the embedded target over the first 2,700 records of the bundled ShareGPT V3 file, keeping 512 tokens per
 conversation: 2,352 examples, 1.11M tokens (5 % held out for evaluation by the trainer); the other records have
@@ -20,6 +21,8 @@ from hass_ext.train import prepare_data
 
 RECIPE = dict(conversations="sharegpt", num_conversations=2700, start=0, seed=None, max_len=512, shard_size=256,
               hidden_dtype="bfloat16")
+# part 2: the next 2,700 records, new conversations for the second training stage (train_drafts.py --stage 2)
+PARTS = {1: dict(RECIPE), 2: dict(RECIPE, start=2700)}
 
 
 def main(argv=None) -> int:
@@ -28,11 +31,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per target forward")
     ap.add_argument("--stop-after-shards", type=int, default=None)
+    ap.add_argument("--part", type=int, choices=sorted(PARTS), default=1,
+                    help="1: records 0-2699 (first training stage), 2: records 2700-5399 (second stage)")
     args = ap.parse_args(argv)
+    recipe = PARTS[args.part]
     target = load_target(dtype=torch.bfloat16, device=args.device)
-    m = prepare_data(target, RECIPE["conversations"], args.out, max_len=RECIPE["max_len"],
-                     num_conversations=RECIPE["num_conversations"], start=RECIPE["start"], seed=RECIPE["seed"],
-                     shard_size=RECIPE["shard_size"], hidden_dtype=RECIPE["hidden_dtype"],
+    m = prepare_data(target, recipe["conversations"], args.out, max_len=recipe["max_len"],
+                     num_conversations=recipe["num_conversations"], start=recipe["start"], seed=recipe["seed"],
+                     shard_size=recipe["shard_size"], hidden_dtype=recipe["hidden_dtype"],
                      batch_tokens=args.batch_tokens, stop_after_shards=args.stop_after_shards)
     print(json.dumps({k: m[k] for k in ("complete", "num_examples", "num_tokens", "skipped")}))
     return 0

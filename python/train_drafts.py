@@ -3,10 +3,15 @@
     python python/prepare_sharegpt.py --out DATA            # once (resumable)
     python python/train_drafts.py --data DATA --out RUNS    # HASS, then EAGLE (resumable)
     python python/train_drafts.py --data DATA --out RUNS --mode eagle
+    python python/train_drafts.py --stage 2 --data DATA2 --out RUNS2   # continue both on new conversations
 
 Writes RUNS/hass and RUNS/eagle, each with log.jsonl (losses, held-out k-step acceptance), checkpoints/ and the
 final draft/ (EAGLE layout: load it with hass_ext.load_draft). A run checkpoints every `save_every` steps;
 starting the same command again continues from the latest checkpoint, bit for bit.
+
+Stage 2 continues each stage-1 draft (the shipped ones: hass_ext/drafts/SmolLM2-135M-Instruct for HASS,
+bench/drafts/eagle-SmolLM2-135M-Instruct for EAGLE) for one pass over 2,700 further ShareGPT records
+(prepare_sharegpt.py --part 2) at a lower learning rate: again the same data, steps and seed for both.
 
 The two runs differ only in the method: HASS = 3 harmonized-context-alignment steps + top-K loss (K=10,
 weight 1), EAGLE = 1 step, no top-K loss. Both use the reference's loss weights (feature 1, soft CE 0.1),
@@ -31,8 +36,15 @@ RECIPE = dict(batch_size=4, epochs=2, lr=5e-4, draft_vocab=8192, warmup_ratio=0.
               keep_checkpoints=2, log_every=5)
 
 
-def run(mode: str, data: str, out: str) -> dict:
-    cfg = TrainConfig(data_dir=data, out_dir=os.path.join(out, mode), mode=mode, **RECIPE)
+STAGE2 = dict(RECIPE, epochs=1, lr=2e-4)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE1_DRAFTS = {"hass": os.path.join(ROOT, "hass_ext", "drafts", "SmolLM2-135M-Instruct"),
+                 "eagle": os.path.join(ROOT, "bench", "drafts", "eagle-SmolLM2-135M-Instruct")}
+
+
+def run(mode: str, data: str, out: str, stage: int = 1) -> dict:
+    recipe = RECIPE if stage == 1 else dict(STAGE2, init_from=STAGE1_DRAFTS[mode])
+    cfg = TrainConfig(data_dir=data, out_dir=os.path.join(out, mode), mode=mode, **recipe)
     trainer = Trainer(cfg)  # the target named in the data manifest (the embedded SmolLM2-135M-Instruct)
     final = trainer.train(resume=True)
     if trainer.rank == 0:
@@ -45,9 +57,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="folder written by prepare_sharegpt.py")
     ap.add_argument("--out", required=True, help="runs folder (RUNS/hass, RUNS/eagle)")
     ap.add_argument("--mode", choices=["both", "hass", "eagle"], default="both")
+    ap.add_argument("--stage", type=int, choices=[1, 2], default=1,
+                    help="1: train from scratch; 2: continue the stage-1 drafts on the --part 2 data")
     args = ap.parse_args(argv)
     for mode in (["hass", "eagle"] if args.mode == "both" else [args.mode]):
-        run(mode, args.data, args.out)
+        run(mode, args.data, args.out, args.stage)
     return 0
 
 

@@ -118,8 +118,9 @@ def test_cached_default_target_loads_fast(target):
     pre = again.prefill(ids, all_logits=True)
     assert pre.logits.shape == (1, ids.shape[1], 49152)
     assert pre.hidden_states.shape == (1, ids.shape[1], 576)
-    # features are the final-norm hidden states: the lm_head of them gives the logits
-    assert torch.allclose(again.model.lm_head(pre.hidden_states), pre.logits)
+    # features are the final-norm hidden states: the lm_head of them gives the logits (up to summation order:
+    # prefill runs under no_grad, where the CPU target's small calls take hass_ext.ops.small_linear)
+    torch.testing.assert_close(again.model.lm_head(pre.hidden_states), pre.logits, rtol=1e-5, atol=1e-4)
 
 
 def test_build_cuda_forced_with_cpu_torch_fails_clearly():

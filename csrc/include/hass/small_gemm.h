@@ -1,0 +1,145 @@
+// Skinny matrix product for decoding on CPUs: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows x
+// (one decode step: M = 1; a tree verification: M = tree size, up to a few dozen).
+//
+// Why: a decode step is memory bound, so verifying a tree of 16 tokens should cost about what one token costs.
+// BLAS libraries take a GEMV path for M = 1 but repack the weight for every call once M >= 2, which on a small
+// model makes a 2-token forward cost ~1.5x a 1-token one. Here every weight row is streamed once for all M rows.
+//
+// Every output is the same sum in the same order whatever M is and whichever block it falls in: 16 lane-partial
+// sums over k (lane l accumulates k = l mod 16 in increasing k), then a fixed pairwise reduction of the lanes.
+// So a row's result does not depend on which other rows were multiplied with it: the logits of a tree node
+// are bit-identical to those of a one-token step over the same hidden state.
+//
+// Host-only (GCC/Clang vector extensions). The caller compiles sg_rows inside functions with target attributes
+// (AVX-512, AVX2, baseline) and picks one at run time; the arithmetic is the same, the register blocking differs.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#error "hass/small_gemm.h is for CPU code only"
+#endif
+
+#define HASS_SG_INLINE inline __attribute__((always_inline))
+
+// The helpers below pass 64-byte vectors by value; they are always inlined, so no call ABI is involved.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace hass {
+
+constexpr int kSgLanes = 16;
+typedef float sg_vec __attribute__((vector_size(kSgLanes * sizeof(float))));
+
+HASS_SG_INLINE sg_vec sg_load(const float* p) {
+  sg_vec v;
+  std::memcpy(&v, p, sizeof v);  // unaligned load
+  return v;
+}
+
+HASS_SG_INLINE sg_vec sg_load_tail(const float* p, int64_t count) {  // count < 16 elements, the rest 0
+  sg_vec v = {};
+  std::memcpy(&v, p, count * sizeof(float));
+  return v;
+}
+
+typedef float sg_vec8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float sg_vec4 __attribute__((vector_size(4 * sizeof(float))));
+
+// Pairwise: lane i += lane i + 8, then i += i + 4, i += i + 2, and lane 0 + lane 1 (vector halves, no stores).
+HASS_SG_INLINE float sg_reduce(sg_vec v) {
+  const sg_vec8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const sg_vec4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  const float a = q[0] + q[2], b = q[1] + q[3];
+  return a + b;
+}
+
+// sg_reduce of four vectors at once, the same additions in the same order: returns the four sums.
+HASS_SG_INLINE sg_vec4 sg_reduce4(sg_vec a, sg_vec b, sg_vec c, sg_vec d) {
+  // [a_lo+a_hi | b_lo+b_hi] and [c_lo+c_hi | d_lo+d_hi]: lane i + lane i+8 of each
+  const sg_vec ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const sg_vec cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  // lane i + lane i+4 of each 8-lane half: [a4 | b4 | c4 | d4]
+  const sg_vec q = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                   __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  // lane i + lane i+2 of each 4-lane quarter, then lane 0 + lane 1
+  const sg_vec8 h = __builtin_shufflevector(q, q, 0, 1, 4, 5, 8, 9, 12, 13) +
+                    __builtin_shufflevector(q, q, 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(h, h, 0, 2, 4, 6) + __builtin_shufflevector(h, h, 1, 3, 5, 7);
+}
+
+// MR input rows x NR weight rows: x rows at x + i*ldx, weight rows at w + r*ldw, outputs at y + i*ldy + r.
+template <int MR, int NR>
+HASS_SG_INLINE void sg_block(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, const float* bias,
+                             float* y, int64_t ldy) {
+  sg_vec acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = sg_vec{};
+  int64_t k = 0;
+  for (; k + kSgLanes <= K; k += kSgLanes) {
+    sg_vec wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = sg_load(w + r * ldw + k);
+    for (int i = 0; i < MR; ++i) {
+      const sg_vec xv = sg_load(x + i * ldx + k);
+      for (int r = 0; r < NR; ++r) acc[i][r] += xv * wv[r];
+    }
+  }
+  if (k < K) {  // the tail lands in lanes 0..K-k-1, as the lane rule says (k is a multiple of 16 here)
+    sg_vec wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = sg_load_tail(w + r * ldw + k, K - k);
+    for (int i = 0; i < MR; ++i) {
+      const sg_vec xv = sg_load_tail(x + i * ldx + k, K - k);
+      for (int r = 0; r < NR; ++r) acc[i][r] += xv * wv[r];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    if constexpr (NR == 4) {
+      const sg_vec4 sums = sg_reduce4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+      for (int r = 0; r < 4; ++r) y[i * ldy + r] = sums[r] + (bias ? bias[r] : 0.0f);
+    } else {
+      for (int r = 0; r < NR; ++r) y[i * ldy + r] = sg_reduce(acc[i][r]) + (bias ? bias[r] : 0.0f);
+    }
+  }
+}
+
+// rows < MR remaining rows (1 <= rows): one block of exactly that many.
+template <int MR, int R>
+HASS_SG_INLINE void sg_tail(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+                            const float* bias, float* y, int64_t ldy) {
+  if (rows == MR) {
+    sg_block<MR, R>(x, ldx, w, ldw, K, bias, y, ldy);
+  } else if constexpr (MR > 1) {
+    sg_tail<MR - 1, R>(x, rows, ldx, w, ldw, K, bias, y, ldy);
+  }
+}
+
+// All M rows of x against the R weight rows starting at row n (MR input rows at a time).
+template <int MR, int R>
+HASS_SG_INLINE void sg_row_block(const float* x, int64_t M, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+                                 const float* bias, float* y, int64_t ldy, int64_t n) {
+  const float* wn = w + n * ldw;
+  const float* bn = bias ? bias + n : nullptr;
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) sg_block<MR, R>(x + m * ldx, ldx, wn, ldw, K, bn, y + m * ldy + n, ldy);
+  if constexpr (MR > 1) {  // the last M mod MR rows in one block
+    if (m < M) sg_tail<MR - 1, R>(x + m * ldx, M - m, ldx, wn, ldw, K, bn, y + m * ldy + n, ldy);
+  }
+}
+
+// All M rows of x against weight rows [n0, n1): blocks of NR weight rows, each multiplied with the input rows in
+// groups of MR while the block is still in L1. x [M, K] (row stride ldx), w [N, K] (row stride ldw), y [M, N]
+// (row stride ldy); bias [N] or null. (No lambdas: they would not inherit the caller's target attributes.)
+template <int MR, int NR>
+HASS_SG_INLINE void sg_rows(const float* x, int64_t M, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+                            const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) sg_row_block<MR, NR>(x, M, ldx, w, ldw, K, bias, y, ldy, n);
+  for (; n < n1; ++n) sg_row_block<MR, 1>(x, M, ldx, w, ldw, K, bias, y, ldy, n);
+}
+
+}  // namespace hass
+
+#pragma GCC diagnostic pop

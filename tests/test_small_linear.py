@@ -1,0 +1,117 @@
+"""small_linear against a float64 oracle; a row's result does not depend on the other rows; the nn.Linear swap."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hass_ext
+from hass_ext import cpu_linear, ops
+
+from tiny_models import tiny_target
+
+
+def _oracle(x, w, b):
+    return F.linear(x.double(), w.double(), None if b is None else b.double()).float()
+
+
+@pytest.mark.parametrize("K", [1, 15, 16, 17, 576, 1537])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_oracle_and_rows_are_independent(K, with_bias):
+    gen = torch.Generator().manual_seed(K)
+    for N in (1, 5, 67):
+        w = torch.randn(N, K, generator=gen)
+        b = torch.randn(N, generator=gen) if with_bias else None
+        for M in (1, 2, 3, 4, 5, 8, 13, 16, 64):
+            x = torch.randn(M, K, generator=gen)
+            y = ops.small_linear(x, w, b)
+            assert y.shape == (M, N) and y.dtype == torch.float32
+            torch.testing.assert_close(y, _oracle(x, w, b), rtol=1e-5, atol=1e-5 * K ** 0.5)
+            alone = torch.cat([ops.small_linear(x[i:i + 1], w, b) for i in range(M)])
+            assert torch.equal(y, alone), f"rows depend on their batch (M={M}, N={N}, K={K})"
+
+
+def test_leading_dims_strides_and_threads():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 96, generator=gen)
+    x = torch.randn(2, 3, 96, generator=gen)
+    y = ops.small_linear(x, w)
+    assert y.shape == (2, 3, 300)
+    torch.testing.assert_close(y, _oracle(x, w, None), rtol=1e-5, atol=1e-4)
+    wide = torch.randn(4, 2 * 96, generator=gen)[:, ::2]  # non-contiguous x
+    assert torch.equal(ops.small_linear(wide, w), ops.small_linear(wide.contiguous(), w))
+    wt = torch.randn(96, 300, generator=gen).t()  # transposed weight (column-major)
+    assert torch.equal(ops.small_linear(x, wt), ops.small_linear(x, wt.contiguous()))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.small_linear(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, y), "the result depends on the number of threads"
+    assert ops.small_linear(torch.randn(0, 96), w).shape == (0, 300)
+
+
+def test_large_logits_stay_exact():
+    w = torch.full((3, 40), 1e4)
+    x = torch.ones(2, 40)
+    assert torch.equal(ops.small_linear(x, w), torch.full((2, 3), 4e5))
+
+
+def test_bad_input_names_the_argument():
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="x must have dtype"):
+        ops.small_linear(torch.randn(2, 16, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="weight must have dtype"):
+        ops.small_linear(torch.randn(2, 16), w.double())
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., 16\]"):
+        ops.small_linear(torch.randn(2, 15), w)
+    with pytest.raises(ValueError, match="bias must have 8 entries"):
+        ops.small_linear(torch.randn(2, 16), w, torch.randn(7))
+    with pytest.raises(ValueError, match="weight must have 2 dims"):
+        ops.small_linear(torch.randn(2, 16), torch.randn(8))
+    with pytest.raises(ValueError, match="no backward"):
+        ops.small_linear(torch.randn(2, 16, requires_grad=True), w)
+
+
+def test_linear_dispatch():
+    w = torch.randn(8, 16)
+    small = torch.randn(cpu_linear.MAX_ROWS, 16)
+    big = torch.randn(cpu_linear.MAX_ROWS + 1, 16)
+    with torch.no_grad():
+        assert torch.equal(cpu_linear.linear(small, w), ops.small_linear(small, w))
+        assert torch.equal(cpu_linear.linear(big, w), F.linear(big, w))  # prefill-sized: BLAS
+        xb, wb = small.bfloat16(), w.bfloat16()
+        assert torch.equal(cpu_linear.linear(xb, wb), F.linear(xb, wb))  # other dtypes: torch
+    x = torch.randn(3, 16, requires_grad=True)  # training: torch's linear, with its backward
+    cpu_linear.linear(x, w).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(3, -1))
+
+
+def test_model_swap_keeps_outputs_state_and_training():
+    target = tiny_target("qwen2", vocab=64, hidden=48, layers=2, heads=4, kv_heads=2)  # qkv biases
+    model = target.model
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        before = model(ids).logits
+        n = hass_ext.use_small_batch_linear(model)
+        after = model(ids).logits
+    assert n == sum(1 for m in model.modules() if isinstance(m, nn.Linear)) and n > 0
+    assert all(type(m) is not nn.Linear for m in model.modules())
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    model.train()
+    model(ids).logits.float().pow(2).mean().backward()  # grad mode: torch's linear, gradients flow
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() == 2)
+    assert hass_ext.use_blas_linear(model) == n
+    assert all(type(m) is not cpu_linear.SmallBatchLinear for m in model.modules())
+
+
+def test_default_cpu_target_uses_it():
+    target = hass_ext.load_target()
+    layers = [m for m in target.model.modules() if isinstance(m, nn.Linear)]
+    assert layers and all(type(m) is cpu_linear.SmallBatchLinear for m in layers)
+    plain = hass_ext.load_target(small_batch_linear=False)
+    assert all(type(m) is nn.Linear for m in plain.model.modules() if isinstance(m, nn.Linear))
+    draft = hass_ext.init_draft(target)
+    assert all(type(m) is cpu_linear.SmallBatchLinear for m in draft.modules() if isinstance(m, nn.Linear))
