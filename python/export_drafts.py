@@ -4,6 +4,7 @@ load), in the EAGLE layout, with a reduced draft vocabulary and an acceptance pr
     python python/export_drafts.py --runs RUNS --data DATA     # RUNS/hass/draft -> hass_ext/drafts/<target>
                                                                # RUNS/eagle/draft -> bench/drafts/eagle-<target>
     python python/export_drafts.py --runs RUNS --data DATA --mode eagle
+    python python/export_drafts.py --runs RUNS2 --data DATA2 --stage 2   # after train_drafts.py --stage 2
 
 For each draft: the hot vocabulary (FR-Spec style, ``token_map.pt``) it was trained for (``draft_vocab``), or
 else one of each candidate size built from the assistant tokens of DATA; the acceptance of the candidate tree
@@ -117,15 +118,23 @@ def heldout_eval(run_dir: str) -> dict:
     return trainer.evaluate()
 
 
-def write_training(summaries: list) -> None:
+STAGE_NOTES = {
+    1: ("python python/prepare_sharegpt.py; python python/train_drafts.py", ""),
+    2: ("python python/prepare_sharegpt.py --part 2; python python/train_drafts.py --stage 2",
+        " Stage 2: each stage-1 draft (1,116 steps on ShareGPT records 0-2699) continued for one pass over records "
+        "2700-5399 (lr 2e-4); the steps and time below are stage 2's, held-out data from the stage-2 folder."),
+}
+
+
+def write_training(summaries: list, stage: int = 1) -> None:
     path = os.path.join(ROOT, "bench", "results", "draft_training")
+    recipe, note = STAGE_NOTES[stage]
     with open(path + ".json", "w", encoding="utf-8") as f:
-        json.dump({"benchmark": "draft_training", "machine": machine_info("cpu"),
-                   "recipe": "python python/prepare_sharegpt.py; python python/train_drafts.py",
+        json.dump({"benchmark": "draft_training", "machine": machine_info("cpu"), "recipe": recipe, "stage": stage,
                    "summaries": summaries}, f, indent=1)
     lines = ["Training of the shipped drafts (python/prepare_sharegpt.py + python/train_drafts.py: same data, seed and "
              "optimizer steps). Held-out k-step acceptance: share of greedy chains whose first i+1 draft tokens all "
-             "match the target's (teacher-forced on held-out ShareGPT conversations).", "",
+             "match the target's (teacher-forced on held-out ShareGPT conversations)." + note, "",
              "| draft | steps | train time (s) | acc@1 | acc@2 | acc@3 | acc@4 | acc@5 | accepted per 5-chain |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
@@ -169,6 +178,7 @@ def main(argv=None) -> int:
                     help="hot-vocabulary sizes to try (0: the full vocabulary)")
     ap.add_argument("--prompts", type=int, default=12, help="held-out calibration prompts")
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--stage", type=int, choices=[1, 2], default=1, help="the train_drafts.py --stage of RUNS")
     args = ap.parse_args(argv)
     target = hass_ext.load_target(dtype=torch.float32, device="cpu")
     counts = token_frequencies(args.data, target.config.vocab_size)
@@ -182,7 +192,7 @@ def main(argv=None) -> int:
             chosen = res["chosen"]["draft_vocab"]
             sizes = [None if chosen == target.config.vocab_size else chosen]
     write_table(results, args)
-    write_training([training_summary(os.path.join(args.runs, r["mode"]), r["mode"]) for r in results])
+    write_training([training_summary(os.path.join(args.runs, r["mode"]), r["mode"]) for r in results], args.stage)
     return 0
 
 
