@@ -9,9 +9,11 @@ Writes RUNS/hass and RUNS/eagle, each with log.jsonl (losses, held-out k-step ac
 final draft/ (EAGLE layout: load it with hass_ext.load_draft). A run checkpoints every `save_every` steps;
 starting the same command again continues from the latest checkpoint, bit for bit.
 
-Stage 2 continues each stage-1 draft (the shipped ones: hass_ext/drafts/SmolLM2-135M-Instruct for HASS,
-bench/drafts/eagle-SmolLM2-135M-Instruct for EAGLE) for one pass over 2,700 further ShareGPT records
-(prepare_sharegpt.py --part 2) at a lower learning rate: again the same data, steps and seed for both.
+Stage 2 continues each stage-1 draft for one pass over 2,700 further ShareGPT records (prepare_sharegpt.py
+--part 2) at a lower learning rate: again the same data, steps and seed for both. It starts from the drafts in
+hass_ext/drafts/SmolLM2-135M-Instruct (HASS) and bench/drafts/eagle-SmolLM2-135M-Instruct (EAGLE); the shipped
+ones are now the stage-2 results, so to rerun stage 2 put the stage-1 exports back there first (git history:
+`git checkout e9752c1 -- hass_ext/drafts bench/drafts`).
 
 The two runs differ only in the method: HASS = 3 harmonized-context-alignment steps + top-K loss (K=10,
 weight 1), EAGLE = 1 step, no top-K loss. Both use the reference's loss weights (feature 1, soft CE 0.1),
