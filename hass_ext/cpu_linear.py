@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops import wants_grad
+
 MAX_ROWS = 64  # small_linear is faster than the BLAS GEMM up to here on the CPUs measured (bench_small_linear.py)
 
 
@@ -21,8 +23,7 @@ def _small(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.dim() >= 1 and x.numel() <= MAX_ROWS * x.shape[-1]
             and (bias is None or bias.dtype == torch.float32)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                   or (bias is not None and bias.requires_grad))))
+            and not wants_grad(x, weight, bias))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:

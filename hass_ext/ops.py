@@ -611,6 +611,11 @@ def _small_linear_fake(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def wants_grad(*tensors) -> bool:
+    """Whether autograd would record an op on these tensors (None entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for a few rows on a CPU, as memory-bound as one row (float32; inference only).
 
@@ -630,8 +635,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         _check_tensor("bias", bias, dims=(1,), dtypes=(torch.float32,), device=torch.device("cpu"))
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have {weight.shape[0]} entries (weight rows), got {_describe(bias)}")
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
-                                    (bias is not None and bias.requires_grad)):
+    if wants_grad(x, weight, bias):
         raise ValueError("small_linear has no backward: call it under torch.no_grad()/inference_mode(), or use "
                          "torch.nn.functional.linear for training")
     return torch.ops.hass.small_linear(x, weight, bias)
