@@ -284,8 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     t.set_defaults(func=cmd_tree_profile)
 
-    from .train.cli import add_prepare_data_parser, add_token_map_parser, add_train_parser  # training commands
+    from .train.cli import (add_prepare_data_parser, add_regenerate_parser, add_token_map_parser,  # training
+                            add_train_parser)
 
+    add_regenerate_parser(sub)
     add_prepare_data_parser(sub)
     add_train_parser(sub)
     add_token_map_parser(sub)

@@ -42,12 +42,16 @@ def destination(mode: str, target_name: str) -> str:
     return os.path.join(ROOT, "bench", "drafts", f"{mode}-{name}")
 
 
-def calibration_prompts(data_dir: str, count: int) -> list:
-    """First user turns of ShareGPT records after the ones the data folder was prepared from."""
-    with open(os.path.join(data_dir, "manifest.json"), encoding="utf-8") as f:
-        manifest = json.load(f)
-    start = manifest["source"].get("start", 0) + manifest["selection"]["num_conversations"]
-    return first_user_turns(manifest["source"]["name"], start, count)
+def calibration_prompts(data_dir: str, count: int, start=None) -> list:
+    """First user turns of ShareGPT records from ``start`` on (default: after the ones the data folder was
+    prepared from)."""
+    if start is None:
+        with open(os.path.join(data_dir, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+        if manifest["source"]["name"] != "sharegpt" or manifest["selection"]["num_conversations"] is None:
+            raise ValueError(f"{data_dir} was not prepared from a range of ShareGPT records: pass --calibration-start")
+        start = manifest["source"].get("start", 0) + manifest["selection"]["num_conversations"]
+    return first_user_turns("sharegpt", start, count)
 
 
 def export(run_dir: str, mode: str, target, counts, conts, sizes, max_new_tokens: int) -> dict:
@@ -178,11 +182,21 @@ def main(argv=None) -> int:
                     help="hot-vocabulary sizes to try (0: the full vocabulary)")
     ap.add_argument("--prompts", type=int, default=12, help="held-out calibration prompts")
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--stage", type=int, choices=[1, 2], default=1, help="the train_drafts.py --stage of RUNS")
+    ap.add_argument("--stage", type=int, choices=sorted(STAGE_NOTES), default=1,
+                    help="the train_drafts.py --stage of RUNS")
+    ap.add_argument("--calibration-start", type=int, default=None,
+                    help="first ShareGPT record of the calibration prompts (default: after the data folder's "
+                         "records; stage 3: after the regenerated ones)")
     args = ap.parse_args(argv)
     target = hass_ext.load_target(dtype=torch.float32, device="cpu")
     counts = token_frequencies(args.data, target.config.vocab_size)
-    conts = tree_choice.continuations(target, calibration_prompts(args.data, args.prompts), args.max_new_tokens)
+    start = args.calibration_start
+    if start is None and args.stage == 3:
+        from regenerate_sharegpt import RECIPE as REGEN  # python/ is on sys.path when run as a script
+
+        start = REGEN["start"] + REGEN["num_conversations"]
+    conts = tree_choice.continuations(target, calibration_prompts(args.data, args.prompts, start),
+                                      args.max_new_tokens)
     sizes = [s or None for s in args.sizes]
     results = []
     for mode in (["hass", "eagle"] if args.mode == "both" else [args.mode]):

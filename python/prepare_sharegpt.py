@@ -2,6 +2,8 @@
 
     python python/prepare_sharegpt.py --out DATA_DIR             # stage 1 data
     python python/prepare_sharegpt.py --out DATA2_DIR --part 2   # stage 2 data: the next 2,700 records
+    python python/prepare_sharegpt.py --out DATA3_DIR --part 3 --conversations ANSWERS.jsonl
+                                            # stage 3 data: the target's own answers (regenerate_sharegpt.py)
 
 Runs the embedded target over the first 2,700 records of the bundled ShareGPT V3 file, keeping 512 tokens per
 conversation: 2,352 examples, 1.11M tokens (5 % held out for evaluation by the trainer); the other records have
@@ -22,7 +24,8 @@ from hass_ext.train import prepare_data
 RECIPE = dict(conversations="sharegpt", num_conversations=2700, start=0, seed=None, max_len=512, shard_size=256,
               hidden_dtype="bfloat16")
 # part 2: the next 2,700 records, new conversations for the second training stage (train_drafts.py --stage 2)
-PARTS = {1: dict(RECIPE), 2: dict(RECIPE, start=2700)}
+# part 3: every conversation of the self-distillation file written by regenerate_sharegpt.py
+PARTS = {1: dict(RECIPE), 2: dict(RECIPE, start=2700), 3: dict(RECIPE, conversations=None, num_conversations=None)}
 
 
 def main(argv=None) -> int:
@@ -32,9 +35,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per target forward")
     ap.add_argument("--stop-after-shards", type=int, default=None)
     ap.add_argument("--part", type=int, choices=sorted(PARTS), default=1,
-                    help="1: records 0-2699 (first training stage), 2: records 2700-5399 (second stage)")
+                    help="1: records 0-2699 (first training stage), 2: records 2700-5399 (second stage), "
+                         "3: the --conversations file of regenerated answers (third stage)")
+    ap.add_argument("--conversations", default=None, help="part 3: the JSON Lines file of regenerate_sharegpt.py")
     args = ap.parse_args(argv)
-    recipe = PARTS[args.part]
+    recipe = dict(PARTS[args.part])
+    if (args.part == 3) != (args.conversations is not None):
+        ap.error("--conversations goes with --part 3 (and only with it)")
+    if args.conversations is not None:
+        recipe["conversations"] = args.conversations
     target = load_target(dtype=torch.bfloat16, device=args.device)
     m = prepare_data(target, recipe["conversations"], args.out, max_len=recipe["max_len"],
                      num_conversations=recipe["num_conversations"], start=recipe["start"], seed=recipe["seed"],

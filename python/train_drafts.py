@@ -4,6 +4,7 @@
     python python/train_drafts.py --data DATA --out RUNS    # HASS, then EAGLE (resumable)
     python python/train_drafts.py --data DATA --out RUNS --mode eagle
     python python/train_drafts.py --stage 2 --data DATA2 --out RUNS2   # continue both on new conversations
+    python python/train_drafts.py --stage 3 --data DATA3 --out RUNS3   # continue both on the target's own answers
 
 Writes RUNS/hass and RUNS/eagle, each with log.jsonl (losses, held-out k-step acceptance), checkpoints/ and the
 final draft/ (EAGLE layout: load it with hass_ext.load_draft). A run checkpoints every `save_every` steps;
@@ -14,6 +15,11 @@ Stage 2 continues each stage-1 draft for one pass over 2,700 further ShareGPT re
 hass_ext/drafts/SmolLM2-135M-Instruct (HASS) and bench/drafts/eagle-SmolLM2-135M-Instruct (EAGLE); the shipped
 ones are now the stage-2 results, so to rerun stage 2 put the stage-1 exports back there first (git history:
 `git checkout e9752c1 -- hass_ext/drafts bench/drafts`).
+
+Stage 3 (self-distillation) continues each stage-2 draft for two passes over the target's own greedy answers to
+~1.7k further ShareGPT prompts (regenerate_sharegpt.py, prepare_sharegpt.py --part 3): at decode time the draft
+reads the target's text, not the dataset's. Same data, steps and seed for both; the hot vocabulary is recounted
+on these answers. The stage-2 drafts to start it from: `git checkout 90bf393 -- hass_ext/drafts bench/drafts`.
 
 The two runs differ only in the method: HASS = 3 harmonized-context-alignment steps + top-K loss (K=10,
 weight 1), EAGLE = 1 step, no top-K loss. Both use the reference's loss weights (feature 1, soft CE 0.1),
@@ -38,14 +44,15 @@ RECIPE = dict(batch_size=4, epochs=2, lr=5e-4, draft_vocab=8192, warmup_ratio=0.
               keep_checkpoints=2, log_every=5)
 
 
-STAGE2 = dict(RECIPE, epochs=1, lr=2e-4)
+STAGES = {1: RECIPE, 2: dict(RECIPE, epochs=1, lr=2e-4), 3: dict(RECIPE, epochs=2, lr=2e-4)}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGE1_DRAFTS = {"hass": os.path.join(ROOT, "hass_ext", "drafts", "SmolLM2-135M-Instruct"),
+# the previous stage's drafts, where the shipped ones live
+SHIPPED_DRAFTS = {"hass": os.path.join(ROOT, "hass_ext", "drafts", "SmolLM2-135M-Instruct"),
                  "eagle": os.path.join(ROOT, "bench", "drafts", "eagle-SmolLM2-135M-Instruct")}
 
 
 def run(mode: str, data: str, out: str, stage: int = 1) -> dict:
-    recipe = RECIPE if stage == 1 else dict(STAGE2, init_from=STAGE1_DRAFTS[mode])
+    recipe = STAGES[stage] if stage == 1 else dict(STAGES[stage], init_from=SHIPPED_DRAFTS[mode])
     cfg = TrainConfig(data_dir=data, out_dir=os.path.join(out, mode), mode=mode, **recipe)
     trainer = Trainer(cfg)  # the target named in the data manifest (the embedded SmolLM2-135M-Instruct)
     final = trainer.train(resume=True)
@@ -59,8 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="folder written by prepare_sharegpt.py")
     ap.add_argument("--out", required=True, help="runs folder (RUNS/hass, RUNS/eagle)")
     ap.add_argument("--mode", choices=["both", "hass", "eagle"], default="both")
-    ap.add_argument("--stage", type=int, choices=[1, 2], default=1,
-                    help="1: train from scratch; 2: continue the stage-1 drafts on the --part 2 data")
+    ap.add_argument("--stage", type=int, choices=sorted(STAGES), default=1,
+                    help="1: train from scratch; 2: continue the stage-1 drafts on the --part 2 data; "
+                         "3: continue the stage-2 drafts on the --part 3 (self-distilled) data")
     args = ap.parse_args(argv)
     for mode in (["hass", "eagle"] if args.mode == "both" else [args.mode]):
         run(mode, args.data, args.out, args.stage)

@@ -312,7 +312,7 @@ def test_cli_prepare_data_and_train(tmp_path, capsys):
 def test_hass_ext_cli_has_training_subcommands(capsys):
     from hass_ext.cli import build_parser
 
-    for cmd in ("prepare-data", "train"):
+    for cmd in ("regenerate", "prepare-data", "train"):
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args([cmd, "--help"])
         assert e.value.code == 0

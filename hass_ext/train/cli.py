@@ -1,4 +1,4 @@
-"""The ``prepare-data``, ``train`` and ``token-map`` subcommands of ``hass-ext`` (also runnable as ``python -m hass_ext.train.cli``).
+"""The ``regenerate``, ``prepare-data``, ``train`` and ``token-map`` subcommands of ``hass-ext`` (also runnable as ``python -m hass_ext.train.cli``).
 
 Multi-process training: ``torchrun --nproc_per_node N -m hass_ext.train.cli train ...``.
 """
@@ -49,6 +49,45 @@ def run_prepare_data(args) -> int:
                      stop_after_shards=args.stop_after_shards)
     print(json.dumps({"out": args.out, "complete": m["complete"], "shards": len(m["shards"]),
                       "examples": m["num_examples"], "tokens": m["num_tokens"], "skipped": m["skipped"]}))
+    return 0
+
+
+def add_regenerate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "regenerate", help="self-distillation data: the target's greedy answers to first user turns (resumable)",
+        description="Answer the first user turn of each selected conversation with the target's own greedy "
+                    "decoding and append the pairs to a JSON Lines file that prepare-data reads. Re-run the same "
+                    "command to resume.")
+    p.add_argument("--target", default=None, help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--conversations", default="sharegpt",
+                   help="'sharegpt' (the bundled ShareGPT V3) or a JSON/JSONL file of {conversations: [...]} records")
+    p.add_argument("--out", required=True, help="output JSON Lines file (appended to)")
+    p.add_argument("--num-conversations", type=int, default=None, help="how many records (default: all)")
+    p.add_argument("--start", type=int, default=0, help="first record (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="shuffle the records with this seed first (default: file order)")
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped (default 512)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default 16)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="target dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_regenerate)
+    return p
+
+
+def run_regenerate(args) -> int:
+    import torch
+
+    from ..target import load_target
+    from .regenerate import regenerate
+
+    target = load_target(args.target, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
+    counts = regenerate(target, args.conversations, args.out, num_conversations=args.num_conversations,
+                        start=args.start, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        progress=not args.no_progress)
+    print(json.dumps({"out": args.out, **counts}))
     return 0
 
 
@@ -197,6 +236,7 @@ def run_token_map(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hass_ext.train.cli")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_regenerate_parser(sub)
     add_prepare_data_parser(sub)
     add_train_parser(sub)
     add_token_map_parser(sub)

@@ -1,0 +1,40 @@
+"""Self-distillation data for the third training stage: the embedded target's own greedy answers to the first
+user turns of ShareGPT records 5400-7399 (records the first two stages did not use).
+
+    python python/regenerate_sharegpt.py --out DATA3/answers.jsonl          # resumable: rerun to continue
+    python python/prepare_sharegpt.py --part 3 --conversations DATA3/answers.jsonl --out DATA3/features
+    python python/train_drafts.py --stage 3 --data DATA3/features --out RUNS3
+
+The target runs in fp32 on the CPU, as at decode time there; prompts of at most 512 tokens (chat template
+included), identical prompts once, up to 192 answer tokens each (the evaluation decodes 128).
+"""
+import argparse
+import json
+import sys
+
+import torch
+
+from hass_ext.target import load_target
+from hass_ext.train.regenerate import regenerate
+
+RECIPE = dict(conversations="sharegpt", start=5400, num_conversations=2000, max_prompt_tokens=512,
+              max_new_tokens=192)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON Lines file of answered conversations")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--batch-size", type=int, default=48, help="prompts decoded together")
+    args = ap.parse_args(argv)
+    dtype = torch.float32 if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu" else None
+    target = load_target(dtype=dtype, device=args.device)
+    counts = regenerate(target, RECIPE["conversations"], args.out, start=RECIPE["start"],
+                        num_conversations=RECIPE["num_conversations"], max_prompt_tokens=RECIPE["max_prompt_tokens"],
+                        max_new_tokens=RECIPE["max_new_tokens"], batch_size=args.batch_size)
+    print(json.dumps(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
