@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu_linear import linear, use_small_batch_linear
+from .cpu_linear import linear, tensor_version, use_small_batch_linear
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 # config.json keys that to_dict() always writes itself (so they are not carried in DraftConfig.extra)
@@ -368,7 +368,8 @@ class DraftModel(nn.Module):
         # The measured acceptance of tree shapes (hass_ext.tree_choice), saved as tree_profile.json; None if never
         # measured. It belongs to these weights and this token map: changing the map drops it.
         self.tree_profile = None
-        use_small_batch_linear(self)  # tree expansion calls the layers with a few rows (hass_ext.cpu_linear)
+        # tree expansion calls the layers with a few rows; bf16-valued weights are streamed as bf16 (cpu_linear)
+        use_small_batch_linear(self, exact_bf16=True)
 
     # -- the head ----------------------------------------------------------------------------------------------
     @property
@@ -416,7 +417,7 @@ class DraftModel(nn.Module):
         w = self._lm_head_weight
         if w is None:
             return self.logits(hidden)  # raises the missing-head error
-        version = _version(w)
+        version = tensor_version(w)
         cw, cv, cids, rows = self._hot_head
         if cw is not w or cv != version or cids is not ids:  # new head, head updated in place, or new map
             rows = w.detach().index_select(0, ids.to(w.device))
@@ -484,13 +485,6 @@ class DraftModel(nn.Module):
 
     def new_cache(self, batch: int = 1, capacity: int = 256) -> DraftCache:
         return DraftCache(self.config, batch, self.dtype, self.device, capacity)
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor: it has no version counter and cannot be changed in place
-        return -1
 
 
 def check_token_map(token_ids, vocab_size: Optional[int] = None) -> torch.Tensor:

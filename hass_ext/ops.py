@@ -620,15 +620,17 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """``x @ weight.T + bias`` for a few rows on a CPU, as memory-bound as one row (float32; inference only).
 
     x: ``[..., K]`` float32 on the CPU, a handful of rows (a decode step, a tree verification; past ~32 rows a
-    BLAS GEMM is faster: see ``hass_ext.cpu_linear``). weight: ``[N, K]`` float32 (nn.Linear layout).
-    bias: ``[N]`` float32 or None. Returns ``[..., N]`` float32.
+    BLAS GEMM is faster: see ``hass_ext.cpu_linear``). weight: ``[N, K]`` float32 or bfloat16 (nn.Linear
+    layout); a bfloat16 weight is widened exactly, so the result equals the float32 product with
+    ``weight.float()`` bit for bit, for half the bytes read. bias: ``[N]`` float32 or None. Returns ``[..., N]``
+    float32.
 
     Each weight row is read once for all rows of x, and each output is summed in a fixed order whatever the
     number of rows, so a tree node's result is bit-identical to a one-token step over the same input. No autograd:
     use torch.nn.functional.linear for training.
     """
     _check_tensor("x", x, dtypes=(torch.float32,), device=torch.device("cpu"))
-    _check_tensor("weight", weight, dims=(2,), dtypes=(torch.float32,), device=torch.device("cpu"))
+    _check_tensor("weight", weight, dims=(2,), dtypes=(torch.float32, torch.bfloat16), device=torch.device("cpu"))
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must be [..., {weight.shape[1]}] to match weight {tuple(weight.shape)}, got {_describe(x)}")
     if bias is not None:

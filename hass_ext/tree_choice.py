@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -236,10 +237,11 @@ def load_profile(draft_dir: str) -> Optional[dict]:
 
 @torch.inference_mode()
 def measure_costs(target, draft, shapes, taus: Optional[Dict[tuple, float]] = None, context: int = 128,
-                  repeats: int = 3) -> Tuple[Dict[tuple, float], float]:
+                  repeats: int = 5) -> Tuple[Dict[tuple, float], float]:
     """Seconds of one round per shape on this device (draft tree + verification forward + the draft's context
-    pass over ``round(tau)`` tokens; best of ``repeats``, shapes timed in turns so a noisy machine affects all
-    alike) and of one vanilla decode step, after a ``context``-token random prompt."""
+    pass over ``round(tau)`` tokens; the median of ``repeats``, shapes timed in turns so a noisy machine affects
+    all alike: steadier than the best time, which one lucky run decides) and of one vanilla decode step, after a
+    ``context``-token random prompt."""
     from .speculative import Sampling, prefill, verify
     from .tree import draft_tree
 
@@ -273,13 +275,16 @@ def measure_costs(target, draft, shapes, taus: Optional[Dict[tuple, float]] = No
         out.logits[:, -1].argmax(-1)
         state.cache.crop(-1)
 
-    best = {s: float("inf") for s in shapes}
-    vanilla = float("inf")
-    for _ in range(repeats + 1):  # the first pass warms up
-        vanilla = min(vanilla, timed(step))
-        for s in shapes:
-            best[s] = min(best[s], timed(lambda: one_round(s)))
-    return best, vanilla
+    times = {s: [] for s in shapes}
+    vanilla = []
+    for rep in range(repeats + 1):  # the first pass warms up
+        v = timed(step)
+        rounds = {s: timed(lambda: one_round(s)) for s in shapes}
+        if rep:
+            vanilla.append(v)
+            for s in shapes:
+                times[s].append(rounds[s])
+    return {s: statistics.median(t) for s, t in times.items()}, statistics.median(vanilla)
 
 
 # ---- the choice -------------------------------------------------------------------------------------------

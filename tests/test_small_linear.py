@@ -51,6 +51,19 @@ def test_leading_dims_strides_and_threads():
     assert ops.small_linear(torch.randn(0, 96), w).shape == (0, 300)
 
 
+@pytest.mark.parametrize("K", [7, 16, 33, 576])
+def test_bf16_weight_is_widened_exactly(K):
+    gen = torch.Generator().manual_seed(K)
+    w = torch.randn(37, K, generator=gen).bfloat16()
+    b = torch.randn(37, generator=gen)
+    for M in (1, 3, 8):
+        x = torch.randn(M, K, generator=gen)
+        y = ops.small_linear(x, w, b)
+        assert y.dtype == torch.float32 and torch.equal(y, ops.small_linear(x, w.float(), b))
+    wt = torch.randn(K, 37, generator=gen).bfloat16().t()  # strided bf16 weight
+    assert torch.equal(ops.small_linear(x, wt), ops.small_linear(x, wt.float()))
+
+
 def test_large_logits_stay_exact():
     w = torch.full((3, 40), 1e4)
     x = torch.ones(2, 40)
@@ -115,3 +128,36 @@ def test_default_cpu_target_uses_it():
     assert all(type(m) is nn.Linear for m in plain.model.modules() if isinstance(m, nn.Linear))
     draft = hass_ext.init_draft(target)
     assert all(type(m) is cpu_linear.SmallBatchLinear for m in draft.modules() if isinstance(m, nn.Linear))
+
+
+def test_exact_bf16_weights_are_streamed_as_bf16():
+    lin = nn.Linear(40, 24)
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight.bfloat16().float())  # bf16 values held in fp32 (a draft loaded from bf16)
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        want = ops.small_linear(x, lin.weight, lin.bias)
+        hass_ext.use_small_batch_linear(lin, exact_bf16=True)
+        assert torch.equal(lin(x), want)
+        assert lin._bf16_copy[2].dtype == torch.bfloat16  # the copy is what was streamed
+        lin.weight.add_(1e-3)  # no longer bf16 values: the fp32 weight again, no stale copy
+        assert lin._bf16_copy[2] is not None and torch.equal(lin(x), ops.small_linear(x, lin.weight, lin.bias))
+        assert lin._bf16_copy[2] is None
+    assert cpu_linear.as_exact_bf16(torch.tensor([1.0, 1.0 + 2 ** -10])) is None
+    assert hass_ext.use_blas_linear(lin) == 1 and "_bf16_copy" not in lin.__dict__
+
+
+def test_draft_layers_stream_bf16_copies():
+    from hass_ext.draft import init_draft
+    target = tiny_target("llama", vocab=64, hidden=48, layers=2, heads=4, kv_heads=2)
+    draft = init_draft(target)
+    for m in draft.modules():
+        if isinstance(m, nn.Linear):
+            with torch.no_grad():
+                m.weight.copy_(m.weight.bfloat16().float())
+    ids, feats = torch.randint(0, 64, (1, 5)), torch.randn(1, 5, 48)
+    with torch.no_grad():
+        got = draft(ids, feats)
+        cpu_linear.use_blas_linear(draft)  # plain fp32 nn.Linear
+        hass_ext.use_small_batch_linear(draft)
+        torch.testing.assert_close(draft(ids, feats), got, rtol=0, atol=0)

@@ -1,6 +1,7 @@
 // Unit tests of csrc/include/hass/small_gemm.h: values against a double-precision loop, the lane rule (a row's
 // result is the same whatever rows it is blocked with), tails of K below and past a multiple of 16, bias.
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -43,6 +44,27 @@ void check_shape(int64_t M, int64_t N, int64_t K, bool with_bias, std::mt19937& 
   }
 }
 
+// A bf16 weight (raw 16-bit patterns) gives exactly the fp32 result with the widened weight, tails included.
+template <int MR, int NR>
+void check_bf16(int64_t M, int64_t N, int64_t K, std::mt19937& rng) {
+  std::normal_distribution<float> d(0.f, 1.f);
+  std::vector<float> x(M * K), wide(N * K), b(N), y(M * N), y32(M * N);
+  std::vector<uint16_t> w16(N * K);
+  for (auto& v : x) v = d(rng);
+  for (auto& v : b) v = d(rng);
+  for (int64_t i = 0; i < N * K; ++i) {
+    const float f = d(rng);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    w16[i] = uint16_t(u >> 16);  // truncation: any bf16 pattern will do
+    u = uint32_t(w16[i]) << 16;
+    std::memcpy(&wide[i], &u, 4);
+  }
+  hass::sg_rows<MR, NR>(x.data(), M, K, w16.data(), K, K, b.data(), y.data(), N, 0, N);
+  hass::sg_rows<MR, NR>(x.data(), M, K, wide.data(), K, K, b.data(), y32.data(), N, 0, N);
+  for (int64_t i = 0; i < M * N; ++i) CHECK(y[i] == y32[i]);
+}
+
 }  // namespace
 
 int main() {
@@ -53,6 +75,8 @@ int main() {
         check_shape<4, 4>(M, N, K, (M + N) % 2 == 0, rng);
         check_shape<2, 2>(M, N, K, true, rng);
         check_shape<1, 2>(M, N, K, false, rng);
+        check_bf16<4, 4>(M, N, K, rng);
+        check_bf16<1, 2>(M, N, K, rng);
       }
   // The reduction order is the documented one, whatever the blocking (no FMA contraction at -O0/-O2 of this
   // test's default target: multiply, then add, as the lane rule does).

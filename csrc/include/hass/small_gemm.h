@@ -10,6 +10,10 @@
 // So a row's result does not depend on which other rows were multiplied with it: the logits of a tree node
 // are bit-identical to those of a one-token step over the same hidden state.
 //
+// The weight may be float32 or bfloat16 (its raw 16-bit patterns, uint16_t): a bf16 weight is widened to fp32
+// exactly as it is loaded, so the result is bit-identical to the fp32 product with the widened weight, for half
+// the bytes streamed (a draft head's weights are bf16 values, and its whole layer then fits in the L3 cache).
+//
 // Host-only (GCC/Clang vector extensions). The caller compiles sg_rows inside functions with target attributes
 // (AVX-512, AVX2, baseline) and picks one at run time; the arithmetic is the same, the register blocking differs.
 #pragma once
@@ -31,8 +35,10 @@ namespace hass {
 constexpr int kSgLanes = 16;
 // Weight rows are adjacent, so the blocks read one long stream: prefetching 16 KiB ahead keeps memory busy while
 // the FMAs of 8-16 rows run (~15 % faster at M = 8..16 on a 2-core AMD EPYC; M = 1 unchanged).
-constexpr int64_t kSgPrefetch = 4096;
+constexpr int64_t kSgPrefetchBytes = 16384;
 typedef float sg_vec __attribute__((vector_size(kSgLanes * sizeof(float))));
+typedef uint16_t sg_vec_u16 __attribute__((vector_size(kSgLanes * sizeof(uint16_t))));
+typedef uint32_t sg_vec_u32 __attribute__((vector_size(kSgLanes * sizeof(uint32_t))));
 
 HASS_SG_INLINE sg_vec sg_load(const float* p) {
   sg_vec v;
@@ -44,6 +50,26 @@ HASS_SG_INLINE sg_vec sg_load_tail(const float* p, int64_t count) {  // count < 
   sg_vec v = {};
   std::memcpy(&v, p, count * sizeof(float));
   return v;
+}
+
+// bf16 -> fp32 is exact: the 16 bits become the high half of the fp32 pattern.
+HASS_SG_INLINE sg_vec sg_widen_bf16(sg_vec_u16 h) {
+  const sg_vec_u32 u = __builtin_convertvector(h, sg_vec_u32) << 16;
+  sg_vec v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+HASS_SG_INLINE sg_vec sg_load(const uint16_t* p) {  // 16 bf16 values
+  sg_vec_u16 h;
+  std::memcpy(&h, p, sizeof h);
+  return sg_widen_bf16(h);
+}
+
+HASS_SG_INLINE sg_vec sg_load_tail(const uint16_t* p, int64_t count) {
+  sg_vec_u16 h = {};
+  std::memcpy(&h, p, count * sizeof(uint16_t));
+  return sg_widen_bf16(h);
 }
 
 typedef float sg_vec8 __attribute__((vector_size(8 * sizeof(float))));
@@ -75,8 +101,8 @@ HASS_SG_INLINE sg_vec4 sg_reduce4(sg_vec a, sg_vec b, sg_vec c, sg_vec d) {
 }
 
 // MR input rows x NR weight rows: x rows at x + i*ldx, weight rows at w + r*ldw, outputs at y + i*ldy + r.
-template <int MR, int NR>
-HASS_SG_INLINE void sg_block(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, const float* bias,
+template <int MR, int NR, typename W>
+HASS_SG_INLINE void sg_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, const float* bias,
                              float* y, int64_t ldy) {
   sg_vec acc[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -86,7 +112,7 @@ HASS_SG_INLINE void sg_block(const float* x, int64_t ldx, const float* w, int64_
     sg_vec wv[NR];
     for (int r = 0; r < NR; ++r) {
       wv[r] = sg_load(w + r * ldw + k);
-      __builtin_prefetch(w + r * ldw + k + kSgPrefetch);
+      __builtin_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kSgPrefetchBytes);
     }
     for (int i = 0; i < MR; ++i) {
       const sg_vec xv = sg_load(x + i * ldx + k);
@@ -112,38 +138,39 @@ HASS_SG_INLINE void sg_block(const float* x, int64_t ldx, const float* w, int64_
 }
 
 // rows < MR remaining rows (1 <= rows): one block of exactly that many.
-template <int MR, int R>
-HASS_SG_INLINE void sg_tail(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+template <int MR, int R, typename W>
+HASS_SG_INLINE void sg_tail(const float* x, int64_t rows, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                             const float* bias, float* y, int64_t ldy) {
   if (rows == MR) {
-    sg_block<MR, R>(x, ldx, w, ldw, K, bias, y, ldy);
+    sg_block<MR, R, W>(x, ldx, w, ldw, K, bias, y, ldy);
   } else if constexpr (MR > 1) {
-    sg_tail<MR - 1, R>(x, rows, ldx, w, ldw, K, bias, y, ldy);
+    sg_tail<MR - 1, R, W>(x, rows, ldx, w, ldw, K, bias, y, ldy);
   }
 }
 
 // All M rows of x against the R weight rows starting at row n (MR input rows at a time).
-template <int MR, int R>
-HASS_SG_INLINE void sg_row_block(const float* x, int64_t M, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+template <int MR, int R, typename W>
+HASS_SG_INLINE void sg_row_block(const float* x, int64_t M, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                                  const float* bias, float* y, int64_t ldy, int64_t n) {
-  const float* wn = w + n * ldw;
+  const W* wn = w + n * ldw;
   const float* bn = bias ? bias + n : nullptr;
   int64_t m = 0;
-  for (; m + MR <= M; m += MR) sg_block<MR, R>(x + m * ldx, ldx, wn, ldw, K, bn, y + m * ldy + n, ldy);
+  for (; m + MR <= M; m += MR) sg_block<MR, R, W>(x + m * ldx, ldx, wn, ldw, K, bn, y + m * ldy + n, ldy);
   if constexpr (MR > 1) {  // the last M mod MR rows in one block
-    if (m < M) sg_tail<MR - 1, R>(x + m * ldx, M - m, ldx, wn, ldw, K, bn, y + m * ldy + n, ldy);
+    if (m < M) sg_tail<MR - 1, R, W>(x + m * ldx, M - m, ldx, wn, ldw, K, bn, y + m * ldy + n, ldy);
   }
 }
 
 // All M rows of x against weight rows [n0, n1): blocks of NR weight rows, each multiplied with the input rows in
-// groups of MR while the block is still in L1. x [M, K] (row stride ldx), w [N, K] (row stride ldw), y [M, N]
-// (row stride ldy); bias [N] or null. (No lambdas: they would not inherit the caller's target attributes.)
-template <int MR, int NR>
-HASS_SG_INLINE void sg_rows(const float* x, int64_t M, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+// groups of MR while the block is still in L1. x [M, K] (row stride ldx), w [N, K] (row stride ldw; float, or
+// uint16_t holding bf16), y [M, N] (row stride ldy); bias [N] or null. (No lambdas: they would not inherit the
+// caller's target attributes.)
+template <int MR, int NR, typename W>
+HASS_SG_INLINE void sg_rows(const float* x, int64_t M, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                             const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) sg_row_block<MR, NR>(x, M, ldx, w, ldw, K, bias, y, ldy, n);
-  for (; n < n1; ++n) sg_row_block<MR, 1>(x, M, ldx, w, ldw, K, bias, y, ldy, n);
+  for (; n + NR <= n1; n += NR) sg_row_block<MR, NR, W>(x, M, ldx, w, ldw, K, bias, y, ldy, n);
+  for (; n < n1; ++n) sg_row_block<MR, 1, W>(x, M, ldx, w, ldw, K, bias, y, ldy, n);
 }
 
 }  // namespace hass
