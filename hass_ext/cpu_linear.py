@@ -33,6 +33,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     (``weight`` float32, or bfloat16 with float32 ``x``: widened exactly)."""
     if _small(x, weight, bias):
         return torch.ops.hass.small_linear(x, weight, bias)
+    if weight.dtype == torch.bfloat16 and x.dtype == torch.float32:  # a bf16 copy of float32 weights
+        weight = weight.float()
     return F.linear(x, weight, bias)
 
 

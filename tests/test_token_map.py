@@ -24,6 +24,7 @@ def test_tree_matches_brute_force_over_hot_rows(total_tokens, depth, k, n_hot, s
     """draft_tree with a map == the per-path brute force of test_tree on logits whose non-hot columns are -inf
     (so log-probs are normalised over the hot set), and every drafted token is hot."""
     draft = _draft(seed=seed, head_scale=3.0)
+    draft.tree_head_dtype = None  # the brute force reads the float32 head
     g = torch.Generator().manual_seed(seed)
     hot = torch.randperm(40, generator=g)[:n_hot]
     draft.set_token_map(hot)
@@ -47,6 +48,12 @@ def test_hot_rows_follow_the_head():
     draft = _draft(seed=0)
     h = torch.randn(3, 32)
     draft.set_token_map([1, 4, 9, 30])
+    # default on CPUs: bf16 copies of the float32 head's rows, inputs kept in float32
+    with torch.no_grad():
+        assert torch.equal(draft.tree_logits(h), hass_ext.ops.small_linear(
+            h, draft.lm_head_weight[[1, 4, 9, 30]].bfloat16()))
+    torch.testing.assert_close(draft.tree_logits(h), draft.logits(h)[:, [1, 4, 9, 30]], rtol=2e-2, atol=2e-2)
+    draft.tree_head_dtype = None  # the head's own rows
     assert torch.allclose(draft.tree_logits(h), draft.logits(h)[:, [1, 4, 9, 30]])
     draft.set_lm_head(torch.randn(40, 32))
     assert torch.allclose(draft.tree_logits(h), draft.logits(h)[:, [1, 4, 9, 30]])
