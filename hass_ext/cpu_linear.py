@@ -73,7 +73,7 @@ class SmallBatchLinear(nn.Linear):
 
     def _streamed_weight(self) -> torch.Tensor:
         w = self.weight
-        version = tensor_version(w)
+        version = (tensor_version(w), w.data_ptr())  # in-place changes, and new storage (.data = ..., .to())
         cached = self.__dict__.get("_bf16_copy")
         if cached is None or cached[0] is not w or cached[1] != version:
             cached = (w, version, as_exact_bf16(w))

@@ -143,6 +143,8 @@ def test_exact_bf16_weights_are_streamed_as_bf16():
         lin.weight.add_(1e-3)  # no longer bf16 values: the fp32 weight again, no stale copy
         assert lin._bf16_copy[2] is not None and torch.equal(lin(x), ops.small_linear(x, lin.weight, lin.bias))
         assert lin._bf16_copy[2] is None
+        lin.weight.data = torch.ones(24, 40)  # new storage, version counter untouched: a new copy all the same
+        assert torch.equal(lin(x), ops.small_linear(x, torch.ones(24, 40), lin.bias))
     assert cpu_linear.as_exact_bf16(torch.tensor([1.0, 1.0 + 2 ** -10])) is None
     assert hass_ext.use_blas_linear(lin) == 1 and "_bf16_copy" not in lin.__dict__
 
