@@ -127,6 +127,12 @@ STAGE_NOTES = {
     2: ("python python/prepare_sharegpt.py --part 2; python python/train_drafts.py --stage 2",
         " Stage 2: each stage-1 draft (1,116 steps on ShareGPT records 0-2699) continued for one pass over records "
         "2700-5399 (lr 2e-4); the steps and time below are stage 2's, held-out data from the stage-2 folder."),
+    3: ("python python/regenerate_sharegpt.py; python python/prepare_sharegpt.py --part 3; "
+        "python python/train_drafts.py --stage 3",
+        " Stage 3 (self-distillation): each stage-2 draft continued for two passes over the target's own greedy "
+        "answers to the first user turns of ShareGPT records 5400-7399 (lr 2e-4); the steps and time below are "
+        "stage 3's, held-out data = held-out answers of the stage-3 folder (the target's text, so not comparable "
+        "with the numbers of stages 1-2)."),
 }
 
 

@@ -1,0 +1,42 @@
+"""The training recipes in python/ agree with each other: every training stage has its data part, its export
+notes and its command-line choice, and the stage-3 calibration prompts come after the regenerated records."""
+import importlib.util
+import os
+import sys
+
+import pytest
+
+PYTHON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+
+
+def _load(name):
+    sys.path.insert(0, PYTHON_DIR)  # export_drafts imports regenerate_sharegpt as the scripts do
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(PYTHON_DIR, f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(PYTHON_DIR)
+
+
+def test_every_stage_has_data_notes_and_cli_choice(capsys):
+    train, export, prepare = _load("train_drafts"), _load("export_drafts"), _load("prepare_sharegpt")
+    assert set(train.STAGES) == set(export.STAGE_NOTES) == set(prepare.PARTS)
+    for mod in (train, export):
+        with pytest.raises(SystemExit) as e:
+            mod.main(["--help"])
+        assert e.value.code == 0
+        assert "{" + ",".join(str(s) for s in sorted(train.STAGES)) + "}" in capsys.readouterr().out
+    for stage in train.STAGES:
+        if stage > 1:  # later stages continue the shipped drafts
+            assert all(os.path.isdir(p) for p in train.SHIPPED_DRAFTS.values())
+
+
+def test_stage3_calibration_follows_regenerated_records():
+    regen = _load("regenerate_sharegpt")
+    prepare = _load("prepare_sharegpt")
+    stage2_end = prepare.PARTS[2]["start"] + prepare.PARTS[2]["num_conversations"]
+    assert regen.RECIPE["start"] >= stage2_end  # new prompts, not ones the first stages trained on
+    with pytest.raises(SystemExit):
+        prepare.main(["--out", "unused", "--part", "3"])  # part 3 needs its conversations file
