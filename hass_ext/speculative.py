@@ -97,9 +97,9 @@ def speculative_round(target, draft, state: State, sampling: Sampling, total_tok
     with phase("verify"):
         logits, features = verify(target, state, tree)
     with phase("accept"):
-        path, new_tokens = accept(logits, tree, sampling)
+        path, new_tokens, in_place = accept(logits, tree, sampling)
     with phase("compact"):
-        compact(state, path)
+        compact(state, path, in_place)
     with phase("extend"):
         extend(draft, state, features[path], new_tokens)
     return new_tokens, len(new_tokens) - 1
@@ -139,8 +139,9 @@ def verify(target, state: State, tree: Tree):
 
 
 def accept(logits: torch.Tensor, tree: Tree, sampling: Sampling):
-    """The accepted path (node indices from the root, a tensor on the device) and the new tokens (a list: the
-    accepted draft tokens, then the bonus token), read back from the device in one transfer.
+    """The accepted path (node indices from the root, a tensor on the device), the new tokens (a list: the
+    accepted draft tokens, then the bonus token) and whether the path is nodes ``0, 1, ..., n`` (a chain's always
+    is: its K/V are already in place), read back from the device in one transfer.
 
     Acceptance rule (hass_ext.ops.verify_tree): walk down from the root, trying each node's children in node
     order. Greedy: accept the child whose token is the target's argmax at the node. Sampling: accept child x with
@@ -152,20 +153,24 @@ def accept(logits: torch.Tensor, tree: Tree, sampling: Sampling):
     accepted, accept_len, next_token = ops.verify_tree(logits, tree.tokens[None], tree.parents[None],
                                                        sampling.temperature, sampling.top_p, sampling.top_k,
                                                        sampling.generator)
-    # the host needs n (how much to keep) and the tokens (the output): one read for both
-    host = torch.cat([accept_len, tree.tokens[accepted[0, 1:].clamp(min=0)], next_token]).tolist()
-    n = host[0]
-    return accepted[0, : n + 1], host[1: n + 1] + [host[-1]]
+    # the host needs n (how much to keep), the tokens (the output) and the nodes (are they in place?): one read
+    nodes = accepted[0, 1:]
+    host = torch.cat([accept_len, tree.tokens[nodes.clamp(min=0)], next_token, nodes]).tolist()
+    n, width = host[0], nodes.shape[0]
+    in_place = host[width + 2: width + 2 + n] == list(range(1, n + 1))
+    return accepted[0, : n + 1], host[1: n + 1] + [host[width + 1]], in_place
 
 
 @torch.inference_mode()
-def compact(state: State, path: torch.Tensor) -> None:
+def compact(state: State, path: torch.Tensor, in_place: bool = False) -> None:
     """Keep the root and the accepted nodes in the target cache: move their K/V (written at ``length + node``
-    by the verify forward) to ``length, length + 1, ...`` in every layer at once, then drop the rest."""
+    by the verify forward) to ``length, length + 1, ...`` in every layer at once, then drop the rest.
+    in_place: the path is nodes ``0 .. n`` (nothing to move, only the rest to drop)."""
     cache = state.cache
     tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     tree_size = tensors[0].shape[2] - state.length
-    ops.compact_kv(tensors, path + state.length, state.length)
+    if not in_place:
+        ops.compact_kv(tensors, path + state.length, state.length)
     cache.crop(-(tree_size - path.shape[0]))
     state.length += path.shape[0]
 
