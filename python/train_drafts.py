@@ -51,8 +51,10 @@ SHIPPED_DRAFTS = {"hass": os.path.join(ROOT, "hass_ext", "drafts", "SmolLM2-135M
                  "eagle": os.path.join(ROOT, "bench", "drafts", "eagle-SmolLM2-135M-Instruct")}
 
 
-def run(mode: str, data: str, out: str, stage: int = 1) -> dict:
+def run(mode: str, data: str, out: str, stage: int = 1, step_weights=None) -> dict:
     recipe = STAGES[stage] if stage == 1 else dict(STAGES[stage], init_from=SHIPPED_DRAFTS[mode])
+    if step_weights is not None:
+        recipe = dict(recipe, step_weights=list(step_weights))
     cfg = TrainConfig(data_dir=data, out_dir=os.path.join(out, mode), mode=mode, **recipe)
     trainer = Trainer(cfg)  # the target named in the data manifest (the embedded SmolLM2-135M-Instruct)
     final = trainer.train(resume=True)
@@ -69,9 +71,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stage", type=int, choices=sorted(STAGES), default=1,
                     help="1: train from scratch; 2: continue the stage-1 drafts on the --part 2 data; "
                          "3: continue the stage-2 drafts on the --part 3 (self-distilled) data")
+    ap.add_argument("--hass-step-weights", type=float, nargs=3, default=None, metavar="W",
+                    help="loss weight of each of HASS's 3 alignment steps (default 1 1 1)")
     args = ap.parse_args(argv)
     for mode in (["hass", "eagle"] if args.mode == "both" else [args.mode]):
-        run(mode, args.data, args.out, args.stage)
+        run(mode, args.data, args.out, args.stage, args.hass_step_weights if mode == "hass" else None)
     return 0
 
 
