@@ -6,7 +6,9 @@ user turns of ShareGPT records 5400-7399 (records the first two stages did not u
     python python/train_drafts.py --stage 3 --data DATA3/features --out RUNS3
 
 The target runs in fp32 on the CPU, as at decode time there; prompts of at most 512 tokens (chat template
-included), identical prompts once, up to 192 answer tokens each (the evaluation decodes 128).
+included), identical prompts once, up to 192 answer tokens each (the evaluation decodes 128). Of the 2,000 records
+this answers 1,692 (192 prompts too long, 80 repeated, 36 without a usable user turn): 266k answer tokens, 30 % of
+the answers ending before the limit, in 37 minutes on two CPU cores at batch size 48.
 """
 import argparse
 import json

@@ -20,6 +20,8 @@ Stage 3 (self-distillation) continues each stage-2 draft for two passes over the
 ~1.7k further ShareGPT prompts (regenerate_sharegpt.py, prepare_sharegpt.py --part 3): at decode time the draft
 reads the target's text, not the dataset's. Same data, steps and seed for both; the hot vocabulary is recounted
 on these answers. The stage-2 drafts to start it from: `git checkout 90bf393 -- hass_ext/drafts bench/drafts`.
+(Tried as well: the HASS stage-3 run with EAGLE-3's step weights, --hass-step-weights 1 0.8 0.64: held-out
+acc@1 0.399 and 0.659 accepted per 5-chain, the same as with equal weights, so the shipped draft keeps them.)
 
 The two runs differ only in the method: HASS = 3 harmonized-context-alignment steps + top-K loss (K=10,
 weight 1), EAGLE = 1 step, no top-K loss. Both use the reference's loss weights (feature 1, soft CE 0.1),
