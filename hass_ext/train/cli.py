@@ -7,28 +7,50 @@ import json
 import sys
 
 
+# ---- arguments shared by the commands that run the target over conversations (prepare-data, regenerate) ----
+
+def _add_source_args(p) -> None:
+    p.add_argument("--target", default=None, help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--conversations", default="sharegpt",
+                   help="'sharegpt' (the bundled ShareGPT V3) or a JSON/JSONL file of {conversations: [...]} records")
+
+
+def _add_selection_args(p) -> None:
+    p.add_argument("--num-conversations", type=int, default=None, help="how many records (default: all)")
+    p.add_argument("--start", type=int, default=0, help="first record (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="shuffle the records with this seed first (default: file order)")
+
+
+def _add_device_args(p) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="target dtype (default: float32 on CPU, bfloat16 on CUDA)")
+
+
+def _cli_target(args):
+    import torch
+
+    from ..target import load_target
+
+    return load_target(args.target, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
+
+
 def add_prepare_data_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "prepare-data", help="conversations -> target features -> training shards (resumable)",
         description="Render ShareGPT-style conversations with the target's chat template, mark the assistant tokens, "
                     "run the target and write safetensors shards + manifest.json. Re-run the same command to "
                     "resume an interrupted run.")
-    p.add_argument("--target", default=None, help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--conversations", default="sharegpt",
-                   help="'sharegpt' (the bundled ShareGPT V3) or a JSON/JSONL file of {conversations: [...]} records")
+    _add_source_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--max-len", type=int, default=2048, help="tokens kept per conversation (default 2048)")
-    p.add_argument("--num-conversations", type=int, default=None, help="how many records (default: all)")
-    p.add_argument("--start", type=int, default=0, help="first record (default 0)")
-    p.add_argument("--seed", type=int, default=None, help="shuffle the records with this seed first (default: file order)")
+    _add_selection_args(p)
     p.add_argument("--shard-size", type=int, default=256, help="conversations per shard (default 256)")
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per target forward (default 16384)")
     p.add_argument("--system-prompt", default=None, help="system message for every conversation "
                    "(default: none, the chat template's default applies)")
     p.add_argument("--hidden-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="target dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    _add_device_args(p)
     p.add_argument("--stop-after-shards", type=int, default=None, help="stop after writing this many new shards")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_prepare_data)
@@ -36,12 +58,9 @@ def add_prepare_data_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_prepare_data(args) -> int:
-    import torch
-
-    from ..target import load_target
     from .data import prepare_data
 
-    target = load_target(args.target, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
+    target = _cli_target(args)
     m = prepare_data(target, args.conversations, args.out, max_len=args.max_len,
                      num_conversations=args.num_conversations, start=args.start, seed=args.seed,
                      shard_size=args.shard_size, batch_tokens=args.batch_tokens, system_prompt=args.system_prompt,
@@ -58,31 +77,22 @@ def add_regenerate_parser(subparsers) -> argparse.ArgumentParser:
         description="Answer the first user turn of each selected conversation with the target's own greedy "
                     "decoding and append the pairs to a JSON Lines file that prepare-data reads. Re-run the same "
                     "command to resume.")
-    p.add_argument("--target", default=None, help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--conversations", default="sharegpt",
-                   help="'sharegpt' (the bundled ShareGPT V3) or a JSON/JSONL file of {conversations: [...]} records")
+    _add_source_args(p)
     p.add_argument("--out", required=True, help="output JSON Lines file (appended to)")
-    p.add_argument("--num-conversations", type=int, default=None, help="how many records (default: all)")
-    p.add_argument("--start", type=int, default=0, help="first record (default 0)")
-    p.add_argument("--seed", type=int, default=None, help="shuffle the records with this seed first (default: file order)")
+    _add_selection_args(p)
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped (default 512)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default 16)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="target dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    _add_device_args(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_regenerate)
     return p
 
 
 def run_regenerate(args) -> int:
-    import torch
-
-    from ..target import load_target
     from .regenerate import regenerate
 
-    target = load_target(args.target, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
+    target = _cli_target(args)
     counts = regenerate(target, args.conversations, args.out, num_conversations=args.num_conversations,
                         start=args.start, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
