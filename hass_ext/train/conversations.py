@@ -211,6 +211,16 @@ def assistant_char_spans(tokenizer, messages: Sequence[dict]) -> Tuple[str, List
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
+def check_no_special_tokens(tokenizer, messages: Sequence[dict]) -> None:
+    """SkipConversation("special_token_in_text") if a message contains one of the tokenizer's special-token
+    strings (tokenised as control tokens it would fake a turn structure)."""
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    specials += [str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
+    for m in messages:
+        if any(s in m["content"] for s in specials):
+            raise SkipConversation("special_token_in_text")
+
+
 def encode_conversation(tokenizer, messages: Sequence[dict], max_len: Optional[int] = None
                         ) -> Tuple[List[int], List[int]]:
     """Token ids of the rendered conversation and its assistant-token mask (see the module docstring).
@@ -220,11 +230,7 @@ def encode_conversation(tokenizer, messages: Sequence[dict], max_len: Optional[i
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat template; training data needs one to render conversations")
-    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
-    specials += [str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
-    for m in messages:
-        if any(s in m["content"] for s in specials):
-            raise SkipConversation("special_token_in_text")
+    check_no_special_tokens(tokenizer, messages)
     try:
         text, spans = assistant_char_spans(tokenizer, messages)
     except ValueError:

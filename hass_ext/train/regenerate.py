@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .conversations import SkipConversation, load_records, to_messages
+from .conversations import SkipConversation, check_no_special_tokens, load_records, to_messages
 
 
 def _read_done(path: str) -> set:
@@ -43,17 +43,17 @@ def _read_done(path: str) -> set:
 def _prompts(tokenizer, records, max_prompt_tokens: int, skipped: dict):
     """(source_index, user_text, prompt_ids) of records whose first user turn fits in ``max_prompt_tokens``
     (the first of identical user turns only)."""
-    specials = [t for t in tokenizer.all_special_tokens if t]
     seen = set()
     for idx, rec in records:
         try:
             first = to_messages(rec)[0]  # to_messages starts every chat with the user's turn
+            check_no_special_tokens(tokenizer, [first])  # the same rule as prepare_data's
         except SkipConversation as s:
             skipped[s.reason] = skipped.get(s.reason, 0) + 1
             continue
         text = first["content"]
-        if not text.strip() or any(s in text for s in specials):
-            skipped["empty_or_control_tokens"] = skipped.get("empty_or_control_tokens", 0) + 1
+        if not text.strip():
+            skipped["empty_prompt"] = skipped.get("empty_prompt", 0) + 1
             continue
         if text in seen:  # ShareGPT repeats prompts such as "continue": one greedy answer each is enough
             skipped["duplicate_prompt"] = skipped.get("duplicate_prompt", 0) + 1
