@@ -9,7 +9,9 @@ logits within 1e-4 at the first differing token); the run reports every divergen
     python bench/lossless_greedy.py --per-file 2    # a quick look
 
 Resumable: finished prompts (in bench/results/lossless_greedy.partial.tmp and the report) are skipped on a rerun;
---budget-s bounds one sitting.
+--budget-s bounds one sitting. ``--shard K/N`` runs every N-th prompt from the K-th (N processes with one thread each
+use two cores better than one with two); shards append to the same partial file, and a final run without
+--shard (nothing left to do) writes the report of all of them.
 Writes bench/results/lossless_greedy.json and .md.
 """
 import argparse
@@ -117,6 +119,18 @@ def _commit():
         return None
 
 
+def _parse_shard(ap, text):
+    if text is None:
+        return None
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        ap.error(f"--shard must be K/N with integers, got {text!r}")
+    if not 0 <= k < n:
+        ap.error(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-file", type=int, default=None, help="prompts per file (default: all 80)")
@@ -127,9 +141,12 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no new prompt after this many seconds; the report then covers the prompts done so far "
                          "(all runs together) and says it is partial")
+    ap.add_argument("--shard", default=None, metavar="K/N",
+                    help="run only prompts K, K+N, K+2N, ... (0 <= K < N); no report is written")
     ap.add_argument("--out-dir", default=RESULTS)
     ap.add_argument("--name", default="lossless_greedy")
     args = ap.parse_args(argv)
+    shard = _parse_shard(ap, args.shard)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -157,6 +174,8 @@ def main(argv=None):
         by_file.setdefault(name.split("[")[0], []).append((name, prompt))
     # interleaved across the files, so that a partial run covers all three alike
     todo = [item for group in zip(*by_file.values()) for item in group]
+    if shard is not None:
+        todo = todo[shard[0]::shard[1]]
     from tqdm import tqdm
 
     commit = _commit()
@@ -174,6 +193,9 @@ def main(argv=None):
                 f.flush()
                 done[name] = r
             records.append(done[name])
+    if shard is not None:
+        print(f"shard {args.shard}: {len(records)} of {len(todo)} prompts done; run without --shard for the report")
+        return 0
     summary = summarise(records)
     by_commit = {}
     for r in records:
