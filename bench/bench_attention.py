@@ -10,7 +10,12 @@ causal SDPA of the same length (the flash-attention ceiling), with peak memory.
 
 CPU: fp32, times are medians of interleaved runs, reported as ratios (the CPUs are shared and noisy). CUDA: bf16,
 absolute times from CUDA events. Writes bench/results/attention_<device>.json and .md.
-Usage: python bench/bench_attention.py [--device cpu|cuda] [--quick] [--reps N]
+
+--decode: one attention layer of a decode-time verification instead, SmolLM2-135M shapes (9 query heads, 3 KV
+heads, head_dim 64), small trees (n = 6, 16, 60) over prefixes of 128 and 512, against what transformers' sdpa
+attention does with the 4D tree mask (the KV heads repeated for GQA, then masked SDPA), masked SDPA with
+enable_gqa, and one-query SDPA (a vanilla decode step's attention). Writes attention_decode_<device>.json / .md.
+Usage: python bench/bench_attention.py [--device cpu|cuda] [--quick] [--decode] [--reps N]
 """
 import argparse
 import json
@@ -38,6 +43,8 @@ FULL = dict(Hq=32, Hkv=8, d=128, n=60, prefixes=(1024, 4096), T=2048, F=3, align
 # runs a quarter of the heads there (times and memory scale linearly with the head count; ratios do not change).
 FULL_CPU = dict(FULL, align_Hq=8, align_Hkv=2)
 QUICK = dict(Hq=4, Hkv=2, d=64, n=12, prefixes=(64, 192), T=96, F=3, align_Hq=4, align_Hkv=2)
+DECODE = dict(Hq=9, Hkv=3, d=64, trees=(6, 16, 60), prefixes=(128, 512))
+DECODE_QUICK = dict(Hq=4, Hkv=2, d=32, trees=(6,), prefixes=(32,))
 
 
 def sync(device):
@@ -106,6 +113,52 @@ def bench_tree(cfg, device, dtype, reps):
         print(f"tree prefix={prefix} n={n}: " + ", ".join(f"{k_}={v_ * 1e3:.3f} ms" for k_, v_ in t.items()),
               flush=True)
     return rows
+
+
+def bench_decode(cfg, device, dtype, reps):
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    group = cfg["Hq"] // cfg["Hkv"]
+    for prefix in cfg["prefixes"]:
+        for n in cfg["trees"]:
+            L = prefix + n
+            q = torch.randn(1, cfg["Hq"], n, cfg["d"], generator=gen).to(device, dtype)
+            k = torch.randn(1, cfg["Hkv"], L, cfg["d"], generator=gen).to(device, dtype)
+            v = torch.randn(1, cfg["Hkv"], L, cfg["d"], generator=gen).to(device, dtype)
+            mask = random_tree_mask(n, gen)[None].to(device)
+            additive = torch.zeros(1, 1, n, L, dtype=dtype, device=device)
+            additive.masked_fill_(~tree_attention_mask(mask, L)[:, None], torch.finfo(dtype).min)
+            fns = {
+                "hass tree_attention": lambda: ops.tree_attention(q, k, v, mask),
+                "transformers sdpa (repeat_kv + mask)": lambda: F.scaled_dot_product_attention(
+                    q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=additive),
+                "SDPA + mask, enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=additive,
+                                                                                  enable_gqa=True),
+                "one-query SDPA (decode step)": lambda: F.scaled_dot_product_attention(q[:, :, :1], k, v,
+                                                                                       enable_gqa=True),
+            }
+            t = time_side_by_side(fns, device, reps, warmup=3)
+            rows.append(dict(prefix=prefix, n=n, L=L, times_s=t))
+            print(f"decode prefix={prefix} n={n}: " + ", ".join(f"{k_}={v_ * 1e6:.1f} us" for k_, v_ in t.items()),
+                  flush=True)
+    return rows
+
+
+def decode_markdown(res):
+    info = res["machine"]
+    names = list(res["decode"][0]["times_s"])
+    lines = [f"# Decode-time tree attention, one layer ({res['device']}, {res['dtype']}"
+             f"{', quick shapes' if res['quick'] else ''})", "",
+             f"{info['date']}; CPU {info['cpu']} ({info['cpu_cores']} cores, {info['threads']} torch threads)"
+             + (f"; GPU {info['device']}" if info['device'] != "cpu" else "") + f"; torch {info['torch']}.", "",
+             f"Shapes: {res['shapes']}; medians of {res['reps']} interleaved runs.", "",
+             "| prefix | n | " + " | ".join(names) + " | hass / transformers sdpa |",
+             "|---|---|" + "---|" * (len(names) + 1)]
+    for r in res["decode"]:
+        t = r["times_s"]
+        lines.append(f"| {r['prefix']} | {r['n']} | " + " | ".join(f"{t[k] * 1e6:.1f} us" for k in names) +
+                     f" | {t['hass tree_attention'] / t['transformers sdpa (repeat_kv + mask)']:.2f}x |")
+    return "\n".join(lines + [""])
 
 
 def align_inputs(cfg, device, dtype, seed=0):
@@ -220,6 +273,7 @@ def main():
     ap.add_argument("--device", default="cuda" if "cuda" in hass_ext.available_devices() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--decode", action="store_true", help="decode-time trees at SmolLM2 shapes (module docstring)")
     ap.add_argument("--out-dir", "--out", dest="out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -227,19 +281,31 @@ def main():
         return mem_child(args.mem_child)
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.decode:
+        cfg = DECODE_QUICK if args.quick else DECODE
+        reps = args.reps or (3 if args.quick else (50 if device == "cuda" else 200))
+        res = dict(device=device, dtype=str(dtype).replace("torch.", ""), quick=args.quick,
+                   machine=machine_info(device), shapes=dict(B=1, **{k: (list(v) if isinstance(v, tuple) else v)
+                                                                    for k, v in cfg.items()}), reps=reps)
+        res["decode"] = bench_decode(cfg, device, dtype, reps)
+        return _write(res, args.out, f"attention_decode_{device}" + ("_quick" if args.quick else ""),
+                      decode_markdown(res))
     cfg = QUICK if args.quick else (FULL if device == "cuda" else FULL_CPU)
     reps = args.reps or (3 if args.quick else (50 if device == "cuda" else 5))
     res = dict(device=device, dtype=str(dtype).replace("torch.", ""), quick=args.quick, machine=machine_info(device),
                shapes=dict(B=1, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}), reps=reps)
     res["tree"] = bench_tree(cfg, device, dtype, reps)
     res["align"] = bench_align(cfg, device, dtype, max(1, reps // 2) if device == "cpu" else reps, args.quick)
-    os.makedirs(args.out, exist_ok=True)
-    name = f"attention_{device}" + ("_quick" if args.quick else "")
-    with open(os.path.join(args.out, name + ".json"), "w") as f:
+    _write(res, args.out, f"attention_{device}" + ("_quick" if args.quick else ""), markdown(res))
+
+
+def _write(res, out, name, md):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name + ".json"), "w") as f:
         json.dump(res, f, indent=2)
-    with open(os.path.join(args.out, name + ".md"), "w") as f:
-        f.write(markdown(res))
-    print(f"wrote {os.path.join(args.out, name)}.json/.md")
+    with open(os.path.join(out, name + ".md"), "w") as f:
+        f.write(md)
+    print(f"wrote {os.path.join(out, name)}.json/.md")
 
 
 if __name__ == "__main__":

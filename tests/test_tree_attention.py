@@ -91,6 +91,40 @@ def test_more_than_64_nodes(n):
     assert_close(ops.tree_attention(q, k, v, mask), oracle(q, k, v, mask[None]), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, prefix, d", [(1, 300, 64), (6, 129, 64), (11, 500, 64), (6, 40, 24), (3, 0, 64)])
+def test_decode_size_trees(dtype, n, prefix, d):
+    # A decode-time verification: a few query rows per kv head (SmolLM2's 9 / 3 heads), read in place from a
+    # preallocated cache; head sizes that are not a multiple of 16 too.
+    gen = torch.Generator().manual_seed(n * 1000 + prefix + d)
+    L = prefix + n
+    mask = make_tree("random", n, gen)[1]
+    q = torch.randn(1, 9, n, d, generator=gen).to(dtype)
+    big_k = torch.randn(1, 3, L + 37, d, generator=gen).to(dtype)
+    big_v = torch.randn(1, 3, L + 37, d, generator=gen).to(dtype)
+    k, v = big_k[:, :, :L], big_v[:, :, :L]
+    out = ops.tree_attention(q, k, v, mask, scale=0.125)
+    assert_close(out, oracle(q, k.contiguous(), v.contiguous(), mask[None], scale=0.125), dtype)
+
+
+def test_small_trees_do_not_depend_on_threads():
+    # The work is split into more, smaller row blocks when threads would idle; a row's result must not change.
+    gen = torch.Generator().manual_seed(21)
+    n, P = 6, 200
+    mask = make_tree("random", n, gen)[1]
+    q, k, v = rand_inputs(1, 9, 3, n, P, 64, torch.float32, gen)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            outs.append(ops.tree_attention(q, k, v, mask))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert_close(outs[0], oracle(q, k, v, mask[None]), torch.float32)
+
+
 def test_too_many_nodes_raises():
     n = ops.MAX_TREE_NODES + 1
     q = torch.zeros(1, 1, n, 4)
@@ -264,3 +298,10 @@ def test_benchmark_quick(tmp_path):
     res = json.loads((tmp_path / "attention_cpu_quick.json").read_text())
     assert len(res["tree"]) == 2 and res["align"]["peak_mib"]["oracle fwd+bwd"] >= 0
     assert "Tree attention" in (tmp_path / "attention_cpu_quick.md").read_text()
+    subprocess.run([sys.executable, os.path.join(root, "bench", "bench_attention.py"), "--quick", "--decode",
+                    "--device", "cpu", "--reps", "1", "--out", str(tmp_path)], check=True, capture_output=True,
+                   timeout=300)
+    res = json.loads((tmp_path / "attention_decode_cpu_quick.json").read_text())
+    assert [(r["prefix"], r["n"]) for r in res["decode"]] == [(32, 6)]
+    assert all(t > 0 for t in res["decode"][0]["times_s"].values())
+    assert "hass / transformers sdpa" in (tmp_path / "attention_decode_cpu_quick.md").read_text()

@@ -5,6 +5,8 @@
 // converting each tile to fp32 once for all query rows of the heads sharing that kv head. The tile products
 // (scores, P*V and the backward's gradient products) run as small fp32 GEMMs through ATen's BLAS; the masking
 // and online softmax between them are plain vectorisable loops. Nothing of size rows x all-keys is formed.
+// A decode-time tree gives a kv head only a few dozen query rows: there the products run as register-blocked
+// loops (hass/small_gemm.h) on the cache rows in place, since a BLAS call and a tile copy cost more than the work.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,9 +17,11 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "hass/attention.h"
+#include "hass/small_gemm.h"
 
 namespace {
 
@@ -190,31 +194,110 @@ struct RowState {
   float lse(int64_t r) const { return hass::row_lse(m[r], l[r]); }
 };
 
+// ---- small row blocks: register-blocked products instead of BLAS calls -------------------------------
+constexpr int64_t kSmallRows = 32;  // work items with at most this many query rows take these
+
+// W: float, or uint16_t holding bf16 (widened exactly as loaded). Key/value rows are ld elements apart.
+template <typename W>
+struct SmallProducts {
+  // s[R, nk] = q[R, d] k[nk, d]^T
+  void (*scores)(const float* q, int64_t R, int64_t d, const W* k, int64_t ldk, int64_t nk, float* s);
+  // acc[R, d] += p[R, nk] v[nk, d]
+  void (*accumulate)(const float* p, int64_t R, int64_t nk, const W* v, int64_t ldv, int64_t d, float* acc);
+};
+
+// Register blocking per ISA as in small_linear.cpp (a 16-lane vector: 1 zmm, 2 ymm or 4 xmm registers).
+template <typename W>
+__attribute__((target("avx512f,fma"))) void scores_avx512(const float* q, int64_t R, int64_t d, const W* k,
+                                                          int64_t ldk, int64_t nk, float* s) {
+  hass::sg_rows<4, 4>(q, R, d, k, ldk, d, nullptr, s, nk, 0, nk);
+}
+template <typename W>
+__attribute__((target("avx512f,fma"))) void accumulate_avx512(const float* p, int64_t R, int64_t nk, const W* v,
+                                                              int64_t ldv, int64_t d, float* acc) {
+  hass::sg_acc_rows<8>(p, R, nk, v, ldv, nk, acc, d, d);
+}
+template <typename W>
+__attribute__((target("avx2,fma"))) void scores_avx2(const float* q, int64_t R, int64_t d, const W* k, int64_t ldk,
+                                                     int64_t nk, float* s) {
+  hass::sg_rows<2, 2>(q, R, d, k, ldk, d, nullptr, s, nk, 0, nk);
+}
+template <typename W>
+__attribute__((target("avx2,fma"))) void accumulate_avx2(const float* p, int64_t R, int64_t nk, const W* v,
+                                                         int64_t ldv, int64_t d, float* acc) {
+  hass::sg_acc_rows<4>(p, R, nk, v, ldv, nk, acc, d, d);
+}
+template <typename W>
+void scores_baseline(const float* q, int64_t R, int64_t d, const W* k, int64_t ldk, int64_t nk, float* s) {
+  hass::sg_rows<1, 2>(q, R, d, k, ldk, d, nullptr, s, nk, 0, nk);
+}
+template <typename W>
+void accumulate_baseline(const float* p, int64_t R, int64_t nk, const W* v, int64_t ldv, int64_t d, float* acc) {
+  hass::sg_acc_rows<2>(p, R, nk, v, ldv, nk, acc, d, d);
+}
+
+template <typename W>
+const SmallProducts<W>& small_products() {
+  static const SmallProducts<W> p = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return SmallProducts<W>{scores_avx512<W>, accumulate_avx512<W>};
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return SmallProducts<W>{scores_avx2<W>, accumulate_avx2<W>};
+    return SmallProducts<W>{scores_baseline<W>, accumulate_baseline<W>};
+  }();
+  return p;
+}
+
+// How the small path reads a cache of element type T: fp32 and bf16 rows in place, fp16 through an fp32 tile.
+template <typename T>
+struct SmallSource {
+  using W = float;
+  static constexpr bool in_place = std::is_same_v<T, float>;
+};
+template <>
+struct SmallSource<at::BFloat16> {
+  using W = uint16_t;
+  static constexpr bool in_place = true;
+};
+
 // ---- tree_attention ---------------------------------------------------------------------------------
 // Rows of a work item: r -> (head hk * g + r / n, node r % n).
+
+// Query rows per work item: kRowBlock, or fewer when that leaves threads idle (a small tree over few kv heads).
+inline int64_t tree_row_block(int64_t rows, int64_t groups) {
+  const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());  // work items wanted
+  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+  if (groups * blocks >= want) return kRowBlock;
+  const int64_t per_group = std::min(rows, (want + groups - 1) / groups);
+  return std::max<int64_t>(1, (rows + per_group - 1) / per_group);
+}
 
 template <typename T>
 void tree_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                          const int64_t* prefix_lens, at::Tensor& out, double scale) {
+  using Src = SmallSource<T>;
+  using W = typename Src::W;
   const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), d = q.size(3);
   const int64_t Hkv = k.size(1), L = k.size(2), g = Hq / Hkv;
-  const int64_t rows = g * n, blocks = (rows + kRowBlock - 1) / kRowBlock;
-  const int W = hass::mask_words(static_cast<int>(n));
+  const int64_t rows = g * n, rb = tree_row_block(rows, B * Hkv), blocks = (rows + rb - 1) / rb;
+  const int W_ = hass::mask_words(static_cast<int>(n));
   const auto qv = view4<const T>(q), kv = view4<const T>(k), vv = view4<const T>(v);
   const auto ov = view4<T>(out);
   const bool* mp = mask.data_ptr<bool>();
+  const SmallProducts<W>& small = small_products<W>();
   at::parallel_for(0, B * Hkv * blocks, 1, [&](int64_t w0, int64_t w1) {
-    RowState st(kRowBlock, d);
-    std::vector<uint64_t> words(kRowBlock * W);
-    std::vector<float> kt(kKeyTile * d), vt(kKeyTile * d), s(kRowBlock * kKeyTile);
+    RowState st(rb, d);
+    std::vector<uint64_t> words(rb * W_);
+    std::vector<float> kt(kKeyTile * d), vt(kKeyTile * d), s(rb * kKeyTile);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t blk = w % blocks, hk = (w / blocks) % Hkv, b = w / (blocks * Hkv);
-      const int64_t r0 = blk * kRowBlock, R = std::min(kRowBlock, rows - r0);
+      const int64_t r0 = blk * rb, R = std::min(rb, rows - r0);
       const int64_t prefix = prefix_lens ? prefix_lens[b] : L - n;
+      const bool in_place = Src::in_place && R <= kSmallRows;
       for (int64_t r = 0; r < R; ++r) {
         const int64_t h = hk * g + (r0 + r) / n, i = (r0 + r) % n;
         load_row(qv.row(b, h, i), d, static_cast<float>(scale), st.q.data() + r * d);
-        hass::mask_pack_row(mp + (b * n + i) * n, static_cast<int>(n), words.data() + r * W);
+        hass::mask_pack_row(mp + (b * n + i) * n, static_cast<int>(n), words.data() + r * W_);
         st.reset(r, -INFINITY, 0.f);
       }
       // The prefix (no mask) and then the tree block; the padding gap between them is never read.
@@ -222,19 +305,31 @@ void tree_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
         const int64_t lo = part == 0 ? 0 : L - n, hi = part == 0 ? prefix : L;
         for (int64_t c0 = lo; c0 < hi; c0 += kKeyTile) {
           const int64_t nk = std::min(kKeyTile, hi - c0);
-          load_tile(kv, b, hk, c0, nk, d, kt.data());
-          load_tile(vv, b, hk, c0, nk, d, vt.data());
-          mm_abt(s.data(), st.q.data(), kt.data(), R, nk, d, false);
+          const W* kp = reinterpret_cast<const W*>(kt.data());
+          const W* vp = reinterpret_cast<const W*>(vt.data());
+          int64_t ldk = d, ldv = d;
+          if (in_place) {
+            kp = reinterpret_cast<const W*>(kv.row(b, hk, c0));
+            vp = reinterpret_cast<const W*>(vv.row(b, hk, c0));
+            ldk = kv.ss;
+            ldv = vv.ss;
+          } else {
+            load_tile(kv, b, hk, c0, nk, d, kt.data());
+            load_tile(vv, b, hk, c0, nk, d, vt.data());
+          }
+          if (R <= kSmallRows) small.scores(st.q.data(), R, d, kp, ldk, nk, s.data());
+          else mm_abt(s.data(), st.q.data(), kt.data(), R, nk, d, false);
           for (int64_t r = 0; r < R; ++r) {
             float* sr = s.data() + r * nk;
             if (part == 1) {
-              const uint64_t* wr = words.data() + r * W;
+              const uint64_t* wr = words.data() + r * W_;
               for (int64_t j = 0; j < nk; ++j)
                 if (!hass::mask_bit(wr, static_cast<int>(c0 + j - lo))) sr[j] = -INFINITY;
             }
             st.softmax_row(r, sr, nk);
           }
-          mm_ab_acc(st.acc.data(), s.data(), vt.data(), R, d, nk);
+          if (R <= kSmallRows) small.accumulate(s.data(), R, nk, vp, ldv, d, st.acc.data());
+          else mm_ab_acc(st.acc.data(), s.data(), vt.data(), R, d, nk);
         }
       }
       for (int64_t r = 0; r < R; ++r) {

@@ -1,5 +1,6 @@
 // Unit tests of csrc/include/hass/small_gemm.h: values against a double-precision loop, the lane rule (a row's
-// result is the same whatever rows it is blocked with), tails of K below and past a multiple of 16, bias.
+// result is the same whatever rows it is blocked with), tails of K below and past a multiple of 16, bias; and the
+// row-major product sg_acc_rows (y += x w, attention's P * V) with its column tails, strides and bf16 rows.
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -65,6 +66,44 @@ void check_bf16(int64_t M, int64_t N, int64_t K, std::mt19937& rng) {
   for (int64_t i = 0; i < M * N; ++i) CHECK(y[i] == y32[i]);
 }
 
+// y[M, N] (+ its initial values) += x[M, K] w[K, N] with w rows ldw apart: against a double loop, each row
+// bit-identical to the row computed alone, and a bf16 w exactly the fp32 result with the widened values.
+template <int MR>
+void check_acc(int64_t M, int64_t N, int64_t K, std::mt19937& rng) {
+  std::normal_distribution<float> d(0.f, 1.f);
+  const int64_t ldw = N + 5, ldy = N + 3;
+  std::vector<float> x(M * K), w(K * ldw), y0(M * ldy), y, y1, y16, wide(K * ldw);
+  std::vector<uint16_t> w16(K * ldw);
+  for (auto& v : x) v = d(rng);
+  for (auto& v : y0) v = d(rng);
+  for (int64_t i = 0; i < K * ldw; ++i) {
+    w[i] = d(rng);
+    uint32_t u;
+    std::memcpy(&u, &w[i], 4);
+    w16[i] = uint16_t(u >> 16);
+    u = uint32_t(w16[i]) << 16;
+    std::memcpy(&wide[i], &u, 4);
+  }
+  y = y0;
+  hass::sg_acc_rows<MR>(x.data(), M, K, w.data(), ldw, K, y.data(), ldy, N);
+  for (int64_t m = 0; m < M; ++m) {
+    y1.assign(y0.begin() + m * ldy, y0.begin() + (m + 1) * ldy);
+    hass::sg_acc_rows<MR>(x.data() + m * K, 1, K, w.data(), ldw, K, y1.data(), ldy, N);
+    for (int64_t n = 0; n < N; ++n) {
+      double want = y0[m * ldy + n];
+      for (int64_t k = 0; k < K; ++k) want += double(x[m * K + k]) * double(w[k * ldw + n]);
+      CHECK_NEAR(y[m * ldy + n], want, 1e-4 * (1.0 + std::sqrt(double(K))));
+      CHECK(y[m * ldy + n] == y1[n]);
+    }
+    for (int64_t n = N; n < ldy; ++n) CHECK(y[m * ldy + n] == y0[m * ldy + n]);  // padding untouched
+  }
+  y16 = y0;
+  y = y0;
+  hass::sg_acc_rows<MR>(x.data(), M, K, w16.data(), ldw, K, y16.data(), ldy, N);
+  hass::sg_acc_rows<MR>(x.data(), M, K, wide.data(), ldw, K, y.data(), ldy, N);
+  for (int64_t i = 0; i < M * ldy; ++i) CHECK(y16[i] == y[i]);
+}
+
 }  // namespace
 
 int main() {
@@ -77,6 +116,13 @@ int main() {
         check_shape<1, 2>(M, N, K, false, rng);
         check_bf16<4, 4>(M, N, K, rng);
         check_bf16<1, 2>(M, N, K, rng);
+      }
+  for (int64_t N : {1, 15, 16, 24, 64, 130})
+    for (int64_t M : {1, 3, 8, 9, 18})
+      for (int64_t K : {1, 7, 128}) {
+        check_acc<8>(M, N, K, rng);
+        check_acc<4>(M, N, K, rng);
+        check_acc<1>(M, N, K, rng);
       }
   // The reduction order is the documented one, whatever the blocking (no FMA contraction at -O0/-O2 of this
   // test's default target: multiply, then add, as the lane rule does).

@@ -1,5 +1,6 @@
-// Skinny matrix product for decoding on CPUs: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows x
-// (one decode step: M = 1; a tree verification: M = tree size, up to a few dozen).
+// Skinny matrix products for decoding on CPUs: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows x
+// (one decode step: M = 1; a tree verification: M = tree size, up to a few dozen), and at the end of the file the
+// product with a row-major w that attention's P * V needs (sg_acc_rows).
 //
 // Why: a decode step is memory bound, so verifying a tree of 16 tokens should cost about what one token costs.
 // BLAS libraries take a GEMV path for M = 1 but repack the weight for every call once M >= 2, which on a small
@@ -171,6 +172,54 @@ HASS_SG_INLINE void sg_rows(const float* x, int64_t M, int64_t ldx, const W* w, 
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) sg_row_block<MR, NR, W>(x, M, ldx, w, ldw, K, bias, y, ldy, n);
   for (; n < n1; ++n) sg_row_block<MR, 1, W>(x, M, ldx, w, ldw, K, bias, y, ldy, n);
+}
+
+// ---- the product with a row-major w: y[m, n] += sum_k x[m, k] * w[k, n] ---------------------------------
+// Attention's P * V (x: probabilities [M, K], w: K value rows of N). MR rows of y keep one 16-column vector each in
+// registers over all k; columns go 16 at a time (a partial last vector for N mod 16). Each output adds its k
+// terms in increasing k whatever M and MR are, so a row's result does not depend on the rows next to it.
+
+template <int MR, typename W>
+HASS_SG_INLINE void sg_acc_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, float* y,
+                                 int64_t ldy, int64_t width) {
+  sg_vec acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = width == kSgLanes ? sg_load(y + i * ldy) : sg_load_tail(y + i * ldy, width);
+  if (width == kSgLanes) {
+    for (int64_t k = 0; k < K; ++k) {
+      const sg_vec wv = sg_load(w + k * ldw);
+      for (int i = 0; i < MR; ++i) acc[i] += x[i * ldx + k] * wv;
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k) {
+      const sg_vec wv = sg_load_tail(w + k * ldw, width);
+      for (int i = 0; i < MR; ++i) acc[i] += x[i * ldx + k] * wv;
+    }
+  }
+  for (int i = 0; i < MR; ++i) std::memcpy(y + i * ldy, &acc[i], width * sizeof(float));
+}
+
+template <int MR, typename W>
+HASS_SG_INLINE void sg_acc_tail(const float* x, int64_t rows, int64_t ldx, const W* w, int64_t ldw, int64_t K,
+                                float* y, int64_t ldy, int64_t width) {
+  if (rows == MR) {
+    sg_acc_block<MR, W>(x, ldx, w, ldw, K, y, ldy, width);
+  } else if constexpr (MR > 1) {
+    sg_acc_tail<MR - 1, W>(x, rows, ldx, w, ldw, K, y, ldy, width);
+  }
+}
+
+// x [M, K] (row stride ldx), w [K, N] (row stride ldw; float, or uint16_t holding bf16), y [M, N] (row stride ldy).
+template <int MR, typename W>
+HASS_SG_INLINE void sg_acc_rows(const float* x, int64_t M, int64_t ldx, const W* w, int64_t ldw, int64_t K,
+                                float* y, int64_t ldy, int64_t N) {
+  for (int64_t c = 0; c < N; c += kSgLanes) {
+    const int64_t width = N - c < kSgLanes ? N - c : kSgLanes;
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR) sg_acc_block<MR, W>(x + m * ldx, ldx, w + c, ldw, K, y + m * ldy + c, ldy, width);
+    if constexpr (MR > 1) {
+      if (m < M) sg_acc_tail<MR - 1, W>(x + m * ldx, M - m, ldx, w + c, ldw, K, y + m * ldy + c, ldy, width);
+    }
+  }
 }
 
 }  // namespace hass
