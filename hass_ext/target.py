@@ -13,6 +13,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .attention import register_hass_tree
+
 DEFAULT_TARGET = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _load_lock = threading.Lock()
@@ -159,8 +161,8 @@ def _default_model_dir() -> str:
 
 
 def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-                device: Optional[Union[str, torch.device]] = None, small_batch_linear: Optional[bool] = None
-                ) -> Target:
+                device: Optional[Union[str, torch.device]] = None, small_batch_linear: Optional[bool] = None,
+                attn_implementation: Optional[str] = None) -> Target:
     """Load a target model and its tokenizer.
 
     name_or_path: None for the embedded SmolLM2-135M-Instruct (offline), a local Hugging Face model folder,
@@ -169,6 +171,11 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
     small_batch_linear: run the linear layers' decode-sized calls through hass_ext.ops.small_linear
         (hass_ext.cpu_linear); default: for float32 targets on the CPU, where it makes a one-token step and a
         tree verification cheaper. Vanilla and speculative decoding with this target both use it.
+    attn_implementation: the transformers attention implementation; default "hass_tree" on the CPU (trees are
+        verified with hass_ext's tree-attention kernel; everything else, prefill and vanilla decoding included, is
+        transformers' sdpa unchanged) and transformers' own default elsewhere. A tree verification through sdpa
+        needs a 4D mask, with which transformers repeats the KV heads for GQA and SDPA takes its masked path:
+        bench/results/attention_decode_cpu.md measures both.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
@@ -177,6 +184,11 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if attn_implementation is None and device.type == "cpu":
+        attn_implementation = register_hass_tree()
+    elif attn_implementation == "hass_tree":
+        register_hass_tree()
+    attn = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     with _load_lock:
         if name_or_path is None:
             path, name = _default_model_dir(), DEFAULT_TARGET
@@ -192,7 +204,7 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
         hf_logging.disable_progress_bar()  # a cached 135M model loads in well under a second: no bar needed
         try:
             tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn)
         except OSError as e:
             raise FileNotFoundError(f"could not load target model {name!r}: {e}") from e
         finally:

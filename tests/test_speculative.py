@@ -128,6 +128,32 @@ def test_hass_tree_target_verifies_with_the_tree_attention_kernel(monkeypatch):
     assert len(calls) >= 2 * tree.config.num_hidden_layers  # every layer of every verification round
 
 
+def test_default_cpu_target_verifies_with_the_tree_attention_kernel(smollm2, monkeypatch):
+    """load_target gives CPU targets "hass_tree": sdpa itself outside trees, the tree kernel in verification, and
+    the same tokens as a target loaded with sdpa; attn_implementation= still chooses."""
+    from hass_ext import ops
+
+    target, draft, _ = smollm2
+    assert target.model.config._attn_implementation == "hass_tree"
+    plain = hass_ext.load_target(dtype=torch.float32, device="cpu", attn_implementation="sdpa")
+    assert plain.model.config._attn_implementation == "sdpa"
+    prompt = "Name three colours."
+    with torch.inference_mode():
+        ids = target.encode(prompt)
+        assert torch.equal(target.prefill(ids).logits, plain.prefill(ids).logits)
+    calls = []
+    real = ops.tree_attention
+    monkeypatch.setattr(ops, "tree_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    vanilla = hass_ext.generate(prompt, target=plain, max_new_tokens=16).token_ids
+    assert not calls
+    opts = dict(max_new_tokens=16, total_tokens=6, depth=3, tree_topk=2)
+    b = hass_ext.generate(prompt, target=plain, draft=draft, **opts).token_ids
+    assert not calls  # sdpa verifies with the 4D mask
+    a = hass_ext.generate(prompt, target=target, draft=draft, **opts).token_ids
+    assert a == b == vanilla
+    assert len(calls) >= target.config.num_hidden_layers
+
+
 # ---- a draft trained to agree with its target ---------------------------------------------------------------
 
 def _train_agreeing_draft(target, sequences, steps=300, lr=3e-3):
