@@ -173,7 +173,8 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
         tree verification cheaper. Vanilla and speculative decoding with this target both use it.
     attn_implementation: the transformers attention implementation; default "hass_tree" on the CPU (trees are
         verified with hass_ext's tree-attention kernel; everything else, prefill and vanilla decoding included, is
-        transformers' sdpa unchanged) and transformers' own default elsewhere. A tree verification through sdpa
+        transformers' sdpa unchanged; model classes that cannot take it keep their own) and transformers' own
+        default elsewhere. A tree verification through sdpa
         needs a 4D mask, with which transformers repeats the KV heads for GQA and SDPA takes its masked path:
         bench/results/attention_decode_cpu.md measures both.
     """
@@ -184,7 +185,8 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if attn_implementation is None and device.type == "cpu":
+    chosen_here = attn_implementation is None and device.type == "cpu"
+    if chosen_here:
         attn_implementation = register_hass_tree()
     elif attn_implementation == "hass_tree":
         register_hass_tree()
@@ -204,7 +206,13 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
         hf_logging.disable_progress_bar()  # a cached 135M model loads in well under a second: no bar needed
         try:
             tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn)
+            except ValueError:
+                if not chosen_here:
+                    raise
+                # a model class without transformers' attention interface: its own default (4D-mask verification)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         except OSError as e:
             raise FileNotFoundError(f"could not load target model {name!r}: {e}") from e
         finally:

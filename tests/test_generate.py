@@ -107,6 +107,27 @@ def test_unknown_model_path(tmp_path):
         hass_ext.load_target(str(tmp_path))
 
 
+def test_cpu_default_attention_falls_back_for_models_without_it(monkeypatch):
+    # A model class that rejects attn_implementation="hass_tree" still loads with the default attention; an
+    # implementation the caller asked for is never swapped silently.
+    from transformers import AutoModelForCausalLM
+
+    real = AutoModelForCausalLM.from_pretrained.__func__
+    asked = []
+
+    def picky(cls, path, **kw):
+        asked.append(kw.get("attn_implementation"))
+        if kw.get("attn_implementation") == "hass_tree":
+            raise ValueError("this model does not support attn_implementation='hass_tree'")
+        return real(cls, path, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(picky))
+    t = hass_ext.load_target(device="cpu")
+    assert asked == ["hass_tree", None] and t.model.config._attn_implementation != "hass_tree"
+    with pytest.raises(ValueError, match="hass_tree"):
+        hass_ext.load_target(device="cpu", attn_implementation="hass_tree")
+
+
 def test_cached_default_target_loads_fast(target):
     import time
 
