@@ -133,6 +133,12 @@ STAGE_NOTES = {
         "answers to the first user turns of ShareGPT records 5400-7399 (lr 2e-4); the steps and time below are "
         "stage 3's, held-out data = held-out answers of the stage-3 folder (the target's text, so not comparable "
         "with the numbers of stages 1-2)."),
+    4: ("python python/regenerate_sharegpt.py --stage 4; python python/prepare_sharegpt.py --part 4; "
+        "python python/train_drafts.py --stage 4",
+        " Stage 4 (self-distillation, continued): each stage-3 draft (stages 1-3: ShareGPT records 0-5399, then the "
+        "target's answers to records 5400-7399) continued for two passes over the target's own greedy answers to "
+        "the first user turns of ShareGPT records 7400-9399 (lr 2e-4); the steps and time below are stage 4's, "
+        "held-out data = held-out answers of the stage-4 folder."),
 }
 
 
@@ -192,15 +198,15 @@ def main(argv=None) -> int:
                     help="the train_drafts.py --stage of RUNS")
     ap.add_argument("--calibration-start", type=int, default=None,
                     help="first ShareGPT record of the calibration prompts (default: after the data folder's "
-                         "records; stage 3: after the regenerated ones)")
+                         "records; stages 3, 4: after the regenerated ones)")
     args = ap.parse_args(argv)
     target = hass_ext.load_target(dtype=torch.float32, device="cpu")
     counts = token_frequencies(args.data, target.config.vocab_size)
     start = args.calibration_start
-    if start is None and args.stage == 3:
-        from regenerate_sharegpt import RECIPE as REGEN  # python/ is on sys.path when run as a script
+    if start is None and args.stage >= 3:
+        from regenerate_sharegpt import STAGES as REGEN  # python/ is on sys.path when run as a script
 
-        start = REGEN["start"] + REGEN["num_conversations"]
+        start = REGEN[args.stage]["start"] + REGEN[args.stage]["num_conversations"]
     conts = tree_choice.continuations(target, calibration_prompts(args.data, args.prompts, start),
                                       args.max_new_tokens)
     sizes = [s or None for s in args.sizes]

@@ -4,6 +4,7 @@
     python python/prepare_sharegpt.py --out DATA2_DIR --part 2   # stage 2 data: the next 2,700 records
     python python/prepare_sharegpt.py --out DATA3_DIR --part 3 --conversations ANSWERS.jsonl
                                             # stage 3 data: the target's own answers (regenerate_sharegpt.py)
+    python python/prepare_sharegpt.py --out DATA4_DIR --part 4 --conversations ANSWERS4.jsonl   # stage 4 likewise
 
 Runs the embedded target over the first 2,700 records of the bundled ShareGPT V3 file, keeping 512 tokens per
 conversation: 2,352 examples, 1.11M tokens (5 % held out for evaluation by the trainer); the other records have
@@ -24,8 +25,9 @@ from hass_ext.train import prepare_data
 RECIPE = dict(conversations="sharegpt", num_conversations=2700, start=0, seed=None, max_len=512, shard_size=256,
               hidden_dtype="bfloat16")
 # part 2: the next 2,700 records, new conversations for the second training stage (train_drafts.py --stage 2)
-# part 3: every conversation of the self-distillation file written by regenerate_sharegpt.py
-PARTS = {1: dict(RECIPE), 2: dict(RECIPE, start=2700), 3: dict(RECIPE, conversations=None, num_conversations=None)}
+# parts 3 and 4: every conversation of the self-distillation file written by regenerate_sharegpt.py (--stage 3 / 4)
+SELF_DISTILLED = dict(RECIPE, conversations=None, num_conversations=None)
+PARTS = {1: dict(RECIPE), 2: dict(RECIPE, start=2700), 3: SELF_DISTILLED, 4: SELF_DISTILLED}
 
 
 def main(argv=None) -> int:
@@ -36,12 +38,12 @@ def main(argv=None) -> int:
     ap.add_argument("--stop-after-shards", type=int, default=None)
     ap.add_argument("--part", type=int, choices=sorted(PARTS), default=1,
                     help="1: records 0-2699 (first training stage), 2: records 2700-5399 (second stage), "
-                         "3: the --conversations file of regenerated answers (third stage)")
-    ap.add_argument("--conversations", default=None, help="part 3: the JSON Lines file of regenerate_sharegpt.py")
+                         "3, 4: the --conversations file of regenerated answers (third, fourth stage)")
+    ap.add_argument("--conversations", default=None, help="parts 3, 4: the JSON Lines file of regenerate_sharegpt.py")
     args = ap.parse_args(argv)
     recipe = dict(PARTS[args.part])
-    if (args.part == 3) != (args.conversations is not None):
-        ap.error("--conversations goes with --part 3 (and only with it)")
+    if (recipe["conversations"] is None) != (args.conversations is not None):
+        ap.error("--conversations goes with --part 3 or 4 (and only with them)")
     if args.conversations is not None:
         recipe["conversations"] = args.conversations
     target = load_target(dtype=torch.bfloat16, device=args.device)

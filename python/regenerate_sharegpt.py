@@ -1,14 +1,18 @@
-"""Self-distillation data for the third training stage: the embedded target's own greedy answers to the first
-user turns of ShareGPT records 5400-7399 (records the first two stages did not use).
+"""Self-distillation data for the third and fourth training stages: the embedded target's own greedy answers to
+the first user turns of ShareGPT records 5400-7399 (stage 3) and 7400-9399 (stage 4), records the earlier stages
+did not use.
 
     python python/regenerate_sharegpt.py --out DATA3/answers.jsonl          # resumable: rerun to continue
     python python/prepare_sharegpt.py --part 3 --conversations DATA3/answers.jsonl --out DATA3/features
     python python/train_drafts.py --stage 3 --data DATA3/features --out RUNS3
+    python python/regenerate_sharegpt.py --stage 4 --out DATA4/answers.jsonl
+    python python/prepare_sharegpt.py --part 4 --conversations DATA4/answers.jsonl --out DATA4/features
+    python python/train_drafts.py --stage 4 --data DATA4/features --out RUNS4
 
 The target runs in fp32 on the CPU, as at decode time there; prompts of at most 512 tokens (chat template
 included), identical prompts once, up to 192 answer tokens each (the evaluation decodes 128). Of the 2,000 records
-this answers 1,692 (192 prompts too long, 80 repeated, 36 without a usable user turn): 266k answer tokens, 30 % of
-the answers ending before the limit, in 37 minutes on two CPU cores at batch size 48.
+stage 3 answers 1,692 (192 prompts too long, 80 repeated, 36 without a usable user turn): 266k answer tokens, 30 %
+of the answers ending before the limit, in 37 minutes on two CPU cores at batch size 48.
 """
 import argparse
 import json
@@ -21,6 +25,7 @@ from hass_ext.train.regenerate import regenerate
 
 RECIPE = dict(conversations="sharegpt", start=5400, num_conversations=2000, max_prompt_tokens=512,
               max_new_tokens=192)
+STAGES = {3: RECIPE, 4: dict(RECIPE, start=RECIPE["start"] + RECIPE["num_conversations"])}
 
 
 def main(argv=None) -> int:
@@ -28,12 +33,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON Lines file of answered conversations")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--batch-size", type=int, default=48, help="prompts decoded together")
+    ap.add_argument("--stage", type=int, choices=sorted(STAGES), default=3, help="the training stage to answer for")
     args = ap.parse_args(argv)
+    recipe = STAGES[args.stage]
     dtype = torch.float32 if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu" else None
     target = load_target(dtype=dtype, device=args.device)
-    counts = regenerate(target, RECIPE["conversations"], args.out, start=RECIPE["start"],
-                        num_conversations=RECIPE["num_conversations"], max_prompt_tokens=RECIPE["max_prompt_tokens"],
-                        max_new_tokens=RECIPE["max_new_tokens"], batch_size=args.batch_size)
+    counts = regenerate(target, recipe["conversations"], args.out, start=recipe["start"],
+                        num_conversations=recipe["num_conversations"], max_prompt_tokens=recipe["max_prompt_tokens"],
+                        max_new_tokens=recipe["max_new_tokens"], batch_size=args.batch_size)
     print(json.dumps(counts))
     return 0
 

@@ -5,6 +5,7 @@
     python python/train_drafts.py --data DATA --out RUNS --mode eagle
     python python/train_drafts.py --stage 2 --data DATA2 --out RUNS2   # continue both on new conversations
     python python/train_drafts.py --stage 3 --data DATA3 --out RUNS3   # continue both on the target's own answers
+    python python/train_drafts.py --stage 4 --data DATA4 --out RUNS4   # ... and on its answers to further prompts
 
 Writes RUNS/hass and RUNS/eagle, each with log.jsonl (losses, held-out k-step acceptance), checkpoints/ and the
 final draft/ (EAGLE layout: load it with hass_ext.load_draft). A run checkpoints every `save_every` steps;
@@ -20,6 +21,8 @@ Stage 3 (self-distillation) continues each stage-2 draft for two passes over the
 ~1.7k further ShareGPT prompts (regenerate_sharegpt.py, prepare_sharegpt.py --part 3): at decode time the draft
 reads the target's text, not the dataset's. Same data, steps and seed for both; the hot vocabulary is recounted
 on these answers. The stage-2 drafts to start it from: `git checkout 90bf393 -- hass_ext/drafts bench/drafts`.
+Stage 4 repeats stage 3 on the answers to the next ShareGPT prompts (regenerate_sharegpt.py --stage 4), starting
+from the stage-3 drafts (`git checkout ed068ad -- hass_ext/drafts bench/drafts`).
 (Tried as well: the HASS stage-3 run with EAGLE-3's step weights, --hass-step-weights 1 0.8 0.64: held-out
 acc@1 0.399 and 0.659 accepted per 5-chain, the same as with equal weights, so the shipped draft keeps them.)
 
@@ -46,7 +49,8 @@ RECIPE = dict(batch_size=4, epochs=2, lr=5e-4, draft_vocab=8192, warmup_ratio=0.
               keep_checkpoints=2, log_every=5)
 
 
-STAGES = {1: RECIPE, 2: dict(RECIPE, epochs=1, lr=2e-4), 3: dict(RECIPE, epochs=2, lr=2e-4)}
+STAGES = {1: RECIPE, 2: dict(RECIPE, epochs=1, lr=2e-4), 3: dict(RECIPE, epochs=2, lr=2e-4),
+          4: dict(RECIPE, epochs=2, lr=2e-4)}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the previous stage's drafts, where the shipped ones live
 SHIPPED_DRAFTS = {"hass": os.path.join(ROOT, "hass_ext", "drafts", "SmolLM2-135M-Instruct"),
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=["both", "hass", "eagle"], default="both")
     ap.add_argument("--stage", type=int, choices=sorted(STAGES), default=1,
                     help="1: train from scratch; 2: continue the stage-1 drafts on the --part 2 data; "
-                         "3: continue the stage-2 drafts on the --part 3 (self-distilled) data")
+                         "3: continue the stage-2 drafts on the --part 3 (self-distilled) data; "
+                         "4: continue the stage-3 drafts on the --part 4 data")
     ap.add_argument("--hass-step-weights", type=float, nargs=3, default=None, metavar="W",
                     help="loss weight of each of HASS's 3 alignment steps (default 1 1 1)")
     args = ap.parse_args(argv)

@@ -1,5 +1,5 @@
 """The training recipes in python/ agree with each other: every training stage has its data part, its export
-notes and its command-line choice, and the stage-3 calibration prompts come after the regenerated records."""
+notes and its command-line choice, and the self-distillation stages answer new prompts."""
 import importlib.util
 import os
 import sys
@@ -33,10 +33,14 @@ def test_every_stage_has_data_notes_and_cli_choice(capsys):
             assert all(os.path.isdir(p) for p in train.SHIPPED_DRAFTS.values())
 
 
-def test_stage3_calibration_follows_regenerated_records():
-    regen = _load("regenerate_sharegpt")
-    prepare = _load("prepare_sharegpt")
-    stage2_end = prepare.PARTS[2]["start"] + prepare.PARTS[2]["num_conversations"]
-    assert regen.RECIPE["start"] >= stage2_end  # new prompts, not ones the first stages trained on
+def test_self_distillation_stages_answer_new_prompts():
+    regen, prepare, train = _load("regenerate_sharegpt"), _load("prepare_sharegpt"), _load("train_drafts")
+    end = prepare.PARTS[2]["start"] + prepare.PARTS[2]["num_conversations"]
+    assert set(regen.STAGES) == {s for s in train.STAGES if s >= 3}
+    for stage in sorted(regen.STAGES):  # new prompts, not ones an earlier stage trained on or answered
+        assert regen.STAGES[stage]["start"] >= end
+        end = regen.STAGES[stage]["start"] + regen.STAGES[stage]["num_conversations"]
+        with pytest.raises(SystemExit):
+            prepare.main(["--out", "unused", "--part", str(stage)])  # these parts need their conversations file
     with pytest.raises(SystemExit):
-        prepare.main(["--out", "unused", "--part", "3"])  # part 3 needs its conversations file
+        prepare.main(["--out", "unused", "--part", "2", "--conversations", "answers.jsonl"])
