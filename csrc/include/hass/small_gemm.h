@@ -35,8 +35,11 @@ namespace hass {
 
 constexpr int kSgLanes = 16;
 // Weight rows are adjacent, so the blocks read one long stream: prefetching 16 KiB ahead keeps memory busy while
-// the FMAs of 8-16 rows run (~15 % faster at M = 8..16 on a 2-core AMD EPYC; M = 1 unchanged).
+// the FMAs run. Into L2, not L1 (locality hint 2, prefetcht1 on x86): 256 lines in flight to L1 crowd out the
+// lines being used, and on a 2-core AMD EPYC the L1 hint streamed at ~20 GB/s with M = 6 costing 1.15x M = 1,
+// the L2 hint at ~28 GB/s with M = 6 costing ~1.05x M = 1 (405 MB of weights, 2 threads; no prefetch: M = 6 1.5x).
 constexpr int64_t kSgPrefetchBytes = 16384;
+constexpr int kSgPrefetchLocality = 2;
 typedef float sg_vec __attribute__((vector_size(kSgLanes * sizeof(float))));
 typedef uint16_t sg_vec_u16 __attribute__((vector_size(kSgLanes * sizeof(uint16_t))));
 typedef uint32_t sg_vec_u32 __attribute__((vector_size(kSgLanes * sizeof(uint32_t))));
@@ -113,7 +116,7 @@ HASS_SG_INLINE void sg_block(const float* x, int64_t ldx, const W* w, int64_t ld
     sg_vec wv[NR];
     for (int r = 0; r < NR; ++r) {
       wv[r] = sg_load(w + r * ldw + k);
-      __builtin_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kSgPrefetchBytes);
+      __builtin_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kSgPrefetchBytes, 0, kSgPrefetchLocality);
     }
     for (int i = 0; i < MR; ++i) {
       const sg_vec xv = sg_load(x + i * ldx + k);
