@@ -127,7 +127,7 @@ def verify(target, state: State, tree: Tree):
     positions = (P + tree.depths)[None]
     if _attention_impl(target) == TREE_ATTENTION:  # hass_ext's tree-attention kernel takes the ancestor mask
         out = target.model.model(input_ids=tree.tokens[None], position_ids=positions, past_key_values=state.cache,
-                                 use_cache=True, tree_mask=tree.mask)
+                                 use_cache=True, tree_mask=tree.mask[None])
     else:  # eager / sdpa: the same visibility as an additive 4D mask over [cache, tree]
         dtype = target.dtype
         mask = torch.zeros(1, 1, n, P + n, dtype=dtype, device=target.device)

@@ -104,35 +104,38 @@ def test_lossless_greedy_tiny_families(family):
         assert_lossless(target, prompts, vanilla, draft, 40, **tree)
 
 
-def test_hass_tree_target_verifies_with_the_tree_attention_kernel(monkeypatch):
-    """A target loaded with attn_implementation="hass_tree" verifies trees with ops.tree_attention (no 4D mask) and
-    decodes exactly what the same weights with sdpa decode."""
-    from hass_ext import ops
+def kernel_calls(fn, op: str = "hass::tree_attention"):
+    """fn()'s result and how many times it ran the custom op ``op`` (counted by the profiler at the dispatcher,
+    whichever Python path called it)."""
+    from torch.profiler import profile
 
+    with profile() as prof:
+        result = fn()
+    return result, sum(e.count for e in prof.key_averages() if e.key == op)
+
+
+def test_hass_tree_target_verifies_with_the_tree_attention_kernel():
+    """A target loaded with attn_implementation="hass_tree" verifies trees with the tree-attention kernel (no 4D
+    mask) and decodes exactly what the same weights with sdpa decode."""
     hass_ext.register_hass_tree()
     sdpa = tiny_target("llama", seed=3, vocab=64, hidden=32, scale=20.0)
     tree = tiny_target("llama", seed=3, vocab=64, hidden=32, scale=20.0)
     tree.model.config._attn_implementation = "hass_tree"
     for layer in tree.model.model.layers:
         layer.self_attn.config._attn_implementation = "hass_tree"
-    calls = []
-    real = ops.tree_attention
-    monkeypatch.setattr(ops, "tree_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     draft = hass_ext.init_draft(sdpa, seed=1)
     prompt = torch.tensor([5, 9, 2, 7])
     vanilla = hass_ext.generate(prompt, target=sdpa, max_new_tokens=24).token_ids
     for opts in (dict(total_tokens=8, depth=3, tree_topk=4), dict(total_tokens=24, depth=5, tree_topk=3)):
-        a = hass_ext.generate(prompt, target=tree, draft=draft, max_new_tokens=24, **opts)
-        b = hass_ext.generate(prompt, target=sdpa, draft=draft, max_new_tokens=24, **opts)
+        a, calls = kernel_calls(lambda: hass_ext.generate(prompt, target=tree, draft=draft, max_new_tokens=24, **opts))
+        b, none = kernel_calls(lambda: hass_ext.generate(prompt, target=sdpa, draft=draft, max_new_tokens=24, **opts))
         assert a.token_ids == b.token_ids == vanilla and a.accept_lengths == b.accept_lengths
-    assert len(calls) >= 2 * tree.config.num_hidden_layers  # every layer of every verification round
+        assert calls == a.num_rounds * tree.config.num_hidden_layers and none == 0  # every layer of every round
 
 
-def test_default_cpu_target_verifies_with_the_tree_attention_kernel(smollm2, monkeypatch):
+def test_default_cpu_target_verifies_with_the_tree_attention_kernel(smollm2):
     """load_target gives CPU targets "hass_tree": sdpa itself outside trees, the tree kernel in verification, and
     the same tokens as a target loaded with sdpa; attn_implementation= still chooses."""
-    from hass_ext import ops
-
     target, draft, _ = smollm2
     assert target.model.config._attn_implementation == "hass_tree"
     plain = hass_ext.load_target(dtype=torch.float32, device="cpu", attn_implementation="sdpa")
@@ -141,17 +144,14 @@ def test_default_cpu_target_verifies_with_the_tree_attention_kernel(smollm2, mon
     with torch.inference_mode():
         ids = target.encode(prompt)
         assert torch.equal(target.prefill(ids).logits, plain.prefill(ids).logits)
-    calls = []
-    real = ops.tree_attention
-    monkeypatch.setattr(ops, "tree_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    vanilla = hass_ext.generate(prompt, target=plain, max_new_tokens=16).token_ids
-    assert not calls
+    vanilla, calls = kernel_calls(lambda: hass_ext.generate(prompt, target=target, max_new_tokens=16))
+    assert calls == 0 and vanilla.token_ids == hass_ext.generate(prompt, target=plain, max_new_tokens=16).token_ids
     opts = dict(max_new_tokens=16, total_tokens=6, depth=3, tree_topk=2)
-    b = hass_ext.generate(prompt, target=plain, draft=draft, **opts).token_ids
-    assert not calls  # sdpa verifies with the 4D mask
-    a = hass_ext.generate(prompt, target=target, draft=draft, **opts).token_ids
-    assert a == b == vanilla
-    assert len(calls) >= target.config.num_hidden_layers
+    b, calls = kernel_calls(lambda: hass_ext.generate(prompt, target=plain, draft=draft, **opts))
+    assert calls == 0  # sdpa verifies with the 4D mask
+    a, calls = kernel_calls(lambda: hass_ext.generate(prompt, target=target, draft=draft, **opts))
+    assert a.token_ids == b.token_ids == vanilla.token_ids
+    assert calls == a.num_rounds * target.config.num_hidden_layers
 
 
 # ---- a draft trained to agree with its target ---------------------------------------------------------------

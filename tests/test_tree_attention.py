@@ -254,6 +254,35 @@ def test_hf_llama_hass_tree_matches_float_mask():
     assert torch.equal(m_tree(nxt, past_key_values=caches[0]).logits, m_sdpa(nxt, past_key_values=same_cache).logits)
 
 
+@torch.no_grad()
+def test_hf_llama_hass_tree_mask_forms_and_errors():
+    """The batch mask [B, n, n] (the direct kernel call), a shared [n, n] mask and tree_prefix_lens (through
+    ops.tree_attention's checks) give the same logits; a malformed mask is refused naming tree_mask."""
+    from transformers import DynamicCache
+
+    cfg, (m_tree,) = _tiny_llamas(["hass_tree"])
+    gen = torch.Generator().manual_seed(2)
+    P, n = 11, 6
+    ids = torch.randint(0, 128, (1, P), generator=gen)
+    cache = DynamicCache(config=cfg)
+    m_tree(ids, past_key_values=cache)
+    _, mask = make_tree("random", n, gen)
+    pos = (P + mask.sum(-1) - 1)[None]
+    tokens = torch.randint(0, 128, (1, n), generator=gen)
+
+    def tree_logits(**kw):
+        c = copy.deepcopy(cache)
+        return m_tree(tokens, position_ids=pos, past_key_values=c, **kw).logits
+
+    ref = tree_logits(tree_mask=mask[None])
+    assert torch.equal(tree_logits(tree_mask=mask), ref)
+    assert torch.equal(tree_logits(tree_mask=mask[None], tree_prefix_lens=torch.tensor([P])), ref)
+    with pytest.raises(ValueError, match="tree_mask"):
+        tree_logits(tree_mask=mask[None, :, :-1])
+    with pytest.raises(ValueError, match="tree_mask"):
+        tree_logits(tree_mask=mask[None].float())
+
+
 # ---- CUDA ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device and hass_ext's CUDA kernels")

@@ -285,15 +285,17 @@ void tree_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const auto ov = view4<T>(out);
   const bool* mp = mask.data_ptr<bool>();
   const SmallProducts<W>& small = small_products<W>();
+  // Every work item has at most rb rows: with rb <= kSmallRows over an fp32/bf16 cache none needs fp32 tiles.
+  const bool tiles = !(Src::in_place && rb <= kSmallRows);
   at::parallel_for(0, B * Hkv * blocks, 1, [&](int64_t w0, int64_t w1) {
     RowState st(rb, d);
     std::vector<uint64_t> words(rb * W_);
-    std::vector<float> kt(kKeyTile * d), vt(kKeyTile * d), s(rb * kKeyTile);
+    std::vector<float> kt(tiles ? kKeyTile * d : 0), vt(tiles ? kKeyTile * d : 0), s(rb * kKeyTile);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t blk = w % blocks, hk = (w / blocks) % Hkv, b = w / (blocks * Hkv);
       const int64_t r0 = blk * rb, R = std::min(rb, rows - r0);
       const int64_t prefix = prefix_lens ? prefix_lens[b] : L - n;
-      const bool in_place = Src::in_place && R <= kSmallRows;
+      const bool in_place = Src::in_place && R <= kSmallRows;  // always so when !tiles
       for (int64_t r = 0; r < R; ++r) {
         const int64_t h = hk * g + (r0 + r) / n, i = (r0 + r) % n;
         load_row(qv.row(b, h, i), d, static_cast<float>(scale), st.q.data() + r * d);
@@ -305,8 +307,9 @@ void tree_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
         const int64_t lo = part == 0 ? 0 : L - n, hi = part == 0 ? prefix : L;
         for (int64_t c0 = lo; c0 < hi; c0 += kKeyTile) {
           const int64_t nk = std::min(kKeyTile, hi - c0);
-          const W* kp = reinterpret_cast<const W*>(kt.data());
-          const W* vp = reinterpret_cast<const W*>(vt.data());
+          // the small products read W rows (in place, or the fp32 tile when W is float); BLAS reads the tile
+          const W* kp;
+          const W* vp;
           int64_t ldk = d, ldv = d;
           if (in_place) {
             kp = reinterpret_cast<const W*>(kv.row(b, hk, c0));
@@ -316,6 +319,8 @@ void tree_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
           } else {
             load_tile(kv, b, hk, c0, nk, d, kt.data());
             load_tile(vv, b, hk, c0, nk, d, vt.data());
+            kp = reinterpret_cast<const W*>(kt.data());  // read by the small products only when W is float
+            vp = reinterpret_cast<const W*>(vt.data());  // (a bf16 cache goes through tiles only for BLAS)
           }
           if (R <= kSmallRows) small.scores(st.q.data(), R, d, kp, ldk, nk, s.data());
           else mm_abt(s.data(), st.q.data(), kt.data(), R, nk, d, false);
