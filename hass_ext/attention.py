@@ -39,8 +39,8 @@ def hass_tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         # q/k/v come from the model's own projections and cache: only the mask needed checking, and the op is
         # called once per layer of every verification, where the full argument checks of ops.tree_attention
         # cost about a sixth of the kernel's time
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = torch.ops.hass.tree_attention(query, key, value, tree_mask, None, float(scale))
+        scale = ops._default_scale(scaling, query.shape[-1])
+        out = torch.ops.hass.tree_attention(query, key, value, tree_mask, None, scale)
     else:  # the public op checks and explains whatever is wrong (and the prefix lengths' values)
         out = ops.tree_attention(query, key, value, tree_mask, scale=scaling, prefix_lens=tree_prefix_lens)
     return out.transpose(1, 2), None  # transformers expects [B, n, H, d]
