@@ -3,6 +3,8 @@
     python bench/bench_tau.py                  # 20 first turns per file, 128 new tokens
     python bench/bench_tau.py --per-file 80    # all 240 prompts
     python bench/bench_tau.py --quick          # a tiny run (checks that it works)
+    python bench/bench_tau.py --per-file 10 --draft ref=RUNS/hass/draft --name draft_tau_variants
+                                               # ... and further drafts (training variants) beside them
 
 tau is measured by replaying greedy speculative decoding (hass_ext.tree_choice.replay_rounds): the target's
 greedy continuation of each prompt is computed once, then every draft builds its real trees from its real cache
@@ -48,11 +50,20 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="1 prompt per file, 8 tokens")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--draft", action="append", default=[], metavar="NAME=DIR",
+                    help="a further draft (EAGLE-layout folder) measured beside the shipped ones; repeatable")
+    ap.add_argument("--name", default="draft_tau", help="file name of the results (without extension)")
     args = ap.parse_args(argv)
     if args.quick:
         args.per_file, args.max_new_tokens = 1, 8
     target = hass_ext.load_target(dtype=torch.float32, device="cpu")
-    drafts = {k: hass_ext.load_draft(v, target=target) for k, v in drafts_for(target).items()}
+    paths = drafts_for(target)
+    for spec in args.draft:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or name in paths:
+            ap.error(f"--draft takes NAME=DIR with a new NAME, got {spec!r}")
+        paths[name] = path
+    drafts = {k: hass_ext.load_draft(v, target=target) for k, v in paths.items()}
     chosen = tree_choice.choose_tree(target, drafts["hass"])
     shapes = {"EAGLE-2 tree (60/6/10)": EAGLE_2_TREE,
               f"auto for hass ({chosen.total_tokens}/{chosen.depth}/{chosen.tree_topk})":
@@ -70,12 +81,13 @@ def main(argv=None) -> int:
                              "rounds": sum(len(a) for a in accepts), "tau": tau,
                              "tau_reference": sum(per_prompt) / len(per_prompt) if per_prompt else 1.0})
                 print(json.dumps(rows[-1]), flush=True)
-    name = "draft_tau" + ("-quick" if args.quick else "")
+    name = args.name + ("-quick" if args.quick else "")
+    versus = [d for d in drafts if d != "eagle"] if "eagle" in drafts else []  # each draft's tau / EAGLE's
     os.makedirs(args.out_dir, exist_ok=True)
     doc = {"benchmark": "draft_tau", "machine": machine_info("cpu"),
            "command": "python bench/bench_tau.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
            "settings": {"per_file": args.per_file, "max_new_tokens": args.max_new_tokens, "greedy": True,
-                        "drafts": {k: os.path.relpath(v, ROOT) for k, v in drafts_for(target).items()},
+                        "drafts": {k: os.path.relpath(v, ROOT) for k, v in paths.items()},
                         "auto_choice": chosen.to_dict()},
            "measurements": rows}
     with open(os.path.join(args.out_dir, name + ".json"), "w", encoding="utf-8") as f:
@@ -84,9 +96,9 @@ def main(argv=None) -> int:
              f"Greedy, first turns ({args.per_file} per file), {args.max_new_tokens} new tokens, target "
              f"{target.name} fp32. tau = new tokens per target verification (token-weighted; in brackets the "
              "reference's per-prompt mean), from replayed greedy decoding (see bench/bench_tau.py). Each draft "
-             "uses its shipped reduced vocabulary.", "",
-             "| dataset | tree | " + " | ".join(drafts) + (" | hass / eagle |" if "eagle" in drafts else ""),
-             "|---|---|" + "---|" * (len(drafts) + ("eagle" in drafts))]
+             "uses its own reduced vocabulary.", "",
+             "| dataset | tree | " + " | ".join(list(drafts) + [f"{d} / eagle" for d in versus]) + " |",
+             "|---|---|" + "---|" * (len(drafts) + len(versus))]
     for dataset in DATASETS + ("all",):
         for label in shapes:
             sel = [r for r in rows if r["tree"] == label and (dataset == "all" or r["dataset"] == dataset)]
@@ -98,7 +110,7 @@ def main(argv=None) -> int:
                 ref = sum(r["tau_reference"] * r["prompts"] for r in rs) / sum(r["prompts"] for r in rs)
                 taus[d] = (taus[d], ref)
             cells = [f"{t:.3f} ({ref:.3f})" for t, ref in taus.values()]
-            ratio = [f"{taus['hass'][0] / taus['eagle'][0]:.3f}"] if "eagle" in taus else []
+            ratio = [f"{taus[d][0] / taus['eagle'][0]:.3f}" for d in versus]
             lines.append(f"| {dataset} | {label} | " + " | ".join(cells + ratio) + " |")
     with open(os.path.join(args.out_dir, name + ".md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

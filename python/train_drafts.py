@@ -57,10 +57,10 @@ SHIPPED_DRAFTS = {"hass": os.path.join(ROOT, "hass_ext", "drafts", "SmolLM2-135M
                  "eagle": os.path.join(ROOT, "bench", "drafts", "eagle-SmolLM2-135M-Instruct")}
 
 
-def run(mode: str, data: str, out: str, stage: int = 1, step_weights=None) -> dict:
-    recipe = STAGES[stage] if stage == 1 else dict(STAGES[stage], init_from=SHIPPED_DRAFTS[mode])
-    if step_weights is not None:
-        recipe = dict(recipe, step_weights=list(step_weights))
+def run(mode: str, data: str, out: str, stage: int = 1, init_from=None, **variant) -> dict:
+    """``variant``: TrainConfig fields that differ from the stage's recipe (None = the recipe's)."""
+    recipe = STAGES[stage] if stage == 1 else dict(STAGES[stage], init_from=init_from or SHIPPED_DRAFTS[mode])
+    recipe = dict(recipe, **{k: v for k, v in variant.items() if v is not None})
     cfg = TrainConfig(data_dir=data, out_dir=os.path.join(out, mode), mode=mode, **recipe)
     trainer = Trainer(cfg)  # the target named in the data manifest (the embedded SmolLM2-135M-Instruct)
     final = trainer.train(resume=True)
@@ -78,11 +78,25 @@ def main(argv=None) -> int:
                     help="1: train from scratch; 2: continue the stage-1 drafts on the --part 2 data; "
                          "3: continue the stage-2 drafts on the --part 3 (self-distilled) data; "
                          "4: continue the stage-3 drafts on the --part 4 data")
-    ap.add_argument("--hass-step-weights", type=float, nargs=3, default=None, metavar="W",
-                    help="loss weight of each of HASS's 3 alignment steps (default 1 1 1)")
+    ap.add_argument("--init-from", default=None, metavar="DIR",
+                    help="stages 2-4: the draft to continue (default: the shipped one of that mode)")
+    hass = ap.add_argument_group("HASS variants (the EAGLE run ignores them)")
+    hass.add_argument("--hass-step-weights", type=float, nargs=3, default=None, metavar="W",
+                      help="loss weight of each of HASS's 3 alignment steps (default 1 1 1)")
+    hass.add_argument("--hass-attention", choices=["proper", "reference"], default=None,
+                      help="reference = the reference code's leaky softmax in the alignment steps (P-1)")
+    hass.add_argument("--hass-topk-w", type=float, default=None, metavar="W",
+                      help="weight of the top-K loss (default 1; the reference's stage 1 uses 0)")
     args = ap.parse_args(argv)
-    for mode in (["hass", "eagle"] if args.mode == "both" else [args.mode]):
-        run(mode, args.data, args.out, args.stage, args.hass_step_weights if mode == "hass" else None)
+    modes = ["hass", "eagle"] if args.mode == "both" else [args.mode]
+    if args.init_from is not None and len(modes) > 1:
+        ap.error("--init-from names one draft: pass --mode hass or --mode eagle with it")
+    for mode in modes:
+        variant = {}
+        if mode == "hass":
+            variant = dict(attention=args.hass_attention, topk_w=args.hass_topk_w,
+                           step_weights=args.hass_step_weights and list(args.hass_step_weights))
+        run(mode, args.data, args.out, args.stage, args.init_from, **variant)
     return 0
 
 

@@ -44,3 +44,30 @@ def test_self_distillation_stages_answer_new_prompts():
             prepare.main(["--out", "unused", "--part", str(stage)])  # these parts need their conversations file
     with pytest.raises(SystemExit):
         prepare.main(["--out", "unused", "--part", "2", "--conversations", "answers.jsonl"])
+
+
+def test_hass_variant_flags_reach_the_hass_run_only(monkeypatch):
+    train = _load("train_drafts")
+    seen = {}
+
+    class FakeTrainer:  # records the config instead of training
+        rank, step = 0, 0
+
+        def __init__(self, cfg):
+            seen[cfg.mode] = cfg
+
+        def train(self, resume):
+            return {}
+
+    monkeypatch.setattr(train, "Trainer", FakeTrainer)
+    train.main(["--data", "D", "--out", "R", "--stage", "4", "--hass-attention", "reference",
+                "--hass-topk-w", "0", "--hass-step-weights", "1", "0.5", "0.25"])
+    h, e = seen["hass"], seen["eagle"]
+    assert (h.attention, h.topk_w, h.step_weights) == ("reference", 0.0, [1.0, 0.5, 0.25])
+    assert (e.attention, e.topk_w, e.step_weights) == ("proper", 0.0, [1.0])
+    assert h.init_from == train.SHIPPED_DRAFTS["hass"] and e.init_from == train.SHIPPED_DRAFTS["eagle"]
+    assert h.lr == train.STAGES[4]["lr"] and h.out_dir == os.path.join("R", "hass")
+    train.main(["--data", "D", "--out", "R", "--stage", "4", "--mode", "hass", "--init-from", "OLD"])
+    assert seen["hass"].init_from == "OLD" and seen["hass"].attention == "proper" and seen["hass"].topk_w == 1.0
+    with pytest.raises(SystemExit):  # one directory cannot start both drafts
+        train.main(["--data", "D", "--out", "R", "--stage", "4", "--init-from", "OLD"])

@@ -336,7 +336,8 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict:
-        """k-step acceptance and per-step losses on the held-out examples (all processes share the work)."""
+        """k-step acceptance and per-step losses on the held-out examples (all processes share the work), with the
+        proper attention normalisation also for drafts trained with the reference's leaky one (P-1)."""
         c = self.config
         n = len(self.eval_set) if c.eval_max_examples is None else min(len(self.eval_set), c.eval_max_examples)
         mine = list(range(self.rank, n, self.world_size))
@@ -346,8 +347,9 @@ class Trainer:
         with self._autocast():
             for a in range(0, len(mine), c.batch_size):
                 pairs = self._pairs([self.eval_set[i] for i in mine[a:a + c.batch_size]])
+                # always the proper attention: decoding normalises properly, whatever the training mode
                 counts = merge_counts(counts, evaluate_batch(
-                    self.draft, self.loss_head, pairs, c.eval_k, c.align_steps, c.attention, c.topk,
+                    self.draft, self.loss_head, pairs, c.eval_k, c.align_steps, "proper", c.topk,
                     (c.v_w, c.p_w, c.topk_w), target_head=self.lm_head_weight,
                     vocab_ids=self.draft.hot_token_ids if c.draft_vocab is not None else None))
         self.draft.train(was_training)
