@@ -15,6 +15,7 @@ against a device-to-device copy measured in the same run.
 
   python bench/bench_loss.py            # full shapes (N=2048; on CPU the 4096 x 128256 shape uses --n-large-cpu)
   python bench/bench_loss.py --quick    # tiny shapes, seconds (CPU: in one process, memory not measured)
+  python bench/bench_loss.py --shapes large --n-large-cpu 2048 --name bench_loss_cpu_large   # CPU, ~15 quiet min
 Writes bench/results/bench_loss[_quick]_<device>.json and .md (or <out-dir>/bench_loss_quick.{json,md}).
 """
 import argparse
@@ -194,6 +195,8 @@ def main():
     ap.add_argument("--memory-only", action="store_true",
                     help="CPU: one untimed run per variant, for the peak memory at sizes too slow to time")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--name", default=None,
+                    help="file name of the results (default bench_loss[_quick]_<device>[_memory])")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -250,7 +253,7 @@ def _ms(seconds):
 def write_results(results, args):
     os.makedirs(args.out_dir, exist_ok=True)
     name = "bench_loss_quick" if args.quick else f"bench_loss_{args.device}"
-    name += "_memory" if args.memory_only else ""
+    name = args.name or name + ("_memory" if args.memory_only else "")
     with open(os.path.join(args.out_dir, name + ".json"), "w") as f:
         json.dump(results, f, indent=1)
     m = results["machine"]

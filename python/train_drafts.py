@@ -24,7 +24,11 @@ on these answers. The stage-2 drafts to start it from: `git checkout 90bf393 -- 
 Stage 4 repeats stage 3 on the answers to the next ShareGPT prompts (regenerate_sharegpt.py --stage 4), starting
 from the stage-3 drafts (`git checkout ed068ad -- hass_ext/drafts bench/drafts`).
 (Tried as well: the HASS stage-3 run with EAGLE-3's step weights, --hass-step-weights 1 0.8 0.64: held-out
-acc@1 0.399 and 0.659 accepted per 5-chain, the same as with equal weights, so the shipped draft keeps them.)
+acc@1 0.399 and 0.659 accepted per 5-chain, the same as with equal weights, so the shipped draft keeps them.
+Stage 4 rerun from the stage-3 drafts with one change each, --init-from DIR --mode hass and --hass-attention
+reference (the reference's leaky softmax, P-1), --hass-topk-w 0, or --hass-align-steps 1 from the EAGLE draft:
+tau with the EAGLE-2 tree 2.237, 2.191 and 2.195 against 2.250 for the plain rerun and 2.246 for EAGLE;
+bench/results/draft_tau_variants.md and draft_training_variants.md.)
 
 The two runs differ only in the method: HASS = 3 harmonized-context-alignment steps + top-K loss (K=10,
 weight 1), EAGLE = 1 step, no top-K loss. Both use the reference's loss weights (feature 1, soft CE 0.1),
@@ -87,6 +91,8 @@ def main(argv=None) -> int:
                       help="reference = the reference code's leaky softmax in the alignment steps (P-1)")
     hass.add_argument("--hass-topk-w", type=float, default=None, metavar="W",
                       help="weight of the top-K loss (default 1; the reference's stage 1 uses 0)")
+    hass.add_argument("--hass-align-steps", type=int, default=None, metavar="J",
+                      help="harmonized context alignment steps (default 3; 1 = EAGLE's training plus the top-K loss)")
     args = ap.parse_args(argv)
     modes = ["hass", "eagle"] if args.mode == "both" else [args.mode]
     if args.init_from is not None and len(modes) > 1:
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
     for mode in modes:
         variant = {}
         if mode == "hass":
-            variant = dict(attention=args.hass_attention, topk_w=args.hass_topk_w,
+            variant = dict(attention=args.hass_attention, topk_w=args.hass_topk_w, align_steps=args.hass_align_steps,
                            step_weights=args.hass_step_weights and list(args.hass_step_weights))
         run(mode, args.data, args.out, args.stage, args.init_from, **variant)
     return 0

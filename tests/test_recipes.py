@@ -69,5 +69,8 @@ def test_hass_variant_flags_reach_the_hass_run_only(monkeypatch):
     assert h.lr == train.STAGES[4]["lr"] and h.out_dir == os.path.join("R", "hass")
     train.main(["--data", "D", "--out", "R", "--stage", "4", "--mode", "hass", "--init-from", "OLD"])
     assert seen["hass"].init_from == "OLD" and seen["hass"].attention == "proper" and seen["hass"].topk_w == 1.0
+    assert seen["hass"].align_steps == 3
+    train.main(["--data", "D", "--out", "R", "--stage", "4", "--mode", "hass", "--hass-align-steps", "1"])
+    assert seen["hass"].align_steps == 1 and seen["hass"].step_weights == [1.0] and seen["hass"].topk_w == 1.0
     with pytest.raises(SystemExit):  # one directory cannot start both drafts
         train.main(["--data", "D", "--out", "R", "--stage", "4", "--init-from", "OLD"])
