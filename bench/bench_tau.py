@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     name = args.name + ("-quick" if args.quick else "")
     versus = [d for d in drafts if d != "eagle"] if "eagle" in drafts else []  # each draft's tau / EAGLE's
     os.makedirs(args.out_dir, exist_ok=True)
-    doc = {"benchmark": "draft_tau", "machine": machine_info("cpu"),
+    doc = {"benchmark": args.name, "machine": machine_info("cpu"),
            "command": "python bench/bench_tau.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
            "settings": {"per_file": args.per_file, "max_new_tokens": args.max_new_tokens, "greedy": True,
                         "drafts": {k: os.path.relpath(v, ROOT) for k, v in paths.items()},
