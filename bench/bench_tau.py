@@ -13,7 +13,7 @@ greedy decoding gets (tests/test_tree_choice.py checks it round for round agains
 verification forward per round and per draft. Shapes: the EAGLE-2 tree (60 nodes, depth 6, top-k 10) and the
 shape ``total_tokens="auto"`` picks for the HASS draft on this machine. Both definitions of tau are reported:
 token-weighted (all new tokens / all rounds) and the reference's (per-prompt mean accept length + 1, averaged).
-Writes bench/results/draft_tau.json and .md (``--quick``: draft_tau-quick.*).
+Writes bench/results/draft_tau.json and .md (``--name``: that name instead; ``--quick``: *-quick.*).
 """
 import argparse
 import json

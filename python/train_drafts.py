@@ -95,8 +95,9 @@ def main(argv=None) -> int:
                       help="harmonized context alignment steps (default 3; 1 = EAGLE's training plus the top-K loss)")
     args = ap.parse_args(argv)
     modes = ["hass", "eagle"] if args.mode == "both" else [args.mode]
-    if args.init_from is not None and len(modes) > 1:
-        ap.error("--init-from names one draft: pass --mode hass or --mode eagle with it")
+    if args.init_from is not None and (len(modes) > 1 or args.stage == 1):
+        ap.error("--init-from names the one draft a later stage continues: pass --stage 2-4 and --mode hass or "
+                 "--mode eagle with it")
     for mode in modes:
         variant = {}
         if mode == "hass":

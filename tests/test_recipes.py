@@ -74,3 +74,5 @@ def test_hass_variant_flags_reach_the_hass_run_only(monkeypatch):
     assert seen["hass"].align_steps == 1 and seen["hass"].step_weights == [1.0] and seen["hass"].topk_w == 1.0
     with pytest.raises(SystemExit):  # one directory cannot start both drafts
         train.main(["--data", "D", "--out", "R", "--stage", "4", "--init-from", "OLD"])
+    with pytest.raises(SystemExit):  # stage 1 starts from scratch
+        train.main(["--data", "D", "--out", "R", "--mode", "hass", "--init-from", "OLD"])
