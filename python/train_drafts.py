@@ -47,6 +47,7 @@ import os
 import sys
 
 from hass_ext.train import TrainConfig, Trainer
+from hass_ext.train.align import ATTENTION_MODES
 
 RECIPE = dict(batch_size=4, epochs=2, lr=5e-4, draft_vocab=8192, warmup_ratio=0.02, seed=0, max_len=512, noise_std=0.2,
               autocast="bf16", eval_fraction=0.05, eval_k=5, eval_every=250, eval_max_examples=48, save_every=50,
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     hass = ap.add_argument_group("HASS variants (the EAGLE run ignores them)")
     hass.add_argument("--hass-step-weights", type=float, nargs=3, default=None, metavar="W",
                       help="loss weight of each of HASS's 3 alignment steps (default 1 1 1)")
-    hass.add_argument("--hass-attention", choices=["proper", "reference"], default=None,
+    hass.add_argument("--hass-attention", choices=ATTENTION_MODES, default=None,
                       help="reference = the reference code's leaky softmax in the alignment steps (P-1)")
     hass.add_argument("--hass-topk-w", type=float, default=None, metavar="W",
                       help="weight of the top-K loss (default 1; the reference's stage 1 uses 0)")
