@@ -20,10 +20,11 @@ so a damaged or foreign file is reported by name instead of being trained on.
 import hashlib
 import json
 import os
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from ..atomic_io import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
 
 MANIFEST = "manifest.json"
 FORMAT = "hass-ext-shards-v1"
@@ -38,29 +39,6 @@ class CorruptShardError(ValueError):
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
 def sha256_file(path: str) -> str:
