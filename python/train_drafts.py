@@ -68,7 +68,7 @@ def run(mode: str, data: str, out: str, stage: int = 1, init_from=None, **varian
     recipe = dict(recipe, **{k: v for k, v in variant.items() if v is not None})
     cfg = TrainConfig(data_dir=data, out_dir=os.path.join(out, mode), mode=mode, **recipe)
     trainer = Trainer(cfg)  # the target named in the data manifest (the embedded SmolLM2-135M-Instruct)
-    final = trainer.train(resume=True)
+    final = trainer.train(resume="auto")  # continue the run in out_dir if there is one
     if trainer.rank == 0:
         print(json.dumps({"mode": mode, "steps": trainer.step, **final}), flush=True)
     return final
