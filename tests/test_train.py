@@ -12,7 +12,7 @@ from hass_ext.train.align import align_forward, alignment_steps, next_level
 from hass_ext.train.loss import step_loss, training_pairs, uniform_noise
 from train_fixtures import make_records, tiny_target
 
-# hass-reference.md §3.5: who each query row attends, L = 6, J = 3 (T = target stream, Di = draft level i).
+# Who each query row of the alignment steps attends, L = 6, J = 3 (T = target stream, Di = draft level i).
 REFERENCE_TABLE = {
     1: ["T . . . . .", "T T . . . .", "T T T . . .", "T T T T . .", "T T T T T .", "T T T T T T"],
     2: ["D1 . . . . .", "T D1 . . . .", "T T D1 . . .", "T T T D1 . .", "T T T T D1 .", "T T T T T D1"],

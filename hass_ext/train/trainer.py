@@ -1,6 +1,6 @@
 """The draft trainer: HASS (harmonized context alignment + top-K distillation) or the EAGLE baseline.
 
-One optimizer step (hass-reference.md §3):
+One optimizer step:
 
     pairs = shift(batch)                          (f_t, x_{t+1}) -> f_{t+1}; loss mask per loss.py
     f~    = f + uniform noise                     train split only; amplitude std * 512 / n (reference) or std
@@ -100,9 +100,9 @@ class TrainConfig:
     max_steps: Optional[int] = None            # default: epochs * steps per epoch
     max_len: Optional[int] = None              # truncate examples (default: as prepared)
     noise_std: float = 0.2
-    noise_scale_by_length: bool = True         # reference: amplitude std * 512 / n (P-5); False: std
+    noise_scale_by_length: bool = True         # reference: amplitude std * 512 / n; False: std
     mask_alignment: str = "predicted"          # see loss.py
-    attention: str = "proper"                  # "reference" = the reference's leaky softmax (P-1)
+    attention: str = "proper"                  # "reference" = the reference code's leaky softmax
     autocast: str = "auto"                     # "auto": bf16 on CUDA, fp32 on CPU; "bf16": bf16 on any device
                                                # (fast on CPUs with AMX/avx512_bf16); "off": fp32
     seed: int = 0
@@ -373,7 +373,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """k-step acceptance and per-step losses on the held-out examples (all processes share the work), with the
-        proper attention normalisation also for drafts trained with the reference's leaky one (P-1).
+        proper attention normalisation also for drafts trained with the reference code's leaky one.
 
         With no held-out example (tiny data, a small eval_fraction or eval_max_examples 0) nothing is measured:
         ``acc``, ``accepted_per_chain`` and ``loss_per_step`` are None and ``note`` says why.
