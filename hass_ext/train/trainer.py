@@ -580,8 +580,8 @@ class Trainer:
                 signal.raise_signal(signum)
                 return
             if self._stop_signal is None and self.rank == 0:
-                print(f"\n{name}: finishing step {self.step + 1} and writing a checkpoint (send {name} again to stop "
-                      "at once, without one)", file=sys.stderr, flush=True)
+                print(f"\n{name}: stopping after the current step and writing a checkpoint (send {name} again to "
+                      "stop at once, without one)", file=sys.stderr, flush=True)
             self._stop_signal = self._stop_signal or name
 
         for name in _STOP_SIGNALS:
