@@ -7,11 +7,10 @@
     python python/prepare_sharegpt.py --out DATA4_DIR --part 4 --conversations ANSWERS4.jsonl   # stage 4 likewise
 
 Runs the embedded target over the first 2,700 records of the bundled ShareGPT V3 file, keeping 512 tokens per
-conversation: 2,352 examples, 1.11M tokens (5 % held out for evaluation by the trainer); the other records have
-no user/assistant exchange, contain control-token strings, or start their first answer after 512 tokens.
-Interrupt it at any time and run the same command again to continue; `train_drafts.py` reads DATA_DIR. The target
-runs in bf16 (as on GPUs; its features agree with fp32 ones to ~2 % relative error, 99 % of greedy tokens equal).
-On two CPU cores this takes about 20 minutes; use --device cuda where a GPU is available.
+conversation (5 % of the examples are held out for evaluation by the trainer); records without a user/assistant
+exchange, with control-token strings, or whose first answer starts after 512 tokens are skipped (the manifest
+counts them). Interrupt it at any time and run the same command again to continue; `train_drafts.py` reads
+DATA_DIR. The target runs in bf16, as on GPUs. Use --device cuda where a GPU is available.
 """
 import argparse
 import json
@@ -35,7 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="data folder (outside the repository: about 2 GB)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per target forward")
-    ap.add_argument("--stop-after-shards", type=int, default=None)
+    ap.add_argument("--stop-after-shards", type=int, default=None,
+                    help="stop after writing this many new shards (run again to continue)")
     ap.add_argument("--part", type=int, choices=sorted(PARTS), default=1,
                     help="1: records 0-2699 (first training stage), 2: records 2700-5399 (second stage), "
                          "3, 4: the --conversations file of regenerated answers (third, fourth stage)")

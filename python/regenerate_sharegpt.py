@@ -10,10 +10,8 @@ did not use.
     python python/train_drafts.py --stage 4 --data DATA4/features --out RUNS4
 
 The target runs in fp32 on the CPU, as at decode time there; prompts of at most 512 tokens (chat template
-included), identical prompts once, up to 192 answer tokens each (the evaluation decodes 128). Of the 2,000 records
-stage 3 answers 1,692 (192 prompts too long, 80 repeated, 36 without a usable user turn): 266k answer tokens, 30 %
-of the answers ending before the limit, in 37 minutes on two CPU cores at batch size 48. Stage 4 answers 1,742 (161
-too long, 70 repeated, 27 without a usable user turn): 278k answer tokens, 28 % ending before the limit.
+included), identical prompts once, up to 192 answer tokens each; the printed counts say how many records were
+answered and why the others were skipped.
 """
 import argparse
 import json

@@ -8,8 +8,8 @@
     python python/train_drafts.py --stage 4 --data DATA4 --out RUNS4   # ... and on its answers to further prompts
 
 Writes RUNS/hass and RUNS/eagle, each with log.jsonl (losses, held-out k-step acceptance), checkpoints/ and the
-final draft/ (EAGLE layout: load it with hass_ext.load_draft). A run checkpoints every `save_every` steps;
-starting the same command again continues from the latest checkpoint, bit for bit.
+final draft/ (EAGLE layout: load it with hass_ext.load_draft). A run checkpoints every `save_every` steps and when
+stopped by Ctrl-C or SIGTERM; starting the same command again continues from the latest checkpoint, bit for bit.
 
 Stage 2 continues each stage-1 draft for one pass over 2,700 further ShareGPT records (prepare_sharegpt.py
 --part 2) at a lower learning rate: again the same data, steps and seed for both. It starts from the drafts in
@@ -18,26 +18,22 @@ ones are now the stage-2 results, so to rerun stage 2 put the stage-1 exports ba
 `git checkout e9752c1 -- hass_ext/drafts bench/drafts`).
 
 Stage 3 (self-distillation) continues each stage-2 draft for two passes over the target's own greedy answers to
-~1.7k further ShareGPT prompts (regenerate_sharegpt.py, prepare_sharegpt.py --part 3): at decode time the draft
-reads the target's text, not the dataset's. Same data, steps and seed for both; the hot vocabulary is recounted
-on these answers. The stage-2 drafts to start it from: `git checkout 90bf393 -- hass_ext/drafts bench/drafts`.
+further ShareGPT prompts (regenerate_sharegpt.py, prepare_sharegpt.py --part 3): at decode time the draft reads
+the target's text, not the dataset's. Same data, steps and seed for both; the hot vocabulary is recounted on these
+answers. The stage-2 drafts to start it from: `git checkout 90bf393 -- hass_ext/drafts bench/drafts`.
 Stage 4 repeats stage 3 on the answers to the next ShareGPT prompts (regenerate_sharegpt.py --stage 4), starting
 from the stage-3 drafts (`git checkout ed068ad -- hass_ext/drafts bench/drafts`).
-(Tried as well: the HASS stage-3 run with EAGLE-3's step weights, --hass-step-weights 1 0.8 0.64: held-out
-acc@1 0.399 and 0.659 accepted per 5-chain, the same as with equal weights, so the shipped draft keeps them.
-Stage 4 rerun from the stage-3 drafts with one change each, --init-from DIR --mode hass and --hass-attention
-reference (the reference's leaky softmax, P-1), --hass-topk-w 0, or --hass-align-steps 1 from the EAGLE draft:
-tau with the EAGLE-2 tree 2.237, 2.191 and 2.195 against 2.250 for the plain rerun and 2.246 for EAGLE;
-bench/results/draft_tau_variants.md and draft_training_variants.md.)
+The HASS variants (--hass-step-weights, --hass-attention, --hass-topk-w, --hass-align-steps) rerun a stage with
+one setting changed; their results are in bench/results/draft_tau_variants.md and draft_training_variants.md, the
+shipped runs' in bench/results/draft_training.md.
 
 The two runs differ only in the method: HASS = 3 harmonized-context-alignment steps + top-K loss (K=10,
 weight 1), EAGLE = 1 step, no top-K loss. Both use the reference's loss weights (feature 1, soft CE 0.1),
 AdamW (0.9, 0.95, wd 0.01), clip-by-value 0.5, warmup + linear decay and feature noise. The learning rate is
-higher than the reference's 3e-5 because the budget is two passes over ~2.2k conversations, not 40 passes over
-68k. Both distil over the 8192 most frequent assistant tokens (draft_vocab, EAGLE-3 style): the vocabulary their
-trees draft from on a CPU (93% of the assistant tokens, bench/results/draft_vocab_cpu.md), at 1/6 of the head's
-cost per step.
-bf16 autocast (fp32 master weights) as on GPUs; on CPUs with AMX it is also ~2-3x faster than fp32 there.
+higher than the reference's 3e-5 because the budget is two passes over a few thousand conversations, not 40
+passes over 68k. Both distil over the 8192 most frequent assistant tokens (draft_vocab, EAGLE-3 style): the
+vocabulary their trees draft from on a CPU (bench/results/draft_vocab_cpu.md).
+bf16 autocast (fp32 master weights) as on GPUs; on CPUs with AMX it is also faster than fp32 there.
 With several processes (torchrun --nproc_per_node N python/train_drafts.py ...) the global batch is N times
 larger and the number of steps N times smaller.
 """
@@ -68,7 +64,7 @@ def run(mode: str, data: str, out: str, stage: int = 1, init_from=None, **varian
     recipe = dict(recipe, **{k: v for k, v in variant.items() if v is not None})
     cfg = TrainConfig(data_dir=data, out_dir=os.path.join(out, mode), mode=mode, **recipe)
     trainer = Trainer(cfg)  # the target named in the data manifest (the embedded SmolLM2-135M-Instruct)
-    final = trainer.train(resume=True)
+    final = trainer.train(resume="auto")  # continue the run in out_dir if there is one
     if trainer.rank == 0:
         print(json.dumps({"mode": mode, "steps": trainer.step, **final}), flush=True)
     return final
@@ -89,7 +85,7 @@ def main(argv=None) -> int:
     hass.add_argument("--hass-step-weights", type=float, nargs=3, default=None, metavar="W",
                       help="loss weight of each of HASS's 3 alignment steps (default 1 1 1)")
     hass.add_argument("--hass-attention", choices=ATTENTION_MODES, default=None,
-                      help="reference = the reference code's leaky softmax in the alignment steps (P-1)")
+                      help="reference = the reference code's leaky softmax in the alignment steps")
     hass.add_argument("--hass-topk-w", type=float, default=None, metavar="W",
                       help="weight of the top-K loss (default 1; the reference's stage 1 uses 0)")
     hass.add_argument("--hass-align-steps", type=int, default=None, metavar="J",

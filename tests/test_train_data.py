@@ -317,3 +317,23 @@ def test_hass_ext_cli_has_training_subcommands(capsys):
             build_parser().parse_args([cmd, "--help"])
         assert e.value.code == 0
         assert f"hass-ext {cmd}" in capsys.readouterr().out
+
+
+def test_all_unusable_records_are_an_error_not_an_empty_folder(tmp_path, capsys):
+    from hass_ext.train.cli import main
+
+    t = tiny_target("chatml", seed=7)
+    records = [{"conversations": [{"from": "human", "value": "A question nobody answers?"}]}] * 3 + [{"id": "x"}]
+    with pytest.raises(ValueError, match=r"none of the 4 selected conversations gave a training example "
+                                         r"\(skipped: no_assistant_turn: 3, no_conversation_list: 1\)"):
+        prepare_data(t, records, str(tmp_path / "d"), max_len=96, progress=False)
+    tdir = str(tmp_path / "target")
+    t.model.save_pretrained(tdir)
+    t.tokenizer.save_pretrained(tdir)
+    src = tmp_path / "bad.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["prepare-data", "--target", tdir, "--conversations", str(src), "--out", str(tmp_path / "e"),
+                 "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m hass_ext.train.cli prepare-data: error: none of the 4") and "\n" not in err

@@ -5,7 +5,7 @@
   target features -> safetensors shards (shards.py); resumable.
 - ShardDataset, collate (shards.py): deterministic reading of prepared data, train / held-out split.
 - Trainer, TrainConfig (trainer.py): HASS (harmonized context alignment, align.py; top-K distillation, loss.py)
-  or EAGLE training with checkpoints, exact resume and DDP; held-out k-step acceptance (evaluate.py).
+  or EAGLE training with checkpoints, exact resume and DDP; held-out k-step acceptance (heldout.py).
 - token_frequencies, hot_vocabulary (token_map.py): a reduced draft vocabulary from prepared data.
 """
 from .conversations import encode_conversation, iter_json_records, load_records, to_messages  # noqa: F401

@@ -9,7 +9,7 @@ the draft over F feature streams that share the teacher-forced tokens,
                (column c holds the step-i estimate of f_c; column 0 holds f_0)
 
 and the query of row r comes from the last stream. Row r attends T at columns c <= r-(F-1) and, for each
-i = 1..F-1, the single D_i key at column c = r-(F-1)+i (hass-reference.md §3.5, table for L=6, J=3):
+i = 1..F-1, the single D_i key at column c = r-(F-1)+i (table for L=6, J=3):
 
     step 1 (F=1)       step 2 (F=2)           step 3 (F=3)
     q0: T . . . . .    q0: D1 .  .  .  .  .   q0: D2 .  .  .  .  .
@@ -20,7 +20,7 @@ i = 1..F-1, the single D_i key at column c = r-(F-1)+i (hass-reference.md §3.5,
     q5: T T T T T T    q5: T  T  T  T  T  D1  q5: T  T  T  T  D1 D2
 
 The attention itself is the ``align_attention`` kernel: a proper masked softmax (``attention="proper"``, the
-default) or the reference code's leaky normalisation (``"reference"``, hass-reference.md P-1). Step 1 equals the
+default) or the reference code's leaky normalisation (``"reference"``). Step 1 equals the
 inference forward of the draft.
 """
 from typing import List, Optional, Sequence

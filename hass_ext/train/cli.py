@@ -49,10 +49,11 @@ def add_prepare_data_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per target forward (default 16384)")
     p.add_argument("--system-prompt", default=None, help="system message for every conversation "
                    "(default: none, the chat template's default applies)")
-    p.add_argument("--hidden-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--hidden-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the stored target features (default bfloat16)")
     _add_device_args(p)
     p.add_argument("--stop-after-shards", type=int, default=None, help="stop after writing this many new shards")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_prepare_data)
     return p
 
@@ -84,7 +85,7 @@ def add_regenerate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default 16)")
     _add_device_args(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_regenerate)
     return p
 
@@ -102,60 +103,90 @@ def run_regenerate(args) -> int:
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    from .trainer import TrainConfig
+    from .align import ATTENTION_MODES
+    from .loss import MASK_ALIGNMENTS
+    from .trainer import MODES, TrainConfig
 
     d = TrainConfig(data_dir="", out_dir="")
     p = subparsers.add_parser(
         "train", help="train a HASS or EAGLE draft on prepared data",
-        description="Train a draft head on a prepare-data folder. Writes checkpoints (resumable with --resume), "
-                    "log.jsonl and the final draft (EAGLE layout) to OUT/draft. Use torchrun for several processes.")
-    p.add_argument("--data", required=True, help="prepared data folder")
-    p.add_argument("--out", required=True, help="output folder")
+        description="Train a draft head on a prepare-data folder. Writes checkpoints, log.jsonl and the final draft "
+                    "(EAGLE layout) to OUT/draft. A checkpoint is written every --save-every steps, at the end and "
+                    "on Ctrl-C / SIGTERM (the step in progress finishes first); continue a stopped run with the same "
+                    "command plus --resume. Use torchrun for several processes.")
+    p.add_argument("--data", required=True, help="prepared data folder (prepare-data output)")
+    p.add_argument("--out", required=True,
+                   help="output folder: new or empty, or the folder of the run to continue with --resume")
     p.add_argument("--target", default=None, help="model folder or hub id (default: the one in the data manifest)")
-    p.add_argument("--mode", choices=["hass", "eagle"], default="hass")
+    p.add_argument("--mode", choices=MODES, default="hass",
+                   help="hass: harmonized context alignment + top-K loss (default); eagle: the EAGLE baseline")
     p.add_argument("--align-steps", type=int, default=None, help="J (default 3 for hass, 1 for eagle)")
-    p.add_argument("--topk", type=int, default=d.topk)
+    p.add_argument("--topk", type=int, default=d.topk, help=f"K of the top-K distillation loss (default {d.topk})")
     p.add_argument("--topk-w", type=float, default=None, help="top-K loss weight (default 1 for hass, 0 for eagle)")
-    p.add_argument("--v-w", type=float, default=d.v_w)
-    p.add_argument("--p-w", type=float, default=d.p_w)
-    p.add_argument("--step-weights", type=float, nargs="+", default=None, help="one weight per alignment step")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--clip-value", type=float, default=d.clip_value)
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per process per step")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--max-len", type=int, default=None)
-    p.add_argument("--noise-std", type=float, default=d.noise_std)
+    p.add_argument("--v-w", type=float, default=d.v_w,
+                   help=f"weight of the feature regression loss (SmoothL1, default {d.v_w})")
+    p.add_argument("--p-w", type=float, default=d.p_w, help=f"weight of the soft cross-entropy (default {d.p_w})")
+    p.add_argument("--step-weights", type=float, nargs="+", default=None,
+                   help="one loss weight per alignment step (default: all 1)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate of AdamW (default {d.lr})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"AdamW weight decay (default {d.weight_decay})")
+    p.add_argument("--clip-value", type=float, default=d.clip_value,
+                   help=f"gradients are clipped to [-v, v] (default {d.clip_value})")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
+                   help=f"linear warmup over this fraction of the steps (default {d.warmup_ratio})")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (overrides --warmup-ratio)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"examples per process per step (default {d.batch_size})")
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help=f"passes over the training examples (default {d.epochs}; --max-steps overrides it)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="optimizer steps (default: epochs x steps per epoch). May differ on --resume: the learning "
+                        "rate then follows the schedule of the new length from the step reached")
+    p.add_argument("--max-len", type=int, default=None, help="truncate examples to this many tokens "
+                   "(default: as prepared)")
+    p.add_argument("--noise-std", type=float, default=d.noise_std,
+                   help=f"uniform noise added to the training features (default {d.noise_std}; 0 = none)")
     p.add_argument("--noise-constant", action="store_true",
                    help="noise amplitude std instead of the reference's std * 512 / length")
-    p.add_argument("--mask-alignment", choices=["predicted", "reference"], default=d.mask_alignment)
-    p.add_argument("--attention", choices=["proper", "reference"], default=d.attention)
+    p.add_argument("--mask-alignment", choices=MASK_ALIGNMENTS, default=d.mask_alignment,
+                   help="which position's loss mask a prediction uses: predicted = the token it predicts "
+                        "(default); reference = the reference code's alignment")
+    p.add_argument("--attention", choices=ATTENTION_MODES, default=d.attention,
+                   help="softmax of the alignment steps: proper (default) or the reference code's leaky one")
     p.add_argument("--autocast", choices=["auto", "bf16", "off"], default=d.autocast,
-                   help="auto: bf16 on CUDA, fp32 on CPU (default); bf16: also on CPU")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-k", type=int, default=d.eval_k)
-    p.add_argument("--eval-max-examples", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=d.save_every)
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
-    p.add_argument("--log-every", type=int, default=d.log_every)
+                   help="auto: bf16 on CUDA, fp32 on CPU (default); bf16: also on CPU; off: fp32")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the initialisation, data order and noise "
+                   f"(default {d.seed})")
+    p.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
+                   help=f"share of the examples held out for evaluation (default {d.eval_fraction})")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="evaluate on the held-out examples every N steps (default 0: only at the end)")
+    p.add_argument("--eval-k", type=int, default=d.eval_k,
+                   help=f"chain length of the held-out k-step acceptance (default {d.eval_k})")
+    p.add_argument("--eval-max-examples", type=int, default=None,
+                   help="evaluate on at most this many held-out examples (default: all)")
+    p.add_argument("--save-every", type=int, default=d.save_every,
+                   help=f"write a checkpoint every N steps (default {d.save_every}); 0: only at the end and when "
+                        "stopped by Ctrl-C / SIGTERM")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                   help=f"how many of the latest checkpoints to keep (default {d.keep_checkpoints})")
+    p.add_argument("--log-every", type=int, default=d.log_every,
+                   help=f"write a log.jsonl record every N steps (default {d.log_every})")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="distil over the N most frequent assistant tokens of the data only (the draft's hot "
                         "vocabulary, saved as its token map; N/V of the head's cost); default: the full vocabulary")
     p.add_argument("--init-from", default=None, help="start from this draft folder (EAGLE layout)")
     p.add_argument("--no-fc-bias", action="store_true", help="new draft without fc bias")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its latest checkpoint (an error when there is none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
     return p
 
 
 def run_train(args) -> int:
-    from .trainer import TrainConfig, Trainer
+    from .trainer import TrainConfig, Trainer, TrainingInterrupted
 
     cfg = TrainConfig(
         data_dir=args.data, out_dir=args.out, mode=args.mode, align_steps=args.align_steps, topk=args.topk,
@@ -170,14 +201,23 @@ def run_train(args) -> int:
         draft_vocab=args.draft_vocab,
         bias=not args.no_fc_bias, progress=not args.no_progress)
     trainer = Trainer(cfg, target=args.target)
-    final = trainer.train(resume=args.resume)
-    if trainer.rank == 0:
-        print(json.dumps({"out": args.out, "step": trainer.step, "draft": f"{args.out}/draft", **final}))
+    try:
+        final = trainer.train(resume=args.resume)
+    except TrainingInterrupted as e:
+        if trainer.rank == 0:
+            print(f"hass-ext train: {e}", file=sys.stderr)
+        code = e.exit_code
+    else:
+        code = 0
+        if trainer.rank == 0:
+            if final.get("note"):
+                print(f"hass-ext train: {final['note']}", file=sys.stderr)
+            print(json.dumps({"out": args.out, "step": trainer.step, "draft": f"{args.out}/draft", **final}))
     if trainer.distributed:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    return 0
+    return code
 
 
 def add_token_map_parser(subparsers) -> argparse.ArgumentParser:
@@ -251,7 +291,11 @@ def main(argv=None) -> int:
     add_train_parser(sub)
     add_token_map_parser(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

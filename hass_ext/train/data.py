@@ -84,6 +84,7 @@ def prepare_data(target, conversations, out_dir: str, max_len: int = 2048, *, nu
     shard_size: conversations per shard (the unit of resumption). batch_tokens: padded tokens per target forward.
     hidden_dtype: "bfloat16" (default), "float16" or "float32" for the stored features.
     stop_after_shards: return after writing this many new shards (the folder stays resumable).
+    Raises ValueError when the finished folder holds no example (every selected conversation was unusable).
     """
     if max_len < 3:
         raise ValueError(f"max_len must be at least 3, got {max_len}")
@@ -168,6 +169,10 @@ def prepare_data(target, conversations, out_dir: str, max_len: int = 2048, *, nu
             bar.set_postfix(examples=manifest["num_examples"], tokens=manifest["num_tokens"])
     finally:
         bar.close()
+    if manifest["complete"] and manifest["num_examples"] == 0:
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(manifest["skipped"].items())) or "none recorded"
+        raise ValueError(f"none of the {len(records)} selected conversations gave a training example (skipped: "
+                         f"{reasons}); check the records' layout and --max-len")
     return manifest
 
 

@@ -1,4 +1,4 @@
-"""The draft's training pairs and its per-step loss (hass-reference.md §3.1-3.2).
+"""The draft's training pairs and its per-step loss (the HASS / EAGLE objective).
 
 Pairs (the EAGLE shift): for an example of tokens x_0..x_{n-1} with target features f_0..f_{n-1}, training
 position t (t = 0..n-2) feeds the draft (f_t, x_{t+1}) and asks for f_{t+1}; the target's distribution
@@ -51,7 +51,7 @@ def training_pairs(batch: Dict[str, torch.Tensor], mask_alignment: str = "predic
 def uniform_noise(features: torch.Tensor, lengths: torch.Tensor, std: float, scale_by_length: bool,
                   generator: torch.Generator) -> torch.Tensor:
     """The reference's feature noise: f + (U[0,1) - 0.5) * std * s, s = 512 / n (n = the example's length)
-    with ``scale_by_length`` (hass-reference.md §3.1 / P-5, the reference behaviour), else s = 1."""
+    with ``scale_by_length`` (the reference behaviour), else s = 1."""
     u = torch.rand(features.shape, generator=generator, dtype=torch.float32).to(features.device)
     amp = torch.full((features.shape[0],), float(std), device=features.device)
     if scale_by_length:

@@ -1,6 +1,6 @@
 """The draft trainer: HASS (harmonized context alignment + top-K distillation) or the EAGLE baseline.
 
-One optimizer step (hass-reference.md §3):
+One optimizer step:
 
     pairs = shift(batch)                          (f_t, x_{t+1}) -> f_{t+1}; loss mask per loss.py
     f~    = f + uniform noise                     train split only; amplitude std * 512 / n (reference) or std
@@ -16,7 +16,16 @@ Determinism: the order of examples is a function of (seed, epoch) and the step n
 comes from a generator seeded by (seed, step, rank), so a run resumed from a checkpoint continues bit for bit.
 Checkpoints (``out_dir/checkpoints/step-N``) hold the draft in the EAGLE layout (``draft/``), the optimizer,
 scheduler and RNG states; each is built in a temporary folder and renamed into place, then ``latest.json`` is
-replaced, so an interruption never leaves a half-written checkpoint behind.
+replaced, so an interruption never leaves a half-written checkpoint behind (a temporary folder left by a killed
+write is removed when the next run starts). A checkpoint is written every ``save_every`` steps, at the end, and
+when the run is stopped by SIGINT (Ctrl-C) or SIGTERM: the step in progress finishes, the checkpoint is written and
+``train`` raises TrainingInterrupted, whose message says how to continue. ``train(resume=True)`` continues from
+the latest checkpoint (bit for bit) and refuses when there is none; a folder that already holds a run is refused
+without it.
+
+Resuming with another ``max_steps`` (or ``epochs``) is allowed: the learning rate then follows the schedule of
+the new length (warmup, then linear decay to zero at the new last step) from the step reached, as if the run had
+been started with it; the steps already taken keep the learning rates they had.
 
 Multi-process data parallelism: run under ``torchrun``; each process takes its slice of every global batch and
 PyTorch DDP averages the gradients (nccl on GPUs, gloo on CPUs). bf16 autocast is used on CUDA by default (and on
@@ -28,7 +37,10 @@ import json
 import os
 import random
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional
@@ -37,7 +49,7 @@ import torch
 import torch.nn as nn
 
 from .align import ATTENTION_MODES, align_forward, next_level
-from .evaluate import evaluate_batch, merge_counts, summarize
+from .heldout import evaluate_batch, merge_counts, summarize
 from .loss import MASK_ALIGNMENTS, step_loss, target_stats, training_pairs, uniform_noise
 from .shards import ShardDataset, atomic_write_bytes, atomic_write_json, collate
 
@@ -45,6 +57,23 @@ MODES = ("hass", "eagle")
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 STATE_FILE = "trainer_state.pt"
+LOG_FILE = "log.jsonl"
+DRAFT_DIR = "draft"
+DEFAULT_SAVE_EVERY = 200
+_STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+class TrainingInterrupted(Exception):
+    """``train`` was stopped by a signal after writing a checkpoint; the message says how to continue."""
+
+    def __init__(self, message: str, signal_name: str, step: int, checkpoint: Optional[str]):
+        super().__init__(message)
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by this signal (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + int(getattr(signal, self.signal_name, signal.SIGINT))
 
 
 @dataclass
@@ -71,9 +100,9 @@ class TrainConfig:
     max_steps: Optional[int] = None            # default: epochs * steps per epoch
     max_len: Optional[int] = None              # truncate examples (default: as prepared)
     noise_std: float = 0.2
-    noise_scale_by_length: bool = True         # reference: amplitude std * 512 / n (P-5); False: std
+    noise_scale_by_length: bool = True         # reference: amplitude std * 512 / n; False: std
     mask_alignment: str = "predicted"          # see loss.py
-    attention: str = "proper"                  # "reference" = the reference's leaky softmax (P-1)
+    attention: str = "proper"                  # "reference" = the reference code's leaky softmax
     autocast: str = "auto"                     # "auto": bf16 on CUDA, fp32 on CPU; "bf16": bf16 on any device
                                                # (fast on CPUs with AMX/avx512_bf16); "off": fp32
     seed: int = 0
@@ -81,7 +110,7 @@ class TrainConfig:
     eval_every: int = 0                        # steps; 0 = only at the end
     eval_k: int = 5                            # chain length of the k-step acceptance
     eval_max_examples: Optional[int] = None
-    save_every: int = 0                        # steps; 0 = only at the end
+    save_every: int = DEFAULT_SAVE_EVERY       # steps; 0 = only at the end and when stopped by a signal
     keep_checkpoints: int = 2
     log_every: int = 10
     draft_vocab: Optional[int] = None          # distil over the N most frequent assistant tokens of the data only
@@ -119,6 +148,9 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "topk", "eval_k", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = only at the end), got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.draft_vocab is not None and (isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int)
@@ -126,9 +158,10 @@ class TrainConfig:
             raise ValueError(f"draft_vocab must be an int >= topk ({self.topk}) or None, got {self.draft_vocab!r}")
 
 
-# Settings a resumed run may change (they do not affect the trained weights).
+# Settings a resumed run may change: they do not affect the weights of the steps already taken (max_steps and
+# epochs only change where the run ends and the learning-rate schedule from the resumed step on).
 _RESUME_FREE = {"out_dir", "data_dir", "eval_every", "eval_max_examples", "save_every", "keep_checkpoints",
-                "log_every", "verify_checksum", "progress", "init_from"}
+                "log_every", "verify_checksum", "progress", "init_from", "max_steps", "epochs"}
 
 
 class _AlignStep(nn.Module):
@@ -233,8 +266,8 @@ class Trainer:
         params = [p for p in self.draft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, betas=c.betas, eps=c.adam_eps,
                                            weight_decay=c.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _linear_warmup_decay(self.warmup_steps, self.total_steps))
+        self._lr_factor = _linear_warmup_decay(self.warmup_steps, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         module = _AlignStep(self.draft)
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -244,6 +277,9 @@ class Trainer:
         self.step = 0
         self._perm_epoch, self._perm = None, None
         self.history: List[dict] = []
+        self._window: List[float] = []      # losses since the last log record (saved with checkpoints)
+        self._saved_step: Optional[int] = None
+        self._stop_signal: Optional[str] = None
 
     # ---- setup ---------------------------------------------------------------------------------------------
 
@@ -326,7 +362,7 @@ class Trainer:
         params = [p for p in self.draft.parameters() if p.requires_grad]
         grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         torch.nn.utils.clip_grad_value_(params, c.clip_value)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -337,9 +373,19 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """k-step acceptance and per-step losses on the held-out examples (all processes share the work), with the
-        proper attention normalisation also for drafts trained with the reference's leaky one (P-1)."""
+        proper attention normalisation also for drafts trained with the reference code's leaky one.
+
+        With no held-out example (tiny data, a small eval_fraction or eval_max_examples 0) nothing is measured:
+        ``acc``, ``accepted_per_chain`` and ``loss_per_step`` are None and ``note`` says why.
+        """
         c = self.config
         n = len(self.eval_set) if c.eval_max_examples is None else min(len(self.eval_set), c.eval_max_examples)
+        if n == 0:
+            return {"examples": 0, "acc": None, "accepted_per_chain": None, "loss_per_step": None, "chains": 0,
+                    "tokens": 0, "note": f"no held-out examples: {len(self.eval_set)} of the "
+                                         f"{len(self.eval_set) + len(self.train_set)} examples of {c.data_dir} are "
+                                         f"held out (eval_fraction {c.eval_fraction}, eval_max_examples "
+                                         f"{c.eval_max_examples}), so nothing was measured"}
         mine = list(range(self.rank, n, self.world_size))
         counts = {}
         was_training = self.draft.training
@@ -353,7 +399,7 @@ class Trainer:
                     (c.v_w, c.p_w, c.topk_w), target_head=self.lm_head_weight,
                     vocab_ids=self.draft.hot_token_ids if c.draft_vocab is not None else None))
         self.draft.train(was_training)
-        if not counts:
+        if not counts:  # this process had no share of the examples
             counts = {"correct": [0] * c.eval_k, "total": [0] * c.eval_k, "loss": [0.0] * c.align_steps,
                       "tokens": [0] * c.align_steps}
         if self.distributed:
@@ -363,7 +409,7 @@ class Trainer:
                 t = torch.tensor(counts[key], dtype=torch.float64, device=self.device)
                 dist.all_reduce(t)
                 counts[key] = t.tolist()
-        return summarize(counts)
+        return {"examples": n, **summarize(counts)}
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
@@ -392,14 +438,18 @@ class Trainer:
                 torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                             "scheduler": self.scheduler.state_dict(), "rng": rngs,
                             "config": asdict(self.config), "world_size": self.world_size,
-                            "target": self.target_name, "data": self.data_fingerprint, "history": self.history},
+                            "target": self.target_name, "data": self.data_fingerprint, "history": self.history,
+                            "window": self._window, "total_steps": self.total_steps},
                            os.path.join(tmp, STATE_FILE))
-                if os.path.exists(path):
-                    shutil.rmtree(path)
+                if os.path.exists(path):  # this step was saved before (by a run resumed from an earlier step)
+                    stale = tempfile.mkdtemp(prefix=f".{name}.old.", dir=root)
+                    os.replace(path, os.path.join(stale, name))
                 os.replace(tmp, path)
             finally:
-                if os.path.exists(tmp):
-                    shutil.rmtree(tmp, ignore_errors=True)
+                for leftover in [tmp] + [os.path.join(root, d) for d in os.listdir(root)
+                                         if d.startswith(f".{name}.old.")]:
+                    if os.path.exists(leftover):
+                        shutil.rmtree(leftover, ignore_errors=True)
             atomic_write_json(os.path.join(root, LATEST), {"step": self.step, "checkpoint": name})
             kept = sorted(d for d in os.listdir(root) if d.startswith("step-"))
             for old in kept[:-self.config.keep_checkpoints]:
@@ -409,15 +459,24 @@ class Trainer:
             import torch.distributed as dist
 
             dist.barrier()
+        self._saved_step = self.step
         return path
 
     def latest_checkpoint(self) -> Optional[str]:
-        p = os.path.join(self._ckpt_root(), LATEST)
-        if not os.path.exists(p):
+        """The checkpoint latest.json names; if that one is gone, the newest complete ``step-N``; else None."""
+        root = self._ckpt_root()
+        try:
+            with open(os.path.join(root, LATEST), "r", encoding="utf-8") as f:
+                name = json.load(f)["checkpoint"]
+            if os.path.isfile(os.path.join(root, name, STATE_FILE)):
+                return os.path.join(root, name)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if not os.path.isdir(root):
             return None
-        with open(p, "r", encoding="utf-8") as f:
-            name = json.load(f)["checkpoint"]
-        return os.path.join(self._ckpt_root(), name)
+        done = sorted(d for d in os.listdir(root)
+                      if d.startswith("step-") and os.path.isfile(os.path.join(root, d, STATE_FILE)))
+        return os.path.join(root, done[-1]) if done else None
 
     def load_checkpoint(self, path: Optional[str] = None) -> None:
         """Restore weights, optimizer, scheduler, RNG and step from a checkpoint (default: the latest)."""
@@ -443,19 +502,105 @@ class Trainer:
             if state["world_size"] != self.world_size:
                 what += f"{', ' if what else ''}processes: {state['world_size']} -> {self.world_size}"
             raise ValueError(f"cannot resume {path} with different settings ({what})")
+        step = int(state["step"])
+        if step > self.total_steps:
+            raise ValueError(f"cannot resume {path}: it is at step {step}, past the {self.total_steps} steps this run "
+                             f"is set to (pass max_steps >= {step})")
         missing = self.draft.load_state_dict({k: v.to(self.device) for k, v in sd.items()}, strict=False)
         if missing.missing_keys or missing.unexpected_keys:
             raise ValueError(f"corrupt checkpoint {path}: weights do not match the draft "
                              f"(missing {missing.missing_keys}, unexpected {missing.unexpected_keys})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The learning rate of the next step, from this run's schedule: the saved one unless max_steps or epochs
+        # changed (the same expression LambdaLR evaluates, so an unchanged schedule stays bit for bit).
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self._lr_factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         _set_rng_state(state["rng"][self.rank])
-        self.step = int(state["step"])
+        self.step = self._saved_step = step
         self.history = list(state.get("history", []))
+        self._window = list(state.get("window", []))
         if self.rank == 0:  # the log restarts from the checkpoint: records of lost steps are dropped
             os.makedirs(self.config.out_dir, exist_ok=True)
-            atomic_write_bytes(os.path.join(self.config.out_dir, "log.jsonl"),
+            atomic_write_bytes(os.path.join(self.config.out_dir, LOG_FILE),
                                "".join(json.dumps(r) + "\n" for r in self.history).encode())
+
+    def _clean_temporaries(self) -> None:
+        """Remove what a killed checkpoint, export or log write left behind: temporary names of those writers only
+        (dot-names in checkpoints/ and draft/, and the export's and log's temporaries in out_dir)."""
+        if self.rank != 0:
+            return
+        out = self.config.out_dir
+        found = []
+        for folder, prefixes in ((self._ckpt_root(), (".",)), (os.path.join(out, DRAFT_DIR), (".",)),
+                                 (out, (".draft-", f".{LOG_FILE}."))):
+            if os.path.isdir(folder):
+                found += [os.path.join(folder, d) for d in os.listdir(folder) if d.startswith(prefixes)]
+        for p in found:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(p)
+
+    # ---- starting, stopping ------------------------------------------------------------------------------------
+
+    def _start_point(self, resume):
+        """The checkpoint to continue from (None: a new run), or the error to raise, for ``train(resume)``."""
+        out = self.config.out_dir
+        ckpt = self.latest_checkpoint()
+        if resume == "auto":
+            resume = ckpt is not None
+        if resume:
+            if ckpt is None:
+                return FileNotFoundError(f"nothing to resume: {out} holds no checkpoint; start a new run without "
+                                         "--resume (resume=False)")
+            return ckpt
+        found = [d for d in (LOG_FILE, CHECKPOINTS, DRAFT_DIR) if os.path.exists(os.path.join(out, d))]
+        if not found:
+            return None
+        if ckpt is None:
+            return ValueError(f"{out} already holds a training run ({', '.join(found)}) with no checkpoint to "
+                              "continue from: remove it or choose a new --out")
+        return ValueError(f"{out} already holds a training run ({', '.join(found)}): continue it with --resume "
+                          "(resume=True) or choose a new --out")
+
+    def _catch_stop_signals(self) -> dict:
+        """SIGINT and SIGTERM ask the loop to stop after the current step and write a checkpoint. The same signal
+        again acts as usual (a second Ctrl-C raises KeyboardInterrupt, a second SIGTERM ends the process)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        def on_signal(signum, frame):
+            name = signal.Signals(signum).name
+            if self._stop_signal == name:
+                signal.signal(signum, previous[signum])
+                signal.raise_signal(signum)
+                return
+            if self._stop_signal is None and self.rank == 0:
+                print(f"\n{name}: stopping after the current step and writing a checkpoint (send {name} again to "
+                      "stop at once, without one)", file=sys.stderr, flush=True)
+            self._stop_signal = self._stop_signal or name
+
+        for name in _STOP_SIGNALS:
+            s = getattr(signal, name)
+            previous[s] = signal.getsignal(s)
+            if previous[s] is None:  # installed outside Python: restore the default
+                previous[s] = signal.SIG_DFL
+            signal.signal(s, on_signal)
+        return previous
+
+    def _stop_requested(self) -> Optional[str]:
+        """The signal that stops the run, agreed by all processes (they stop after the same step)."""
+        if not self.distributed:
+            return self._stop_signal
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if self._stop_signal is None else 1], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return (self._stop_signal or "SIGTERM") if int(flag) else None
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
@@ -463,44 +608,79 @@ class Trainer:
         self.history.append(record)
         if self.rank == 0:
             os.makedirs(self.config.out_dir, exist_ok=True)
-            with open(os.path.join(self.config.out_dir, "log.jsonl"), "a", encoding="utf-8") as f:
+            with open(os.path.join(self.config.out_dir, LOG_FILE), "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def train(self, resume: bool = False) -> dict:
-        """Run (or, with ``resume``, continue) training to ``total_steps``; returns the final evaluation.
+    def train(self, resume=False) -> dict:
+        """Run training to ``total_steps``; returns the final evaluation. The final draft is written to
+        ``out_dir/draft`` in the EAGLE layout.
 
-        The final draft is written to ``out_dir/draft`` in the EAGLE layout.
+        resume: False starts a new run (refused when out_dir already holds one); True continues from the latest
+            checkpoint (refused when there is none); "auto" continues when there is a checkpoint, else starts.
+        Raises TrainingInterrupted when SIGINT or SIGTERM stopped the run (after writing a checkpoint).
         """
-        c = self.config
-        if resume and self.latest_checkpoint() is not None:
-            self.load_checkpoint()
+        if resume not in (False, True, "auto"):
+            raise ValueError(f"resume must be False, True or 'auto', got {resume!r}")
+        start = [self._start_point(resume) if self.rank == 0 else None]
+        if self.distributed:  # rank 0 decides for all: the others never see its first writes
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(start, src=0)
+        if isinstance(start[0], Exception):
+            raise start[0]
+        self._clean_temporaries()
+        if start[0] is not None:
+            self.load_checkpoint(start[0])
+        previous = self._catch_stop_signals()
+        try:
+            return self._run()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self._stop_signal = None
+            self._clean_temporaries()
+
+    def _run(self) -> dict:
         from tqdm.auto import tqdm
 
+        c = self.config
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc=f"train-{c.mode}",
                    disable=not c.progress or self.rank != 0)
-        t0, window = time.time(), []
+        t0 = time.time()
         try:
-            while self.step < self.total_steps:
+            stopped = self._stop_requested()
+            while self.step < self.total_steps and stopped is None:
                 rec = self.train_step()
-                window.append(rec["loss"])
+                self._window.append(rec["loss"])
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.step == self.total_steps:
-                    rec["loss_avg"] = sum(window) / len(window)
+                    rec["loss_avg"] = sum(self._window) / len(self._window)
                     rec["elapsed"] = time.time() - t0
-                    window = []
+                    self._window = []
                     self._log({"kind": "train", **rec})
                     bar.set_postfix(loss=f"{rec['loss_avg']:.4f}", lr=f"{rec['lr']:.2e}")
-                if c.eval_every and self.step % c.eval_every == 0 and self.step < self.total_steps:
+                stopped = self._stop_requested()
+                if c.eval_every and self.step % c.eval_every == 0 and self.step < self.total_steps and not stopped:
                     self._log({"kind": "eval", "step": self.step, **self.evaluate()})
                 if c.save_every and self.step % c.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
         finally:
             bar.close()
-        final = {"kind": "eval", "step": self.step, **self.evaluate()}
-        self._log(final)
-        self.save_checkpoint()
+        if stopped is not None:
+            path = self.save_checkpoint() if self._saved_step != self.step else self.latest_checkpoint()
+            raise TrainingInterrupted(
+                f"training stopped by {stopped} at step {self.step} of {self.total_steps}; checkpoint {path} "
+                "written: continue with the same command and --resume (Trainer.train(resume=True))",
+                stopped, self.step, path)
+        last = self.history[-1] if self.history else {}
+        if self._saved_step == self.step and last.get("kind") == "eval" and last.get("step") == self.step:
+            final = last  # a finished run resumed: its final evaluation and checkpoint are there already
+        else:
+            final = {"kind": "eval", "step": self.step, **self.evaluate()}
+            self._log(final)
+            self.save_checkpoint()
         if self.rank == 0:
-            self.export(os.path.join(c.out_dir, "draft"))
+            self.export(os.path.join(c.out_dir, DRAFT_DIR))
         if self.distributed:
             import torch.distributed as dist
 
@@ -512,7 +692,6 @@ class Trainer:
         from ..checkpoint import save_draft
 
         return save_draft(self.draft, path)
-
 
 def _norm(v):
     """Compare configs across a JSON/pickle round trip (tuples become lists)."""

@@ -80,7 +80,10 @@ def merge_counts(acc: Dict[str, list], new: Dict[str, list]) -> Dict[str, list]:
 
 
 def summarize(counts: Dict[str, list]) -> Dict[str, object]:
-    acc = [c / t if t else 0.0 for c, t in zip(counts["correct"], counts["total"])]
-    loss = [s / n if n else 0.0 for s, n in zip(counts["loss"], counts["tokens"])]
-    return {"acc": acc, "accepted_per_chain": sum(acc), "loss_per_step": loss, "chains": counts["total"][0]
-            if counts["total"] else 0, "tokens": counts["tokens"][0] if counts["tokens"] else 0}
+    """Rates from summed counts; a rate with nothing counted (no chain reached that step, no loss token) is None,
+    not 0: nothing was measured."""
+    acc = [c / t if t else None for c, t in zip(counts["correct"], counts["total"])]
+    loss = [s / n if n else None for s, n in zip(counts["loss"], counts["tokens"])]
+    chains = int(counts["total"][0]) if counts["total"] else 0
+    return {"acc": acc, "accepted_per_chain": sum(a for a in acc if a is not None) if chains else None,
+            "loss_per_step": loss, "chains": chains, "tokens": int(counts["tokens"][0]) if counts["tokens"] else 0}
