@@ -7,7 +7,7 @@ import torch
 
 import hass_ext  # noqa: F401
 from hass_ext import ops
-from hass_ext.reference import reference_tree_attention
+from hass_ext.oracles import tree_attention_oracle
 
 CUDA = torch.cuda.is_available() and "cuda" in hass_ext.available_devices()
 
@@ -42,7 +42,7 @@ def rand_inputs(B, Hq, Hkv, n, prefix, d, dtype, gen, device="cpu"):
 
 
 def oracle(q, k, v, mask, scale=None, prefix_lens=None):
-    return reference_tree_attention(q.double(), k.double(), v.double(), mask, scale=scale,
+    return tree_attention_oracle(q.double(), k.double(), v.double(), mask, scale=scale,
                                     prefix_lens=prefix_lens).to(q.dtype)
 
 
@@ -208,7 +208,7 @@ def test_bad_inputs(bad, match):
 def _tiny_llamas(impls):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hass_ext.attention import register_hass_tree
+    from hass_ext import register_hass_tree
 
     register_hass_tree()
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
