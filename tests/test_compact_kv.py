@@ -95,6 +95,18 @@ def test_bad_input(kwargs, match):
     assert torch.equal(cache, before), "a rejected plan must not modify the cache"
 
 
+def test_slot_lists_must_hold_integers():
+    cache = torch.randn(1, 2, 10, 4)
+    before = cache.clone()
+    with pytest.raises(ValueError, match="src_slots must hold integer indices, got torch.float32 values"):
+        hass_ext.ops.compact_kv(cache, [1.5, 2.0], 0)  # used to be truncated to [1, 2]
+    with pytest.raises(ValueError, match="dst_start must be an int or an int64 tensor, got True"):
+        hass_ext.ops.compact_kv(cache, [1, 2], True)
+    assert torch.equal(cache, before)
+    hass_ext.ops.compact_kv(cache, [3, 4], 1)  # a list of ints is fine
+    assert torch.equal(cache[:, :, 1:3], before[:, :, 3:5])
+
+
 def test_bad_cache_arguments():
     with pytest.raises(ValueError, match="empty"):
         hass_ext.ops.compact_kv([], torch.tensor([[0]]), 0)

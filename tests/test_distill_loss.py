@@ -76,6 +76,29 @@ def test_leading_dims_and_mask_forms():
     _compare(z, t, w, 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_masks_as_tokenizers_return_them(dtype):
+    # attention/loss masks come from tokenizers as int64 (or int32, uint8, bool): same losses as the float mask
+    _seed()
+    z, t = torch.randn(3, 7, 50), torch.randn(3, 7, 50)
+    m = (torch.rand(3, 7) > 0.4).long()
+    m[0, 0] = 1
+    want = ops.distill_loss(z, t, m.float(), 5)
+    for mask in (m.to(dtype), m.to(dtype)[..., None]):
+        got = ops.distill_loss(z, t, mask, 5)
+        assert all(torch.equal(g_, w_) for g_, w_ in zip(got, want))
+    w = torch.randn(50, 16) / 4
+    x, y = torch.randn(3, 7, 16), torch.randn(3, 7, 16)
+    want = ops.fused_linear_distill_loss(x, y, w, m.float(), topk=5)
+    got = ops.fused_linear_distill_loss(x, y, w, m.to(dtype), topk=5)
+    assert all(torch.equal(g_, w_) for g_, w_ in zip(got, want))
+    if dtype != torch.bool:
+        bad = m.to(dtype).clone()
+        bad[1, 2] = 3
+        with pytest.raises(ValueError, match="loss_mask is an integer mask and must hold only 0 and 1"):
+            ops.fused_linear_distill_loss(x, y, w, bad, topk=5)
+
+
 def test_bf16_and_mixed_dtypes():
     """Stated tolerances for low-precision inputs: the losses equal the fp32 oracle on the same (upcast) values
     to 1e-5; the returned gradient is within one ulp of its dtype (bf16 2^-7, fp16 2^-10 relative)."""
@@ -265,8 +288,12 @@ def test_bad_inputs():
         ops.distill_loss(z, t, m, 0)
     with pytest.raises(ValueError, match="loss_mask must have shape \\(4,\\)"):
         ops.distill_loss(z, t, torch.ones(5))
-    with pytest.raises(ValueError, match="loss_mask must be a float or bool"):
-        ops.distill_loss(z, t, torch.ones(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="loss_mask is an integer mask and must hold only 0 and 1, got values \\[2\\]"):
+        ops.distill_loss(z, t, torch.tensor([1, 0, 2, 1]))
+    with pytest.raises(ValueError, match="loss_mask is an integer mask .* got values \\[-1\\]"):
+        ops.distill_loss(z, t, torch.tensor([1, 0, -1, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="loss_mask must be a float, integer or bool"):
+        ops.distill_loss(z, t, torch.ones(4, dtype=torch.complex64))
     with pytest.raises(ValueError, match="empty vocabulary"):
         ops.distill_loss(torch.randn(4, 0), torch.randn(4, 0), m)
     w = torch.randn(20, 8)

@@ -133,6 +133,17 @@ def test_too_many_nodes_raises():
         ops.tree_attention(q, k, k, torch.ones(n, n, dtype=torch.bool))
 
 
+def test_max_tree_nodes_is_the_kernels_limit():
+    # MAX_TREE_NODES is written once in Python; the raw op (no Python checks) must take exactly that many nodes.
+    def raw(n):
+        q = torch.zeros(1, 1, n, 4)
+        return torch.ops.hass.tree_attention(q, q, q, torch.eye(n, dtype=torch.bool)[None], None, 1.0)
+
+    assert raw(ops.MAX_TREE_NODES).shape == (1, 1, ops.MAX_TREE_NODES, 4)
+    with pytest.raises(RuntimeError, match="n <= L and n <= %d" % ops.MAX_TREE_NODES):
+        raw(ops.MAX_TREE_NODES + 1)
+
+
 def test_general_mask_and_empty_rows():
     # Any bool mask works, not only ancestor masks; a row that sees nothing (no prefix) gives zeros.
     gen = torch.Generator().manual_seed(3)

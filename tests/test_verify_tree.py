@@ -391,6 +391,14 @@ def test_token_ids_out_of_range(bad_token):
     verify_tree(logits, tokens, parents, 1.0)
 
 
+def test_float_token_ids_are_refused():
+    logits, tokens, parents = _ok_inputs()
+    with pytest.raises(ValueError, match="draft_tokens holds token ids and must be an int64 tensor, got .*float32"):
+        verify_tree(logits, tokens.float(), parents)
+    with pytest.raises(ValueError, match="draft_tokens holds token ids and must be an int64 tensor"):
+        verify_tree(logits[0], tokens[0].double(), parents[0])
+
+
 def test_shape_dtype_device_mismatch():
     logits, tokens, parents = _ok_inputs()
     with pytest.raises(ValueError, match="target_logits must have 2 or 3 dims"):
@@ -422,8 +430,11 @@ def test_shape_dtype_device_mismatch():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(temperature=-0.5), "temperature must be a number >= 0"),
-    (dict(temperature=float("nan")), "temperature must be a number >= 0"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+    (dict(temperature=True), "temperature must be a finite number >= 0"),
+    (dict(temperature=1e-40), r"temperature must be 0 \(greedy\) or at least 1e-06"),
     (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(temperature=1.0, top_k=-1), "top_k must be an int >= 0"),

@@ -162,17 +162,8 @@ def use_small_batch_linear(model: nn.Module, exact_bf16: bool = False) -> int:
     return use_small_linear(model, exact_bf16)
 
 
-_DEPRECATED_NAMES = {"SmallBatchLinear": ("SmallLinear", SmallLinear)}
-
-
-def deprecated_attribute(module: str, name: str):
-    """The object behind a deprecated name of this module (with a DeprecationWarning), for a module __getattr__."""
-    if name not in _DEPRECATED_NAMES:
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    new_name, obj = _DEPRECATED_NAMES[name]
-    warnings.warn(f"{name} is deprecated: use hass_ext.{new_name}", DeprecationWarning, stacklevel=3)
-    return obj
-
-
 def __getattr__(name: str):
-    return deprecated_attribute(__name__, name)
+    if name == "SmallBatchLinear":  # the former name of SmallLinear
+        warnings.warn("SmallBatchLinear is deprecated: use hass_ext.SmallLinear", DeprecationWarning, stacklevel=2)
+        return SmallLinear
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
