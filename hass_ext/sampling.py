@@ -10,7 +10,8 @@ Given logits z, temperature T > 0, top_k and top_p, the target distribution is:
 4. Renormalise over the kept tokens.
 
 Thresholds instead of a sort make the definition tie-stable and let the kernels compute it by streaming the
-vocabulary. T = 0 means greedy: the argmax, ties decided by the lowest token id.
+vocabulary. T = 0 means greedy: the argmax, ties decided by the lowest token id; 0 < T < MIN_TEMPERATURE is
+refused (use 0).
 """
 import math
 

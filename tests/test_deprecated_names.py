@@ -46,7 +46,8 @@ def test_cpu_linear_module():
     assert type(lin) is cpu_linear.SmallBatchLinear
     x = torch.randn(2, 3)
     with torch.no_grad():
-        assert torch.equal(cpu_linear.linear(x, lin.weight, lin.bias), hass_ext.ops.small_linear(x, lin.weight, lin.bias))
+        want = hass_ext.ops.small_linear(x, lin.weight, lin.bias)
+        assert torch.equal(cpu_linear.linear(x, lin.weight, lin.bias), want)
 
 
 def test_reference_module_is_oracles():

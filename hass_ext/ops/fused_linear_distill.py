@@ -182,8 +182,8 @@ def fused_linear_distill_loss(draft_hidden: torch.Tensor, target_hidden: Optiona
     exactly those of :func:`distill_loss` applied to ``draft_hidden @ W.T`` and ``target_hidden @ W.T``.
     Differentiable w.r.t. draft_hidden only: lm_head_weight must not require grad (the head is frozen), the
     target side is constant. draft_hidden/target_hidden ``[..., H]``, lm_head_weight ``[V, H]``, loss_mask
-    ``[...]`` (float weights, or a bool/integer mask of 0s and 1s, as for distill_loss). The GEMMs run in lm_head_weight's dtype, the reductions in float32; memory is
-    O(N * (H + chunk_size)).
+    ``[...]`` (float weights, or a bool/integer mask of 0s and 1s, as for distill_loss). The GEMMs run in
+    lm_head_weight's dtype, the reductions in float32; memory is O(N * (H + chunk_size)).
 
     target_stats: the result of :func:`distill_target_stats` for this batch's target_hidden, to share the target
     pass between the alignment steps of one batch (target_hidden may then be None).
