@@ -3,7 +3,7 @@ import torch
 
 from .. import _library  # noqa: F401  (registers torch.ops.hass.*)
 from ..sampling import check_sampling_args
-from ._checks import FLOAT_DTYPES, check_tensor, check_token_ids, describe
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, check_token_ids, describe
 
 
 @torch.library.register_fake("hass::verify_tree")
@@ -49,7 +49,7 @@ def verify_tree(target_logits: torch.Tensor, draft_tokens: torch.Tensor, parents
     unbatched = target_logits.dim() == 2
     want = 1 if unbatched else 2
     check_token_ids("draft_tokens", draft_tokens, dims=(want,), device=device)
-    check_tensor("parents", parents, dims=(want,), dtypes=(torch.int64,), device=device)
+    check_tensor("parents", parents, dims=(want,), dtypes=INDEX_DTYPES, device=device)
     if unbatched:
         target_logits, draft_tokens, parents = target_logits[None], draft_tokens[None], parents[None]
     B, n, V = target_logits.shape
