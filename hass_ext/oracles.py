@@ -28,8 +28,8 @@ def compact_kv_oracle(caches, src_slots: torch.Tensor, dst_start: torch.Tensor) 
 # ---- verify_tree ------------------------------------------------------------------------------------------
 
 def verify_tree_oracle(target_logits: torch.Tensor, draft_tokens: torch.Tensor, parents: torch.Tensor,
-                          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                          generator: torch.Generator = None, uniforms: torch.Tensor = None):
+                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                       generator: torch.Generator = None, uniforms: torch.Tensor = None):
     """Oracle of ops.verify_tree: the accept/renormalise walk on filtered_probs, one row and one sibling at a time.
 
     With the same generator state (or the same uniforms) it consumes the same random stream as the CPU kernel:
@@ -164,7 +164,7 @@ def distill_topk_indices(target_logits: torch.Tensor, topk: int) -> torch.Tensor
 
 
 def distill_loss_oracle(draft_logits: torch.Tensor, target_logits: torch.Tensor, loss_mask: torch.Tensor,
-                           topk: int = 10):
+                        topk: int = 10):
     """Oracle of ops.distill_loss: HASS `compute_loss` (main_hass.py) with fp32 logits, as (ce, topk).
 
     Differs from HASS only in the top-K tie rule (made deterministic, see distill_topk_indices).
@@ -184,7 +184,7 @@ def distill_loss_oracle(draft_logits: torch.Tensor, target_logits: torch.Tensor,
 
 
 def fused_linear_distill_loss_oracle(draft_hidden, target_hidden, lm_head_weight, loss_mask, topk=10,
-                                        ce_weight=0.1, topk_weight=1.0):
+                                     ce_weight=0.1, topk_weight=1.0):
     """Oracle of ops.fused_linear_distill_loss: full logits through the head, then distill_loss_oracle."""
     z = draft_hidden.to(lm_head_weight.dtype) @ lm_head_weight.T
     with torch.no_grad():

@@ -43,7 +43,7 @@ def rand_inputs(B, Hq, Hkv, n, prefix, d, dtype, gen, device="cpu"):
 
 def oracle(q, k, v, mask, scale=None, prefix_lens=None):
     return tree_attention_oracle(q.double(), k.double(), v.double(), mask, scale=scale,
-                                    prefix_lens=prefix_lens).to(q.dtype)
+                                 prefix_lens=prefix_lens).to(q.dtype)
 
 
 def assert_close(out, ref, dtype):

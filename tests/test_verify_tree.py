@@ -145,7 +145,7 @@ def test_sampling_matches_oracle_shared_stream(temperature, top_p, top_k):
     got = verify_tree(logits, tokens, parents, temperature, top_p, top_k,
                       generator=torch.Generator().manual_seed(seed))
     want = verify_tree_oracle(logits, tokens, parents, temperature, top_p, top_k,
-                                 generator=torch.Generator().manual_seed(seed))
+                              generator=torch.Generator().manual_seed(seed))
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert (got[2] >= 7).all()

@@ -65,7 +65,7 @@ def align_attention(q: torch.Tensor, k_levels, v_levels, scale: Optional[float] 
     if semantics not in ALIGN_ATTENTION_MODES:
         raise ValueError(f"semantics must be one of {ALIGN_ATTENTION_MODES}, got {semantics!r}")
     check_attention_qkv("align_attention", q, k_levels, v_levels, k_name="k_levels", v_name="v_levels",
-                         kv_dims=5)
+                        kv_dims=5)
     T = q.shape[2]
     if k_levels.shape[0] < 1:
         raise ValueError(f"k_levels must hold at least one level (F >= 1), got {describe(k_levels)}")
