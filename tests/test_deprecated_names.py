@@ -76,3 +76,14 @@ def test_importing_the_package_warns_about_nothing():
 
     code = "import warnings; warnings.simplefilter('error'); import hass_ext, hass_ext.oracles, hass_ext.speed_eval"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=hass_ext.__path__[0] + "/..")
+
+
+def test_ops_keeps_every_name_it_exported():
+    # what hass_ext.ops offered as one module, before it became a package of one module per op
+    former = ["compact_kv", "verify_tree", "tree_attention", "MAX_TREE_NODES", "align_attention", "distill_loss",
+              "DEFAULT_VOCAB_CHUNK", "DistillTargetStats", "distill_target_stats", "fused_linear_distill_loss",
+              "wants_grad", "small_linear"]
+    assert [n for n in former if not hasattr(hass_ext.ops, n)] == []
+    assert all(callable(getattr(hass_ext.ops, n)) for n in former if not n.isupper())
+    assert set(former) <= set(hass_ext.ops.__all__)
+    from hass_ext.ops import wants_grad  # noqa: F401  (the form other modules use)
