@@ -87,3 +87,15 @@ def test_ops_keeps_every_name_it_exported():
     assert all(callable(getattr(hass_ext.ops, n)) for n in former if not n.isupper())
     assert set(former) <= set(hass_ext.ops.__all__)
     from hass_ext.ops import wants_grad  # noqa: F401  (the form other modules use)
+
+
+@pytest.mark.parametrize("name", ["attention", "cpu_linear"])
+def test_former_submodules_are_still_attributes_of_the_package(name):
+    # `import hass_ext` used to load hass_ext.attention and hass_ext.cpu_linear: hass_ext.<name> still works
+    sys.modules.pop(f"hass_ext.{name}", None)
+    hass_ext.__dict__.pop(name, None)
+    with pytest.warns(DeprecationWarning, match=f"hass_ext.{name} is deprecated"):
+        module = getattr(hass_ext, name)
+    assert module is sys.modules[f"hass_ext.{name}"]
+    with pytest.raises(AttributeError, match="no attribute 'no_such_module'"):
+        hass_ext.no_such_module
