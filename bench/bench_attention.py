@@ -33,10 +33,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import hass_ext  # noqa: E402
-from hass_ext.evaluate import machine_info  # noqa: E402
+from hass_ext.speed_eval import machine_info  # noqa: E402
 from hass_ext import ops  # noqa: E402
-from hass_ext.reference import (reference_align_attention, reference_tree_attention,  # noqa: E402
-                                tree_attention_mask)
+from hass_ext.oracles import align_attention_oracle as reference_align_attention  # noqa: E402
+from hass_ext.oracles import tree_attention_mask, tree_attention_oracle as reference_tree_attention  # noqa: E402
 
 FULL = dict(Hq=32, Hkv=8, d=128, n=60, prefixes=(1024, 4096), T=2048, F=3, align_Hq=32, align_Hkv=8)
 # On the CPU the oracle's fp32 [F, B, H, T, T] score tensors would need ~10 GiB at 32 heads: the alignment case

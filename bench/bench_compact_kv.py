@@ -8,7 +8,7 @@ import torch
 from common import interleaved, parser, write
 
 from hass_ext import ops
-from hass_ext.reference import compact_kv_reference
+from hass_ext.oracles import compact_kv_oracle as compact_kv_reference
 
 
 def main():

@@ -32,9 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import hass_ext  # noqa: E402
-from hass_ext.evaluate import machine_info  # noqa: E402
+from hass_ext.speed_eval import machine_info  # noqa: E402
 from hass_ext import ops  # noqa: E402
-from hass_ext import reference as R  # noqa: E402
+from hass_ext import oracles as R  # noqa: E402
 
 TOPK, CE_W, TOPK_W = 10, 0.1, 1.0
 

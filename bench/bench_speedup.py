@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hass_ext  # noqa: E402
-from hass_ext.evaluate import DATASETS, evaluate, markdown_table, write_results  # noqa: E402
+from hass_ext.speed_eval import DATASETS, evaluate, markdown_table, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hass_ext  # noqa: E402
 from hass_ext import tree_choice  # noqa: E402
-from hass_ext.evaluate import DATASETS, first_turns, machine_info  # noqa: E402
+from hass_ext.speed_eval import DATASETS, first_turns, machine_info  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

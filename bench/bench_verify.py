@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hass_ext  # noqa: E402
-from hass_ext.evaluate import machine_info  # noqa: E402
+from hass_ext.speed_eval import machine_info  # noqa: E402
 from hass_ext.ops import verify_tree  # noqa: E402
-from hass_ext.reference import verify_tree_reference  # noqa: E402
+from hass_ext.oracles import verify_tree_oracle as verify_tree_reference  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODES = [("greedy", 0.0, 1.0, 0), ("T=1", 1.0, 1.0, 0), ("T=1 p=.9 k=50", 1.0, 0.9, 50)]

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hass_ext.evaluate import machine_info  # noqa: E402
+from hass_ext.speed_eval import machine_info  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

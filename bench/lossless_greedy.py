@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hass_ext  # noqa: E402
-from hass_ext.evaluate import first_turns, machine_info  # noqa: E402
+from hass_ext.speed_eval import first_turns, machine_info  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")

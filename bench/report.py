@@ -70,7 +70,7 @@ def _table(doc, path):
                                          for k in keys) + " |")
         return "\n".join(out)
     if "results" in doc:  # hass-ext eval output
-        from hass_ext.evaluate import markdown_table
+        from hass_ext.speed_eval import markdown_table
 
         return markdown_table(doc["results"])
     return "(no table)"

@@ -171,7 +171,7 @@ def _parse_drafts(specs, target):
 def cmd_eval(args):
     import shlex
 
-    from .evaluate import evaluate, markdown_table, write_results
+    from .speed_eval import evaluate, markdown_table, write_results
 
     target = _load(args)
     drafts = _parse_drafts(args.draft, target)
@@ -197,7 +197,7 @@ def _calibration_prompts(source: str, start: int, count: int) -> list:
         from .train.conversations import first_user_turns
 
         return first_user_turns("sharegpt", start, count)
-    from .evaluate import load_questions
+    from .speed_eval import load_questions
 
     return [q["turns"][0] for q in load_questions(source)[start:start + count]]
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu_linear import linear, tensor_version, use_small_batch_linear
+from .ops.small_linear import linear, tensor_version, use_small_linear as use_small_batch_linear
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 # config.json keys that to_dict() always writes itself (so they are not carried in DraftConfig.extra)

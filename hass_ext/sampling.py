@@ -10,16 +10,29 @@ Given logits z, temperature T > 0, top_k and top_p, the target distribution is:
 4. Renormalise over the kept tokens.
 
 Thresholds instead of a sort make the definition tie-stable and let the kernels compute it by streaming the
-vocabulary. T = 0 means greedy: the argmax, ties decided by the lowest token id.
+vocabulary. T = 0 means greedy: the argmax, ties decided by the lowest token id; 0 < T < MIN_TEMPERATURE is
+refused (use 0).
 """
+import math
+
 import torch
+
+# Below this a temperature is greedy in all but name, and logits / T overflow float32 (1e-40 is not even a
+# normal float32): such values are refused instead of producing NaN probabilities.
+MIN_TEMPERATURE = 1e-6
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
     """Raise ValueError naming the offending argument."""
-    if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}")
+    if not _is_number(top_p) or not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 = no top-k filter), got {top_k!r}")

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .attention import register_hass_tree
+from .hf_attention import register_hass_tree
 
 DEFAULT_TARGET = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -220,7 +220,7 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
     if small_batch_linear is None:
         small_batch_linear = device.type == "cpu" and dtype == torch.float32
     if small_batch_linear:
-        from .cpu_linear import use_small_batch_linear
+        from .ops.small_linear import use_small_linear as use_small_batch_linear
 
         use_small_batch_linear(model)
     return Target(model.to(device), tok, name)

@@ -24,7 +24,7 @@ import torch
 
 import hass_ext
 from hass_ext import tree_choice
-from hass_ext.evaluate import machine_info
+from hass_ext.speed_eval import machine_info
 from hass_ext.train.conversations import first_user_turns
 from hass_ext.train.token_map import hot_vocabulary, template_token_ids, token_frequencies
 

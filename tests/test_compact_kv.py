@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hass_ext
-from hass_ext.reference import compact_kv_reference
+from hass_ext.oracles import compact_kv_oracle
 
 DEVICES = ["cpu"] + (["cuda"] if "cuda" in hass_ext.available_devices() else [])
 
@@ -36,7 +36,7 @@ def test_matches_oracle_random(device, dtype, stacked):
             caches = [torch.randn(B, H, S, D, generator=gen).to(dtype) for _ in range(2 * layers)]
         src, dst = _random_plan(B, S, m, gen)
         expected = [c.clone() for c in caches]
-        compact_kv_reference(expected, src, dst)
+        compact_kv_oracle(expected, src, dst)
         got = [c.to(device) for c in caches]
         hass_ext.ops.compact_kv(got, src.to(device), dst.to(device))
         for e, g in zip(expected, got):
@@ -50,7 +50,7 @@ def test_overlap_arbitrary_order(device):
     src = torch.tensor([[6, 2, 3, 9, 4]])
     dst = torch.tensor([3])
     expected = cache.clone()
-    compact_kv_reference(expected, src, dst)
+    compact_kv_oracle(expected, src, dst)
     got = cache.clone().to(device)
     hass_ext.ops.compact_kv(got, src.to(device), dst.to(device))
     assert torch.equal(expected, got.cpu())
@@ -68,7 +68,7 @@ def test_int_dst_and_1d_src_on_strided_cache():
     base = big.clone()
     hass_ext.ops.compact_kv(view.transpose(0, 1).transpose(0, 1), [5, 7, 9], 4)
     expected = base.clone()
-    compact_kv_reference(expected, torch.tensor([[5, 7, 9]] * 4), torch.tensor([4] * 4))
+    compact_kv_oracle(expected, torch.tensor([[5, 7, 9]] * 4), torch.tensor([4] * 4))
     assert torch.equal(big, expected)
 
 
@@ -93,6 +93,18 @@ def test_bad_input(kwargs, match):
     with pytest.raises((ValueError, RuntimeError), match=match):
         hass_ext.ops.compact_kv(cache, src, kwargs["dst"])
     assert torch.equal(cache, before), "a rejected plan must not modify the cache"
+
+
+def test_slot_lists_must_hold_integers():
+    cache = torch.randn(1, 2, 10, 4)
+    before = cache.clone()
+    with pytest.raises(ValueError, match="src_slots must hold integer indices, got torch.float32 values"):
+        hass_ext.ops.compact_kv(cache, [1.5, 2.0], 0)  # used to be truncated to [1, 2]
+    with pytest.raises(ValueError, match="dst_start must be an int or an int64 tensor, got True"):
+        hass_ext.ops.compact_kv(cache, [1, 2], True)
+    assert torch.equal(cache, before)
+    hass_ext.ops.compact_kv(cache, [3, 4], 1)  # a list of ints is fine
+    assert torch.equal(cache[:, :, 1:3], before[:, :, 3:5])
 
 
 def test_bad_cache_arguments():

@@ -11,7 +11,7 @@ import torch
 
 import hass_ext
 from hass_ext import ops
-from hass_ext import reference as R
+from hass_ext import oracles as R
 
 CUDA = torch.cuda.is_available() and "cuda" in hass_ext.available_devices()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ def _compare(z, t, m, k, *, rtol=1e-5, grad_rtol=1e-5, grad_atol=None, oracle_in
     w_ce, w_topk = float(torch.rand(())) + 0.1, float(torch.rand(())) + 0.1
     ce, tk, g = _losses_and_grad(ops.distill_loss, z, t, m, k, w_ce, w_topk)
     zo, to = oracle_inputs if oracle_inputs is not None else (z.float(), t.float())
-    ce0, tk0, g0 = _losses_and_grad(R.distill_loss_reference, zo, to, m, k, w_ce, w_topk)
+    ce0, tk0, g0 = _losses_and_grad(R.distill_loss_oracle, zo, to, m, k, w_ce, w_topk)
     assert ce.dtype == torch.float32 and ce.dim() == 0 and tk.dim() == 0
     torch.testing.assert_close(ce, ce0.float(), rtol=rtol, atol=1e-6)
     torch.testing.assert_close(tk, tk0.float(), rtol=rtol, atol=1e-6)
@@ -76,6 +76,29 @@ def test_leading_dims_and_mask_forms():
     _compare(z, t, w, 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_masks_as_tokenizers_return_them(dtype):
+    # attention/loss masks come from tokenizers as int64 (or int32, uint8, bool): same losses as the float mask
+    _seed()
+    z, t = torch.randn(3, 7, 50), torch.randn(3, 7, 50)
+    m = (torch.rand(3, 7) > 0.4).long()
+    m[0, 0] = 1
+    want = ops.distill_loss(z, t, m.float(), 5)
+    for mask in (m.to(dtype), m.to(dtype)[..., None]):
+        got = ops.distill_loss(z, t, mask, 5)
+        assert all(torch.equal(g_, w_) for g_, w_ in zip(got, want))
+    w = torch.randn(50, 16) / 4
+    x, y = torch.randn(3, 7, 16), torch.randn(3, 7, 16)
+    want = ops.fused_linear_distill_loss(x, y, w, m.float(), topk=5)
+    got = ops.fused_linear_distill_loss(x, y, w, m.to(dtype), topk=5)
+    assert all(torch.equal(g_, w_) for g_, w_ in zip(got, want))
+    if dtype != torch.bool:
+        bad = m.to(dtype).clone()
+        bad[1, 2] = 3
+        with pytest.raises(ValueError, match="loss_mask is an integer mask and must hold only 0 and 1"):
+            ops.fused_linear_distill_loss(x, y, w, bad, topk=5)
+
+
 def test_bf16_and_mixed_dtypes():
     """Stated tolerances for low-precision inputs: the losses equal the fp32 oracle on the same (upcast) values
     to 1e-5; the returned gradient is within one ulp of its dtype (bf16 2^-7, fp16 2^-10 relative)."""
@@ -93,7 +116,7 @@ def test_bf16_and_mixed_dtypes():
     _compare(z32.half(), t32.half(), m, 5, grad_rtol=2**-10, oracle_inputs=(z32.half().float(), t32.half().float()))
     # and against the fp32 oracle on the unrounded logits: within bf16 input rounding
     ce, tk = ops.distill_loss(zb, tb, m, 10)
-    ce0, tk0 = R.distill_loss_reference(z32, t32, m, 10)
+    ce0, tk0 = R.distill_loss_oracle(z32, t32, m, 10)
     torch.testing.assert_close(ce, ce0, rtol=2e-2, atol=0)
     torch.testing.assert_close(tk, tk0, rtol=5e-2, atol=0)
 
@@ -182,7 +205,7 @@ def test_large_logits(scale):
         z, t = torch.randn(N, V) * 1e4, torch.randn(N, V) * 1e4
     m = torch.ones(N)
     ce, tk, g = _compare(z, t, m, 10, grad_atol=1e-6)
-    ce64, tk64 = R.distill_loss_reference(z.double(), t.double(), m.double(), 10)
+    ce64, tk64 = R.distill_loss_oracle(z.double(), t.double(), m.double(), 10)
     torch.testing.assert_close(ce.double(), ce64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tk.double(), tk64, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(g).all()
@@ -197,7 +220,7 @@ def test_padded_vocab_minus_inf():
     t[:, 300:] = float("-inf")
     m = torch.ones(N)
     ce, tk, g = _losses_and_grad(ops.distill_loss, z, t, m, 10, 1.0, 0.5)
-    ce0, tk0, g0 = _losses_and_grad(R.distill_loss_reference, z[:, :300], t[:, :300], m, 10, 1.0, 0.5)
+    ce0, tk0, g0 = _losses_and_grad(R.distill_loss_oracle, z[:, :300], t[:, :300], m, 10, 1.0, 0.5)
     torch.testing.assert_close(ce, ce0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tk, tk0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g[:, :300], g0, rtol=1e-5, atol=1e-8)
@@ -219,7 +242,7 @@ def test_separate_grad_outputs_and_determinism():
     ce, tk = ops.distill_loss(z, t, m, 10)
     (g_ce,) = torch.autograd.grad(ce, z, retain_graph=True)   # grad of one output only (the other is None)
     (g_tk,) = torch.autograd.grad(tk, z)
-    ce0, tk0 = R.distill_loss_reference(z, t, m, 10)
+    ce0, tk0 = R.distill_loss_oracle(z, t, m, 10)
     (r_ce,) = torch.autograd.grad(ce0, z, retain_graph=True)
     (r_tk,) = torch.autograd.grad(tk0, z)
     torch.testing.assert_close(g_ce, r_ce, rtol=1e-5, atol=1e-9)
@@ -265,8 +288,12 @@ def test_bad_inputs():
         ops.distill_loss(z, t, m, 0)
     with pytest.raises(ValueError, match="loss_mask must have shape \\(4,\\)"):
         ops.distill_loss(z, t, torch.ones(5))
-    with pytest.raises(ValueError, match="loss_mask must be a float or bool"):
-        ops.distill_loss(z, t, torch.ones(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="loss_mask is an integer mask and must hold only 0 and 1, got values \\[2\\]"):
+        ops.distill_loss(z, t, torch.tensor([1, 0, 2, 1]))
+    with pytest.raises(ValueError, match="loss_mask is an integer mask .* got values \\[-1\\]"):
+        ops.distill_loss(z, t, torch.tensor([1, 0, -1, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="loss_mask must be a float, integer or bool"):
+        ops.distill_loss(z, t, torch.ones(4, dtype=torch.complex64))
     with pytest.raises(ValueError, match="empty vocabulary"):
         ops.distill_loss(torch.randn(4, 0), torch.randn(4, 0), m)
     w = torch.randn(20, 8)
@@ -319,14 +346,14 @@ def _fused_compare(x, y, w, m, k, chunk, *, ce_w=0.1, topk_w=1.0, stats=None, y_
     y_ref = y if y_hidden is None else y_hidden
     out, g = _fused_run(ops.fused_linear_distill_loss, x, y, w, m, k, ce_w, topk_w, coef, target_stats=stats,
                         chunk_size=chunk)
-    ref, g0 = _fused_run(R.fused_linear_distill_loss_reference, x, y_ref, w, m, k, ce_w, topk_w, coef)
+    ref, g0 = _fused_run(R.fused_linear_distill_loss_oracle, x, y_ref, w, m, k, ce_w, topk_w, coef)
     assert g.dtype == x.dtype and g.shape == x.shape
     if w.dtype == torch.float32:
         for o, r in zip(out, ref):
             torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-6 * float(g0.abs().max()))
         return out, g
-    exact, g64 = _fused_run(R.fused_linear_distill_loss_reference, x.double(), y_ref.double(), w.double(), m, k,
+    exact, g64 = _fused_run(R.fused_linear_distill_loss_oracle, x.double(), y_ref.double(), w.double(), m, k,
                             ce_w, topk_w, coef)
     for o, r, e in zip(out, ref, exact):
         assert abs(o.double() - e) <= 2 * abs(r.double() - e) + 1e-4 * abs(e), (o, r, e)
@@ -454,7 +481,7 @@ def test_cuda_fused_linear(dtype):
     out = ops.fused_linear_distill_loss(xc, y.cuda(), w.cuda(), m.cuda(), chunk_size=4096)
     out[0].backward()
     xr = x.cuda().float().requires_grad_(True)
-    ref = R.fused_linear_distill_loss_reference(xr, y.cuda().float(), w.cuda().float(), m.cuda())
+    ref = R.fused_linear_distill_loss_oracle(xr, y.cuda().float(), w.cuda().float(), m.cuda())
     ref[0].backward()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for o, r in zip(out, ref):

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from hass_ext.sampling import check_sampling_args, filtered_probs, greedy_token, sample_token
+from hass_ext.sampling import MIN_TEMPERATURE, check_sampling_args, filtered_probs, greedy_token, sample_token
 
 
 def brute_force(logits, T, top_p, top_k):
@@ -65,3 +65,31 @@ def test_sample_token_follows_distribution():
 def test_bad_args(T, top_p, top_k, match):
     with pytest.raises(ValueError, match=match):
         check_sampling_args(T, top_p, top_k)
+
+
+@pytest.mark.parametrize("T, match", [
+    (True, "temperature must be a finite number"), (False, "temperature must be a finite number"),
+    (float("inf"), "temperature must be a finite number"), ("0.7", "temperature must be a finite number"),
+    (1e-40, "temperature must be 0 \\(greedy\\) or at least 1e-06, got 1e-40"),
+    (MIN_TEMPERATURE / 2, "at least"),
+])
+def test_bad_temperatures_get_one_line_errors(T, match):
+    with pytest.raises(ValueError, match=match) as err:
+        check_sampling_args(T, 1.0, 0)
+    assert "\n" not in str(err.value)
+
+
+def test_bool_top_p_and_top_k_are_refused():
+    with pytest.raises(ValueError, match="top_p"):
+        check_sampling_args(1.0, True, 0)
+    with pytest.raises(ValueError, match="top_k"):
+        check_sampling_args(1.0, 1.0, True)
+
+
+def test_smallest_allowed_temperature_samples_like_greedy():
+    # At MIN_TEMPERATURE the distribution is finite and concentrated on the argmax (1e-40 used to give NaN).
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0], [100.0, -100.0, 99.0, 0.0]])
+    check_sampling_args(MIN_TEMPERATURE, 1.0, 0)
+    p = filtered_probs(logits, MIN_TEMPERATURE)
+    assert torch.isfinite(p).all() and torch.equal(p.argmax(-1), greedy_token(logits))
+    assert torch.equal(sample_token(logits, MIN_TEMPERATURE), greedy_token(logits))

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import hass_ext
-from hass_ext import cpu_linear, ops
+from hass_ext import ops
+from hass_ext.ops.small_linear import MAX_ROWS, SmallLinear, as_exact_bf16, linear, use_blas_linear
 
 from tiny_models import tiny_target
 
@@ -88,15 +89,15 @@ def test_bad_input_names_the_argument():
 
 def test_linear_dispatch():
     w = torch.randn(8, 16)
-    small = torch.randn(cpu_linear.MAX_ROWS, 16)
-    big = torch.randn(cpu_linear.MAX_ROWS + 1, 16)
+    small = torch.randn(MAX_ROWS, 16)
+    big = torch.randn(MAX_ROWS + 1, 16)
     with torch.no_grad():
-        assert torch.equal(cpu_linear.linear(small, w), ops.small_linear(small, w))
-        assert torch.equal(cpu_linear.linear(big, w), F.linear(big, w))  # prefill-sized: BLAS
+        assert torch.equal(linear(small, w), ops.small_linear(small, w))
+        assert torch.equal(linear(big, w), F.linear(big, w))  # prefill-sized: BLAS
         xb, wb = small.bfloat16(), w.bfloat16()
-        assert torch.equal(cpu_linear.linear(xb, wb), F.linear(xb, wb))  # other dtypes: torch
+        assert torch.equal(linear(xb, wb), F.linear(xb, wb))  # other dtypes: torch
     x = torch.randn(3, 16, requires_grad=True)  # training: torch's linear, with its backward
-    cpu_linear.linear(x, w).sum().backward()
+    linear(x, w).sum().backward()
     torch.testing.assert_close(x.grad, w.sum(0).expand(3, -1))
 
 
@@ -107,7 +108,7 @@ def test_model_swap_keeps_outputs_state_and_training():
     keys = list(model.state_dict())
     with torch.no_grad():
         before = model(ids).logits
-        n = hass_ext.use_small_batch_linear(model)
+        n = hass_ext.use_small_linear(model)
         after = model(ids).logits
     assert n == sum(1 for m in model.modules() if isinstance(m, nn.Linear)) and n > 0
     assert all(type(m) is not nn.Linear for m in model.modules())
@@ -117,17 +118,17 @@ def test_model_swap_keeps_outputs_state_and_training():
     model(ids).logits.float().pow(2).mean().backward()  # grad mode: torch's linear, gradients flow
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() == 2)
     assert hass_ext.use_blas_linear(model) == n
-    assert all(type(m) is not cpu_linear.SmallBatchLinear for m in model.modules())
+    assert all(type(m) is not SmallLinear for m in model.modules())
 
 
 def test_default_cpu_target_uses_it():
     target = hass_ext.load_target()
     layers = [m for m in target.model.modules() if isinstance(m, nn.Linear)]
-    assert layers and all(type(m) is cpu_linear.SmallBatchLinear for m in layers)
+    assert layers and all(type(m) is SmallLinear for m in layers)
     plain = hass_ext.load_target(small_batch_linear=False)
     assert all(type(m) is nn.Linear for m in plain.model.modules() if isinstance(m, nn.Linear))
     draft = hass_ext.init_draft(target)
-    assert all(type(m) is cpu_linear.SmallBatchLinear for m in draft.modules() if isinstance(m, nn.Linear))
+    assert all(type(m) is SmallLinear for m in draft.modules() if isinstance(m, nn.Linear))
 
 
 def test_exact_bf16_weights_are_streamed_as_bf16():
@@ -137,7 +138,7 @@ def test_exact_bf16_weights_are_streamed_as_bf16():
     x = torch.randn(3, 40)
     with torch.no_grad():
         want = ops.small_linear(x, lin.weight, lin.bias)
-        hass_ext.use_small_batch_linear(lin, exact_bf16=True)
+        hass_ext.use_small_linear(lin, exact_bf16=True)
         assert torch.equal(lin(x), want)
         assert lin._bf16_copy[2].dtype == torch.bfloat16  # the copy is what was streamed
         lin.weight.add_(1e-3)  # no longer bf16 values: the fp32 weight again, no stale copy
@@ -145,7 +146,7 @@ def test_exact_bf16_weights_are_streamed_as_bf16():
         assert lin._bf16_copy[2] is None
         lin.weight.data = torch.ones(24, 40)  # new storage, version counter untouched: a new copy all the same
         assert torch.equal(lin(x), ops.small_linear(x, torch.ones(24, 40), lin.bias))
-    assert cpu_linear.as_exact_bf16(torch.tensor([1.0, 1.0 + 2 ** -10])) is None
+    assert as_exact_bf16(torch.tensor([1.0, 1.0 + 2 ** -10])) is None
     assert hass_ext.use_blas_linear(lin) == 1 and "_bf16_copy" not in lin.__dict__
 
 
@@ -160,6 +161,6 @@ def test_draft_layers_stream_bf16_copies():
     ids, feats = torch.randint(0, 64, (1, 5)), torch.randn(1, 5, 48)
     with torch.no_grad():
         got = draft(ids, feats)
-        cpu_linear.use_blas_linear(draft)  # plain fp32 nn.Linear
-        hass_ext.use_small_batch_linear(draft)
+        use_blas_linear(draft)  # plain fp32 nn.Linear
+        hass_ext.use_small_linear(draft)
         torch.testing.assert_close(draft(ids, feats), got, rtol=0, atol=0)

@@ -6,7 +6,7 @@ import torch
 
 import hass_ext
 from hass_ext.sampling import filtered_probs
-from hass_ext.evaluate import first_turns
+from hass_ext.speed_eval import first_turns
 from hass_ext.speculative import auto_total_tokens, speculative_decode
 from tiny_models import tiny_target
 

@@ -7,7 +7,7 @@ import torch
 
 import hass_ext  # noqa: F401
 from hass_ext import ops
-from hass_ext.reference import reference_tree_attention
+from hass_ext.oracles import tree_attention_oracle
 
 CUDA = torch.cuda.is_available() and "cuda" in hass_ext.available_devices()
 
@@ -42,8 +42,8 @@ def rand_inputs(B, Hq, Hkv, n, prefix, d, dtype, gen, device="cpu"):
 
 
 def oracle(q, k, v, mask, scale=None, prefix_lens=None):
-    return reference_tree_attention(q.double(), k.double(), v.double(), mask, scale=scale,
-                                    prefix_lens=prefix_lens).to(q.dtype)
+    return tree_attention_oracle(q.double(), k.double(), v.double(), mask, scale=scale,
+                                 prefix_lens=prefix_lens).to(q.dtype)
 
 
 def assert_close(out, ref, dtype):
@@ -133,6 +133,17 @@ def test_too_many_nodes_raises():
         ops.tree_attention(q, k, k, torch.ones(n, n, dtype=torch.bool))
 
 
+def test_max_tree_nodes_is_the_kernels_limit():
+    # MAX_TREE_NODES is written once in Python; the raw op (no Python checks) must take exactly that many nodes.
+    def raw(n):
+        q = torch.zeros(1, 1, n, 4)
+        return torch.ops.hass.tree_attention(q, q, q, torch.eye(n, dtype=torch.bool)[None], None, 1.0)
+
+    assert raw(ops.MAX_TREE_NODES).shape == (1, 1, ops.MAX_TREE_NODES, 4)
+    with pytest.raises(RuntimeError, match="n <= L and n <= %d" % ops.MAX_TREE_NODES):
+        raw(ops.MAX_TREE_NODES + 1)
+
+
 def test_general_mask_and_empty_rows():
     # Any bool mask works, not only ancestor masks; a row that sees nothing (no prefix) gives zeros.
     gen = torch.Generator().manual_seed(3)
@@ -208,7 +219,7 @@ def test_bad_inputs(bad, match):
 def _tiny_llamas(impls):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hass_ext.attention import register_hass_tree
+    from hass_ext import register_hass_tree
 
     register_hass_tree()
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -5,7 +5,7 @@ import torch
 
 import hass_ext
 from hass_ext.ops import verify_tree
-from hass_ext.reference import verify_tree_reference
+from hass_ext.oracles import verify_tree_oracle
 from hass_ext.sampling import filtered_probs
 
 CUDA = "cuda" in hass_ext.available_devices()
@@ -98,7 +98,7 @@ def test_greedy_matches_oracle_random(dtype):
     logits = (torch.randn(B, n, V, generator=g) * 3).to(dtype)
     tokens = _likely_tokens(logits, parents, g)
     got = verify_tree(logits, tokens, parents)
-    want = verify_tree_reference(logits, tokens, parents)
+    want = verify_tree_oracle(logits, tokens, parents)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert got[1].float().mean() > 0.5  # the drafts are mostly the argmax: long paths are exercised
@@ -144,8 +144,8 @@ def test_sampling_matches_oracle_shared_stream(temperature, top_p, top_k):
     seed = int(torch.randint(0, 2**31, (1,), generator=g))
     got = verify_tree(logits, tokens, parents, temperature, top_p, top_k,
                       generator=torch.Generator().manual_seed(seed))
-    want = verify_tree_reference(logits, tokens, parents, temperature, top_p, top_k,
-                                 generator=torch.Generator().manual_seed(seed))
+    want = verify_tree_oracle(logits, tokens, parents, temperature, top_p, top_k,
+                              generator=torch.Generator().manual_seed(seed))
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert (got[2] >= 7).all()
@@ -163,7 +163,7 @@ def test_large_vocabulary_matches_oracle(dtype, temperature, top_p, top_k):
     tokens = _likely_tokens(logits, parents, g)
     u = torch.rand(B, n, generator=g)
     got = verify_tree(logits, tokens, parents, temperature, top_p, top_k, uniforms=u)
-    want = verify_tree_reference(logits, tokens, parents, temperature, top_p, top_k, uniforms=u)
+    want = verify_tree_oracle(logits, tokens, parents, temperature, top_p, top_k, uniforms=u)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     if temperature == 0:
@@ -179,7 +179,7 @@ def test_sampling_half_dtypes_match_oracle(dtype):
     tokens = _likely_tokens(logits, parents, g)
     u = torch.rand(B, n, generator=g)
     got = verify_tree(logits, tokens, parents, 0.8, 0.9, 20, uniforms=u)
-    want = verify_tree_reference(logits, tokens, parents, 0.8, 0.9, 20, uniforms=u)
+    want = verify_tree_oracle(logits, tokens, parents, 0.8, 0.9, 20, uniforms=u)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
 
@@ -211,12 +211,12 @@ def test_strided_logits_and_broadcast_rows():
     tokens = torch.randint(0, V, (50, n), generator=g)
     u = torch.rand(50, n, generator=g)
     got = verify_tree(logits, tokens, parents, 1.0, uniforms=u)
-    want = verify_tree_reference(logits.contiguous(), tokens, parents, 1.0, uniforms=u)
+    want = verify_tree_oracle(logits.contiguous(), tokens, parents, 1.0, uniforms=u)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     wide = torch.randn(3, n, 2 * V, generator=g)[:, :, ::2]  # last dim not contiguous: copied
     got = verify_tree(wide, tokens[:3], parents[:3], 0.0)
-    want = verify_tree_reference(wide.contiguous(), tokens[:3], parents[:3], 0.0)
+    want = verify_tree_oracle(wide.contiguous(), tokens[:3], parents[:3], 0.0)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
 
@@ -391,6 +391,14 @@ def test_token_ids_out_of_range(bad_token):
     verify_tree(logits, tokens, parents, 1.0)
 
 
+def test_float_token_ids_are_refused():
+    logits, tokens, parents = _ok_inputs()
+    with pytest.raises(ValueError, match="draft_tokens holds token ids and must be an int64 tensor, got .*float32"):
+        verify_tree(logits, tokens.float(), parents)
+    with pytest.raises(ValueError, match="draft_tokens holds token ids and must be an int64 tensor"):
+        verify_tree(logits[0], tokens[0].double(), parents[0])
+
+
 def test_shape_dtype_device_mismatch():
     logits, tokens, parents = _ok_inputs()
     with pytest.raises(ValueError, match="target_logits must have 2 or 3 dims"):
@@ -422,8 +430,11 @@ def test_shape_dtype_device_mismatch():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(temperature=-0.5), "temperature must be a number >= 0"),
-    (dict(temperature=float("nan")), "temperature must be a number >= 0"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+    (dict(temperature=True), "temperature must be a finite number >= 0"),
+    (dict(temperature=1e-40), r"temperature must be 0 \(greedy\) or at least 1e-06"),
     (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(temperature=1.0, top_k=-1), "top_k must be an int >= 0"),

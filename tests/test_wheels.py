@@ -69,7 +69,7 @@ def _fresh_venv(kind, wheel, extra=()):
 
 _PROBE = """
 import importlib.metadata as md, json, torch, hass_ext
-from hass_ext.reference import compact_kv_reference
+from hass_ext.oracles import compact_kv_oracle as compact_kv_reference
 cache = torch.randn(2, 3, 9, 4)
 expected = cache.clone()
 src, dst = torch.tensor([[4, 6], [8, -1]]), torch.tensor([1, 2])

@@ -4,7 +4,7 @@ import json
 import pytest
 
 import hass_ext
-from hass_ext.evaluate import evaluate, load_questions, summarize, write_results
+from hass_ext.speed_eval import evaluate, load_questions, summarize, write_results
 
 
 def test_load_questions_packaged_and_errors(tmp_path):

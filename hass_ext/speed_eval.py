@@ -1,12 +1,13 @@
-"""Evaluation the way the HASS/EAGLE papers report it: acceptance length tau and speedup over vanilla decoding.
+"""Speed evaluation on MT-bench, HumanEval and GSM8K the way the HASS/EAGLE papers report it: acceptance length
+tau and speedup over vanilla decoding (``hass-ext eval``, python/run_speed_eval.py).
 
 Every method (vanilla and each draft) runs on the same questions in one process, interleaved per prompt (the
 order rotates from one question to the next so slow drifts of a shared machine cancel out). Reported per
 dataset and temperature:
-- tau (reference definition): per question mean(accept_length) + 1 over its rounds, then the unweighted mean
-  over questions (hass-reference §6); tau (token-weighted): all new tokens / all verification rounds;
+- tau (as the upstream evaluation scripts define it): per question mean(accept_length) + 1 over its rounds, then
+  the unweighted mean over questions; tau (token-weighted): all new tokens / all verification rounds;
 - tokens/s per method (new tokens over wall time, prefill included) and speedup = mean over questions of the
-  method's speed / mean of vanilla's speed (the reference's speed.py), plus the ratio of total throughputs.
+  method's speed / mean of vanilla's speed (the upstream speed.py), plus the ratio of total throughputs.
 Multi-turn questions keep the model's own earlier answers in the conversation, as the reference does.
 """
 import json
@@ -16,6 +17,10 @@ from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from tqdm import tqdm
+
+from .atomic_io import atomic_write_text
+from .generate import generate
 
 DATASETS = ("mt_bench", "humaneval", "gsm8k")
 _DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval")
@@ -57,7 +62,7 @@ def _dataset_name(name_or_path: str) -> str:
     return os.path.splitext(os.path.basename(name_or_path))[0]
 
 
-def _run_question(generate, target, draft, question, turns, **kw) -> dict:
+def _run_question(target, draft, question, turns, **kw) -> dict:
     """All turns of one question with one method; returns tokens, seconds and accept lengths."""
     messages, tokens, seconds, accepts, tree, ids = [], 0, 0.0, [], None, []
     for turn in question["turns"][:turns]:
@@ -113,10 +118,6 @@ def evaluate(target, drafts: Dict[str, object], datasets: Sequence[str] = DATASE
              max_new_tokens: int = 512, turns: int = 2, warmup: int = 1, seed: int = 0, progress: bool = True,
              **tree_options) -> dict:
     """Run vanilla decoding and every draft over the datasets; returns the results dict (see module docstring)."""
-    from tqdm import tqdm
-
-    from .generate import generate
-
     methods = {"vanilla": None, **drafts}
     loaded = {_dataset_name(d): load_questions(d, num_questions) for d in datasets}
     first = next(iter(loaded.values()))[0]
@@ -137,7 +138,7 @@ def evaluate(target, drafts: Dict[str, object], datasets: Sequence[str] = DATASE
                     kw = dict(max_new_tokens=max_new_tokens, temperature=T, seed=seed + qi)
                     if methods[m] is not None:
                         kw.update(tree_options)
-                    per_q[m].append(_run_question(generate, target, methods[m], q, turns, **kw))
+                    per_q[m].append(_run_question(target, methods[m], q, turns, **kw))
                 bar.update(1)
             results[f"{dname}@T={T:g}"] = {"dataset": dname, "temperature": T, "methods": summarize(per_q, greedy=T == 0)}
     bar.close()
@@ -185,27 +186,20 @@ def write_results(results: dict, out_dir: str, name: str, command: str, settings
     base = os.path.join(out_dir, f"{name}-{stamp}")
     doc = {"command": command, "settings": settings, "machine": machine_info(), "results": results}
     paths = {"json": base + ".json", "md": base + ".md"}
-    _atomic_write(paths["json"], json.dumps(doc, indent=2))
+    atomic_write_text(paths["json"], json.dumps(doc, indent=2))
     md = (f"# {name}\n\nCommand: `{command}`\n\nMachine: {doc['machine']}\n\nSettings: {settings}\n\n"
           + markdown_table(results) + "\n")
-    _atomic_write(paths["md"], md)
+    atomic_write_text(paths["md"], md)
     paths.update(_plots(results, base))
     return paths
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _plots(results: dict, base: str) -> Dict[str, str]:
     try:
-        import matplotlib
+        import matplotlib  # start-up: optional, and slow to import; only plots need it
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # start-up: as above
     except ImportError:
         return {}
     out = {}

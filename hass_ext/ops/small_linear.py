@@ -1,0 +1,169 @@
+"""small_linear: ``x @ weight.T + bias`` for the few rows of a decode step or a tree verification on a CPU.
+
+On a CPU a decode step is memory bound. BLAS takes a GEMV path for one row but repacks the weight on every call
+for 2+ rows, so verifying a few tree tokens costs noticeably more than a one-token step with a small model; and its
+GEMV does not reach the memory bandwidth on every CPU. The ``small_linear`` kernel streams each weight row once for
+all rows (bench/bench_small_linear.py measures both).
+
+- ``small_linear(x, weight, bias)``: the op, with its argument checks.
+- ``linear(x, weight, bias)``: ``F.linear``, through the op when the call is small enough to gain from it.
+- ``SmallLinear``: an ``nn.Linear`` whose small float32 CPU inference calls (up to ``MAX_ROWS`` rows) take the op;
+  everything else (prefill, training, other dtypes and devices) still goes to ``torch.nn.functional.linear``.
+- ``use_small_linear(model)`` / ``use_blas_linear(model)``: switch a model's ``nn.Linear`` layers to SmallLinear
+  and back.
+
+``hass_ext.load_target`` applies it to float32 CPU targets, so vanilla decoding and speculative decoding with the
+same target run on the same kernels; draft models use it too, with ``exact_bf16=True``: a draft saved in bf16
+and loaded in fp32 holds only bf16 values, so its layers stream a bf16 copy of each weight (half the bytes, and
+the draft layer then stays in the L3 cache between tree levels) with bit-identical results.
+"""
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _library  # noqa: F401  (registers torch.ops.hass.*)
+from ._checks import check_tensor, describe, wants_grad
+
+MAX_ROWS = 64  # up to here the kernel beats the BLAS GEMM on the CPUs measured (bench/bench_small_linear.py)
+_CPU = torch.device("cpu")
+
+
+@torch.library.register_fake("hass::small_linear")
+def _small_linear_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a few rows on a CPU, as memory-bound as one row (float32; inference only).
+
+    x: ``[..., K]`` float32 on the CPU, a handful of rows (a decode step, a tree verification; past ``MAX_ROWS``
+    rows a BLAS GEMM is faster: see ``linear``). weight: ``[N, K]`` float32 or bfloat16 (nn.Linear layout); a
+    bfloat16 weight is widened exactly, so the result equals the float32 product with ``weight.float()`` bit for
+    bit, for half the bytes read. bias: ``[N]`` float32 or None. Returns ``[..., N]`` float32.
+
+    Each weight row is read once for all rows of x, and each output is summed in a fixed order whatever the
+    number of rows, so a tree node's result is bit-identical to a one-token step over the same input. No autograd:
+    use torch.nn.functional.linear for training.
+    """
+    check_tensor("x", x, dtypes=(torch.float32,), device=_CPU)
+    check_tensor("weight", weight, dims=(2,), dtypes=(torch.float32, torch.bfloat16), device=_CPU)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be [..., {weight.shape[1]}] to match weight {tuple(weight.shape)}, got {describe(x)}")
+    if bias is not None:
+        check_tensor("bias", bias, dims=(1,), dtypes=(torch.float32,), device=_CPU)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have {weight.shape[0]} entries (weight rows), got {describe(bias)}")
+    if wants_grad(x, weight, bias):
+        raise ValueError("small_linear has no backward: call it under torch.no_grad()/inference_mode(), or use "
+                         "torch.nn.functional.linear for training")
+    return torch.ops.hass.small_linear(x, weight, bias)
+
+
+def _small(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+    """Whether the op takes this call: a small float32 CPU inference call (no checks needed past this test)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype in (torch.float32, torch.bfloat16)
+            and x.dim() >= 1 and x.numel() <= MAX_ROWS * x.shape[-1]
+            and (bias is None or bias.dtype == torch.float32)
+            and not wants_grad(x, weight, bias))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through ``small_linear`` when it is a small float32 CPU inference call
+    (``weight`` float32, or bfloat16 with float32 ``x``: widened exactly)."""
+    if _small(x, weight, bias):
+        return torch.ops.hass.small_linear(x, weight, bias)
+    if weight.dtype == torch.bfloat16 and x.dtype == torch.float32:  # a bf16 copy of float32 weights
+        weight = weight.float()
+    return F.linear(x, weight, bias)
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """``t._version`` (bumped by in-place changes); -1 for an inference tensor, which cannot change in place."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def as_exact_bf16(weight: torch.Tensor):
+    """``weight`` as bfloat16 if that conversion is exact (every value a bf16 value), else None."""
+    w = weight.detach()
+    if w.dtype != torch.float32:
+        return None
+    w16 = w.to(torch.bfloat16)
+    return w16 if torch.equal(w16.float(), w) else None
+
+
+class SmallLinear(nn.Linear):
+    """An nn.Linear (same parameters and state dict) whose small inference calls on CPUs use ``small_linear``.
+
+    ``exact_bf16`` (class default False): stream a bf16 copy of the weight when it holds only bf16 values. The
+    copy is made on first use and again whenever the weight is replaced or changed in place."""
+
+    exact_bf16 = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if not _small(x, w, self.bias):
+            return F.linear(x, w, self.bias)
+        if self.exact_bf16:
+            w = self._streamed_weight()
+        return torch.ops.hass.small_linear(x, w, self.bias)
+
+    def _streamed_weight(self) -> torch.Tensor:
+        w = self.weight
+        version = (tensor_version(w), w.data_ptr())  # in-place changes, and new storage (.data = ..., .to())
+        cached = self.__dict__.get("_bf16_copy")
+        if cached is None or cached[0] is not w or cached[1] != version:
+            cached = (w, version, as_exact_bf16(w))
+            self.__dict__["_bf16_copy"] = cached  # not a buffer: not in the state dict, not moved by .to()
+        return w if cached[2] is None else cached[2]
+
+
+def use_small_linear(model: nn.Module, exact_bf16: bool = False) -> int:
+    """Switch every plain nn.Linear in ``model`` to SmallLinear, in place; returns how many were switched.
+
+    Parameters, state dict, hooks and outputs on other devices/dtypes are unchanged; on float32 CPU inference
+    calls of up to MAX_ROWS rows the outputs differ from BLAS only by summation order (~1e-6 relative).
+    exact_bf16: also stream bf16 copies of weights that hold only bf16 values (same outputs, half the bytes).
+    ``use_blas_linear`` undoes it.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = SmallLinear
+            count += 1
+        if type(module) is SmallLinear and exact_bf16:
+            module.exact_bf16 = True
+    return count
+
+
+def use_blas_linear(model: nn.Module) -> int:
+    """Undo ``use_small_linear``: every SmallLinear in ``model`` becomes a plain nn.Linear again."""
+    count = 0
+    for module in model.modules():
+        if type(module) is SmallLinear:
+            module.__class__ = nn.Linear
+            module.__dict__.pop("exact_bf16", None)
+            module.__dict__.pop("_bf16_copy", None)
+            count += 1
+    return count
+
+
+# ---- deprecated names ---------------------------------------------------------------------------------------
+
+def use_small_batch_linear(model: nn.Module, exact_bf16: bool = False) -> int:
+    """Deprecated name of :func:`use_small_linear`."""
+    warnings.warn("use_small_batch_linear is deprecated: use hass_ext.use_small_linear", DeprecationWarning,
+                  stacklevel=2)
+    return use_small_linear(model, exact_bf16)
+
+
+def __getattr__(name: str):
+    if name == "SmallBatchLinear":  # the former name of SmallLinear
+        warnings.warn("SmallBatchLinear is deprecated: use hass_ext.SmallLinear", DeprecationWarning, stacklevel=2)
+        return SmallLinear
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
