@@ -165,6 +165,9 @@ def test_config_modes_and_validation(data_dir, tmp_path):
         cfg(data_dir, tmp_path, step_weights=[1.0, 0.5])
     with pytest.raises(ValueError, match="mode must be one of"):
         cfg(data_dir, tmp_path, mode="medusa")
+    for bad in (dict(save_every=-1), dict(eval_every=-5), dict(eval_max_examples=-1)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be >= 0"):
+            cfg(data_dir, tmp_path, **bad)
 
 
 @pytest.mark.parametrize("mode", ["hass", "eagle"])

@@ -130,8 +130,9 @@ def test_signal_writes_a_checkpoint_that_resume_continues_bit_for_bit(setup, str
     assert f"stopped by {sig} at step {latest['step']}" in stderr and "--resume" in stderr
     assert not (out / "draft").exists() and not leftovers(out)
 
-    again = run(train_cmd(setup, out, "--save-every", "0"))  # the same command without --resume is refused
-    assert again.returncode == 2 and "already holds a training run" in again.stderr and "--resume" in again.stderr
+    if sig == "SIGINT":  # the same command without --resume is refused (once is enough)
+        again = run(train_cmd(setup, out, "--save-every", "0"))
+        assert again.returncode == 2 and "already holds a training run" in again.stderr and "--resume" in again.stderr
 
     resumed = run(train_cmd(setup, out, "--save-every", "0", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

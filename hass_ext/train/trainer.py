@@ -151,6 +151,8 @@ class TrainConfig:
         for name in ("save_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = only at the end), got {getattr(self, name)}")
+        if self.eval_max_examples is not None and self.eval_max_examples < 0:
+            raise ValueError(f"eval_max_examples must be >= 0 or None, got {self.eval_max_examples}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.draft_vocab is not None and (isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int)
