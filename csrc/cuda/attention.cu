@@ -406,6 +406,9 @@ __global__ void __launch_bounds__(kThreads) align_fwd_kernel(hass::AlignParams p
   const int b = blockIdx.y / p.Hq, h = blockIdx.y % p.Hq, hk = h / (p.Hq / p.Hkv);
   const int t0 = blockIdx.x * kBM;
   load_rows<T, D>(s_q, S::kLd, kBM, [&](int r) { return t0 + r < p.T ? row_ptr<T>(p.q, b, h, t0 + r) : nullptr; });
+  // Rows of s_q are written by every warp and read per warp below; the level-0 loop's barriers are not enough:
+  // it has no iteration when no row of this tile sees a level-0 key (T < F, or t0 + 63 < F - 1).
+  __syncthreads();
 
   float o[DT][4], m[2], l[2];
   zero(o);
@@ -515,6 +518,7 @@ __global__ void __launch_bounds__(kThreads) align_dq_kernel(hass::AlignParams p)
   const int64_t row_base = (static_cast<int64_t>(b) * p.Hq + h) * p.T;
   load_rows<T, D>(s_q, S::kLd, kBM, [&](int r) { return t0 + r < p.T ? row_ptr<T>(p.q, b, h, t0 + r) : nullptr; });
   load_rows<T, D>(s_do, S::kLd, kBM, [&](int r) { return t0 + r < p.T ? row_ptr<T>(p.dout, b, h, t0 + r) : nullptr; });
+  __syncthreads();  // s_q / s_do are read per warp below, also when the level-0 loop has no iteration
   float lse[2], dl[2];
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
