@@ -315,19 +315,24 @@ def test_cuda_ragged_prefix_strided():
 
 
 def test_benchmark_quick(tmp_path):
-    # bench/bench_attention.py --quick runs end to end and writes its JSON and Markdown tables.
+    # bench/bench_tree_attention.py --quick runs end to end and writes its JSON and Markdown tables.
     import json
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, os.path.join(root, "bench", "bench_attention.py"), "--quick", "--device", "cpu",
+    subprocess.run([sys.executable, os.path.join(root, "bench", "bench_tree_attention.py"), "--quick", "--device", "cpu",
                     "--reps", "1", "--out", str(tmp_path)], check=True, capture_output=True, timeout=300)
     res = json.loads((tmp_path / "attention_cpu_quick.json").read_text())
     assert len(res["tree"]) == 2 and res["align"]["peak_mib"]["oracle fwd+bwd"] >= 0
+    # what users would otherwise run: transformers' repeat_kv + float-mask SDPA, and causal SDPA (the ceiling)
+    assert set(res["tree"][0]["times_s"]) >= {"hass tree_attention", "transformers sdpa (repeat_kv + float mask)",
+                                               "causal SDPA, same keys (ceiling)"}
+    assert all(t > 0 for t in res["tree"][0]["times_s"].values())
+    assert res["tree"][0]["ratio_vs_transformers"] > 0 and res["tree"][0]["ratio_vs_causal"] > 0
     assert "Tree attention" in (tmp_path / "attention_cpu_quick.md").read_text()
-    subprocess.run([sys.executable, os.path.join(root, "bench", "bench_attention.py"), "--quick", "--decode",
+    subprocess.run([sys.executable, os.path.join(root, "bench", "bench_tree_attention.py"), "--quick", "--decode",
                     "--device", "cpu", "--reps", "1", "--out", str(tmp_path)], check=True, capture_output=True,
                    timeout=300)
     res = json.loads((tmp_path / "attention_decode_cpu_quick.json").read_text())

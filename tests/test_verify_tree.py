@@ -612,12 +612,13 @@ def test_benchmark_quick_runs(tmp_path):
     import json
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_verify.py")
-    spec = importlib.util.spec_from_file_location("bench_verify", path)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_verify_tree.py")
+    spec = importlib.util.spec_from_file_location("bench_verify_tree", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.main(["--quick", "--device", "cpu", "--repeats", "1", "--results-dir", str(tmp_path)])
     data = json.loads((tmp_path / "verify_tree_quick.json").read_text())
     assert data["machine"]["torch"] == torch.__version__
-    assert len(data["results"]) == 12 and all(r["op_ms"] > 0 and r["oracle_ms"] > 0 for r in data["results"])
+    assert len(data["results"]) == 16 and all(r["op_ms"] > 0 and r["oracle_ms"] > 0 for r in data["results"])
     assert (tmp_path / "verify_tree_quick.md").read_text().startswith("# verify_tree benchmark")
+    assert {r["mode"] for r in data["results"]} >= {"T=1 p=.9"}  # the top-p-only case (top-k 0)
