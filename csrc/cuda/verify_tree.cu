@@ -19,24 +19,19 @@
 #include <climits>
 #include <cstdint>
 
+#include "common.cuh"
 #include "hass/verify_tree.h"
 
 namespace {
+
+using hass::cuda::to_float;
+using hass::cuda::warp_sum;
 
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxWarps = kMaxThreads / 32;
 constexpr int kHistCopies = 16;  // radix histogram copies in shared memory (see SelectSmem)
 constexpr unsigned kFull = 0xffffffffu;
 using u64 = unsigned long long;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
 
 // Calls f(j, x) for the block's share of row[0..V): 16-byte loads when the row is aligned (four in flight per
 // thread), each thread visiting its indices in increasing order (the argmax tie rule relies on it).
@@ -69,12 +64,6 @@ __device__ __forceinline__ void for_each_logit(const T* __restrict__ row, int V,
     start = nvec * kVec;
   }
   for (int j = start + threadIdx.x; j < V; j += blockDim.x) f(j, to_float(row[j]));
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
 }
 
 // Block-wide sum in a fixed order; red needs kMaxWarps floats. Every thread gets the result.
