@@ -122,17 +122,20 @@ __global__ void __launch_bounds__(kThreads, 1) tree_attention_sm90_kernel(hass::
     cp_async_commit();  // one group per stage, empty or not, so the wait count below stays fixed
   }
 
-  // The ancestor-mask rows of this warp's 32 queries as 64-bit words (tree split only), 32 bits per ballot.
+  // The ancestor-mask rows of the CTA's queries as 64-bit words (tree split only): one word a thread at a time,
+  // its 64 byte loads independent so that they are all in flight together. Read after the loop's first barrier.
   if (tree)
-    for (int r = warp * 32; r < warp * 32 + 32; ++r) {
-      const int rr = r0 + r;
-      const bool* row = rr < rows ? p.mask + (static_cast<int64_t>(b) * p.n + rr % p.n) * p.n : nullptr;
-      for (int w = 0; w < W; ++w) {
-        const int j0 = 64 * w + lane, j1 = j0 + 32;
-        const unsigned lo = __ballot_sync(0xffffffffu, row && j0 < p.n && row[j0]);
-        const unsigned hi = __ballot_sync(0xffffffffu, row && j1 < p.n && row[j1]);
-        if (lane == 0) s_mask[r * W + w] = static_cast<uint64_t>(lo) | (static_cast<uint64_t>(hi) << 32);
+    for (int e = tid; e < kRows * W; e += kThreads) {
+      const int r = e / W, w = e % W, rr = r0 + r;
+      uint64_t bits = 0;
+      if (rr < rows) {
+        const bool* row = p.mask + (static_cast<int64_t>(b) * p.n + rr % p.n) * p.n + 64 * w;
+        const int cnt = min(64, p.n - 64 * w);
+#pragma unroll
+        for (int j = 0; j < 64; ++j)
+          if (j < cnt && row[j]) bits |= uint64_t{1} << j;
       }
+      s_mask[e] = bits;
     }
 
   float o[2][DT][4], m[2][2], l[2][2];
