@@ -20,7 +20,7 @@
 
 namespace {
 
-using hass::cuda::Cvt;
+using hass::cuda::Io;
 using hass::cuda::mma_16816;
 using hass::cuda::pack2;
 using hass::cuda::quad_max;
@@ -55,7 +55,7 @@ struct STile {
 template <typename T, int NT, bool kBT>
 __device__ __forceinline__ void warp_gemm(float (&acc)[NT][4], const STile<T>& a, const STile<T>& b, int K) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  if constexpr (Cvt<T>::kTensorCore) {
+  if constexpr (Io<T>::kTensorCore) {
     for (int k0 = 0; k0 < K; k0 += 16) {
       const uint32_t af[4] = {a.pair(g, k0 + 2 * t), a.pair(g + 8, k0 + 2 * t), a.pair(g, k0 + 2 * t + 8),
                               a.pair(g + 8, k0 + 2 * t + 8)};
@@ -75,12 +75,12 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[NT][4], const STile<T>& a
     }
   } else {
     for (int k = 0; k < K; ++k) {
-      const float a0 = Cvt<T>::to(a(g, k)), a1 = Cvt<T>::to(a(g + 8, k));
+      const float a0 = Io<T>::to(a(g, k)), a1 = Io<T>::to(a(g + 8, k));
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int j = nt * 8 + 2 * t;
-        const float b0 = Cvt<T>::to(kBT ? b(j, k) : b(k, j));
-        const float b1 = Cvt<T>::to(kBT ? b(j + 1, k) : b(k, j + 1));
+        const float b0 = Io<T>::to(kBT ? b(j, k) : b(k, j));
+        const float b1 = Io<T>::to(kBT ? b(j + 1, k) : b(k, j + 1));
         acc[nt][0] = fmaf(a0, b0, acc[nt][0]);
         acc[nt][1] = fmaf(a0, b1, acc[nt][1]);
         acc[nt][2] = fmaf(a1, b0, acc[nt][2]);
@@ -166,8 +166,8 @@ __device__ __forceinline__ void store_frag(const STile<T>& dst, const float (&x)
   for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      dst(g + 8 * h, nt * 8 + 2 * t) = Cvt<T>::from(x[nt][2 * h]);
-      dst(g + 8 * h, nt * 8 + 2 * t + 1) = Cvt<T>::from(x[nt][2 * h + 1]);
+      dst(g + 8 * h, nt * 8 + 2 * t) = Io<T>::from(x[nt][2 * h]);
+      dst(g + 8 * h, nt * 8 + 2 * t + 1) = Io<T>::from(x[nt][2 * h + 1]);
     }
 }
 
@@ -267,8 +267,8 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(hass::TreeAttn
       T* dst = row_ptr_w<T>(p.out, b, head, node);
 #pragma unroll
       for (int j = 0; j < DT; ++j) {
-        dst[j * 8 + 2 * t] = Cvt<T>::from(o[j][2 * h] * inv);
-        dst[j * 8 + 2 * t + 1] = Cvt<T>::from(o[j][2 * h + 1] * inv);
+        dst[j * 8 + 2 * t] = Io<T>::from(o[j][2 * h] * inv);
+        dst[j * 8 + 2 * t + 1] = Io<T>::from(o[j][2 * h + 1] * inv);
       }
     } else {
       const int64_t row_id = (static_cast<int64_t>(b) * p.Hq + head) * p.n + node;
@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) tree_combine_kernel(hass::TreeAttnPa
   const int b = static_cast<int>(row / (static_cast<int64_t>(p.n) * p.Hq));
   T* dst = row_ptr_w<T>(p.out, b, head, node);
 #pragma unroll
-  for (int j = 0; j < D / 32; ++j) dst[j * 32 + lane] = Cvt<T>::from(acc[j]);
+  for (int j = 0; j < D / 32; ++j) dst[j * 32 + lane] = Io<T>::from(acc[j]);
 }
 
 // ==== alignment attention: forward =====================================================================
@@ -328,7 +328,7 @@ __device__ __forceinline__ float quad_row_dot(const STile<T>& x, int r, const T*
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) s += Cvt<T>::to(x(r, j * 8 + 2 * t + e)) * Cvt<T>::to(y[j * 8 + 2 * t + e]);
+      for (int e = 0; e < 2; ++e) s += Io<T>::to(x(r, j * 8 + 2 * t + e)) * Io<T>::to(y[j * 8 + 2 * t + e]);
   return quad_sum(s);
 }
 
@@ -402,7 +402,7 @@ __global__ void __launch_bounds__(kThreads) align_fwd_kernel(hass::AlignParams p
       for (int j = 0; j < DT; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-          o[j][2 * hh + e] = o[j][2 * hh + e] * alpha + pr * Cvt<T>::to(vr[j * 8 + 2 * t + e]);
+          o[j][2 * hh + e] = o[j][2 * hh + e] * alpha + pr * Io<T>::to(vr[j * 8 + 2 * t + e]);
       l[hh] = l[hh] * alpha + pr;
       m[hh] = mn;
     }
@@ -412,7 +412,7 @@ __global__ void __launch_bounds__(kThreads) align_fwd_kernel(hass::AlignParams p
 #pragma unroll
     for (int j = 0; j < DT; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) dst[j * 8 + 2 * t + e] = Cvt<T>::from(o[j][2 * hh + e] * inv);
+      for (int e = 0; e < 2; ++e) dst[j * 8 + 2 * t + e] = Io<T>::from(o[j][2 * hh + e] * inv);
     if (t == 0) p.lse[(static_cast<int64_t>(b) * p.Hq + h) * p.T + row] = hass::row_lse(m[hh], l[hh]);
   }
 }
@@ -431,7 +431,7 @@ __global__ void __launch_bounds__(kThreads) align_delta_kernel(hass::AlignParams
   const T* o = row_ptr<T>(p.out, b, h, tt);
   float s = 0.f;
 #pragma unroll
-  for (int j = 0; j < D / 32; ++j) s += Cvt<T>::to(go[j * 32 + lane]) * Cvt<T>::to(o[j * 32 + lane]);
+  for (int j = 0; j < D / 32; ++j) s += Io<T>::to(go[j * 32 + lane]) * Io<T>::to(o[j * 32 + lane]);
   s = warp_sum(s);
   if (lane == 0) p.delta[row] = s;
 }
@@ -512,14 +512,14 @@ __global__ void __launch_bounds__(kThreads) align_dq_kernel(hass::AlignParams p)
 #pragma unroll
       for (int j = 0; j < DT; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) dq[j][2 * hh + e] += ds * Cvt<T>::to(kr[j * 8 + 2 * t + e]);
+        for (int e = 0; e < 2; ++e) dq[j][2 * hh + e] += ds * Io<T>::to(kr[j * 8 + 2 * t + e]);
     }
     if (row >= p.T) continue;
     T* dst = row_ptr_w<T>(p.dq, b, h, row);
 #pragma unroll
     for (int j = 0; j < DT; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) dst[j * 8 + 2 * t + e] = Cvt<T>::from(dq[j][2 * hh + e] * p.scale);
+      for (int e = 0; e < 2; ++e) dst[j * 8 + 2 * t + e] = Io<T>::from(dq[j][2 * hh + e] * p.scale);
   }
 }
 
@@ -602,8 +602,8 @@ __global__ void __launch_bounds__(kThreads) align_dkv_kernel(hass::AlignParams p
     for (int j = 0; j < DT; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        dkr[j * 8 + 2 * t + e] = Cvt<T>::from(dk[j][2 * kh + e] * p.scale);
-        dvr[j * 8 + 2 * t + e] = Cvt<T>::from(dv[j][2 * kh + e]);
+        dkr[j * 8 + 2 * t + e] = Io<T>::from(dk[j][2 * kh + e] * p.scale);
+        dvr[j * 8 + 2 * t + e] = Io<T>::from(dv[j][2 * kh + e]);
       }
   }
 }
@@ -625,8 +625,8 @@ __global__ void __launch_bounds__(kThreads) align_dkv_diag_kernel(hass::AlignPar
   const T* vr = level_ptr<T>(p.v, i, b, hk, c);
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    kk[j] = Cvt<T>::to(kr[j * 32 + lane]);
-    vv[j] = Cvt<T>::to(vr[j * 32 + lane]);
+    kk[j] = Io<T>::to(kr[j * 32 + lane]);
+    vv[j] = Io<T>::to(vr[j * 32 + lane]);
     dk[j] = dv[j] = 0.f;
   }
   const int64_t row = hass::align_diag_row(c, p.F, i, p.T);
@@ -638,8 +638,8 @@ __global__ void __launch_bounds__(kThreads) align_dkv_diag_kernel(hass::AlignPar
       float qv[J], gv[J], s = 0.f, dp = 0.f;
 #pragma unroll
       for (int j = 0; j < J; ++j) {
-        qv[j] = Cvt<T>::to(qr[j * 32 + lane]);
-        gv[j] = Cvt<T>::to(gr[j * 32 + lane]);
+        qv[j] = Io<T>::to(qr[j * 32 + lane]);
+        gv[j] = Io<T>::to(gr[j * 32 + lane]);
         s += qv[j] * kk[j];
         dp += gv[j] * vv[j];
       }
@@ -658,8 +658,8 @@ __global__ void __launch_bounds__(kThreads) align_dkv_diag_kernel(hass::AlignPar
   T* dvr = level_ptr_w<T>(p.dv, i, b, hk, c);
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    dkr[j * 32 + lane] = Cvt<T>::from(dk[j] * p.scale);
-    dvr[j * 32 + lane] = Cvt<T>::from(dv[j]);
+    dkr[j * 32 + lane] = Io<T>::from(dk[j] * p.scale);
+    dvr[j * 32 + lane] = Io<T>::from(dv[j]);
   }
 }
 

@@ -20,9 +20,13 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// Max over the warp; a lane keeps its value unless the other is larger (a NaN is kept, not dropped as fmaxf would).
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, o));
+  for (int o = 16; o > 0; o >>= 1) {
+    const float y = __shfl_xor_sync(kFullMask, x, o);
+    x = y > x ? y : x;
+  }
   return x;
 }
 
@@ -39,30 +43,69 @@ __device__ __forceinline__ float quad_max(float x) {
 
 // ---- dtypes ----------------------------------------------------------------------------------------
 
+// Conversion of one element to/from fp32, and 8 consecutive elements (16-byte aligned) loaded or stored with
+// 16-byte accesses (two for fp32). kTensorCore: the mma kernels take this dtype as tensor-core operands.
 template <typename T>
-struct Cvt;
+struct Io;
+
 template <>
-struct Cvt<float> {
+struct Io<float> {
   static constexpr bool kTensorCore = false;
   static __device__ __forceinline__ float to(float x) { return x; }
   static __device__ __forceinline__ float from(float x) { return x; }
+  static __device__ __forceinline__ void load8(const float* p, float* o) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+  }
+  static __device__ __forceinline__ void store8(float* p, const float* v) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
 };
-template <>
-struct Cvt<__nv_bfloat16> {
+
+// The 16-bit dtypes: H with its pair type H2 and their fp32 conversions.
+template <typename H2, typename H, float2 (*ToF2)(H2), H2 (*FromF2)(float2), float (*ToF)(H), H (*FromF)(float)>
+struct Io16 {
   static constexpr bool kTensorCore = true;
-  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ float to(H x) { return ToF(x); }
+  static __device__ __forceinline__ H from(float x) { return FromF(x); }
+  static __device__ __forceinline__ void load8(const H* p, float* o) {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    const H2* h = reinterpret_cast<const H2*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = ToF2(h[j]);
+      o[2 * j] = f.x;
+      o[2 * j + 1] = f.y;
+    }
+  }
+  static __device__ __forceinline__ void store8(H* p, const float* v) {
+    uint4 u;
+    H2* h = reinterpret_cast<H2*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) h[j] = FromF2(make_float2(v[2 * j], v[2 * j + 1]));
+    *reinterpret_cast<uint4*>(p) = u;
+  }
 };
+
+__device__ __forceinline__ float2 bf2_to_f2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+__device__ __forceinline__ __nv_bfloat162 f2_to_bf2(float2 x) { return __float22bfloat162_rn(x); }
+__device__ __forceinline__ float bf_to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ __nv_bfloat16 f_to_bf(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ float2 h2_to_f2(__half2 x) { return __half22float2(x); }
+__device__ __forceinline__ __half2 f2_to_h2(float2 x) { return __float22half2_rn(x); }
+__device__ __forceinline__ float h_to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ __half f_to_h(float x) { return __float2half_rn(x); }
+
 template <>
-struct Cvt<__half> {
-  static constexpr bool kTensorCore = true;
-  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
-};
+struct Io<__nv_bfloat16> : Io16<__nv_bfloat162, __nv_bfloat16, bf2_to_f2, f2_to_bf2, bf_to_f, f_to_bf> {};
+template <>
+struct Io<__half> : Io16<__half2, __half, h2_to_f2, f2_to_h2, h_to_f, f_to_h> {};
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x) {
-  return Cvt<T>::to(x);
+  return Io<T>::to(x);
 }
 
 // Two 16-bit values in one register, lo in the low half (the operand order of mma fragments).
@@ -77,7 +120,7 @@ __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
 // Two floats rounded to T and packed.
 template <typename T>
 __device__ __forceinline__ uint32_t pack2f(float lo, float hi) {
-  return pack2<T>(Cvt<T>::from(lo), Cvt<T>::from(hi));
+  return pack2<T>(Io<T>::from(lo), Io<T>::from(hi));
 }
 
 // ---- PTX: asynchronous copies, ldmatrix, mma ---------------------------------------------------------
