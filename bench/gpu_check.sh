@@ -176,7 +176,7 @@ elif [ "$DRY" = 1 ]; then  # the same plumbing on a CPU subset (the T < F and ti
   step tests 60 "$OUT/tests.log" "echo 'dry run: would run: $PYTEST tests -k cuda --ignore=tests/test_wheels.py'
     $PYTEST tests/test_align_attention.py tests/test_verify_tree.py -k 'fewer_positions or ties_and_boundaries'"
 else
-  step tests 150 "$OUT/tests.log" "$PYTEST tests -k cuda --ignore=tests/test_wheels.py"
+  step tests 180 "$OUT/tests.log" "$PYTEST tests -k cuda --ignore=tests/test_wheels.py"
 fi
 
 # ---- benchmarks (Llama-3-8B shapes, bf16) and the sanitizer ----------------------------------------------
@@ -206,9 +206,9 @@ bench bench_tree_attention 60 "--device cuda --out $BENCH" "--device cpu --quick
 bench bench_verify_tree 45 "--device cuda --llama --results-dir $BENCH" "--device cpu --quick --repeats 1 --results-dir $BENCH"
 sanitize memcheck 45
 sanitize racecheck 60
-bench bench_round 90 "--device cuda --shape llama3-8b --attn hass_tree sdpa --out-dir $BENCH" \
+bench bench_round 90 "--device cuda --shape llama3-8b --attn hass_tree sdpa --repeats 10 --out-dir $BENCH" \
   "--device cpu --tiny --repeats 1 --attn hass_tree sdpa --out-dir $BENCH"
-bench bench_distill_loss 60 "--device cuda --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"
+bench bench_distill_loss 60 "--device cuda --reps 10 --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"
 bench bench_compact_kv 20 "--device cuda --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"
 
 pack_bench
