@@ -20,7 +20,7 @@ from hass_ext import ops  # noqa: E402
 
 
 def tree_attention(dev, gen):
-    for dtype, d in ((torch.bfloat16, 64), (torch.float32, 128)):
+    for dtype, d in ((torch.bfloat16, 64), (torch.float16, 128), (torch.float32, 128)):  # sm90 kernel x2, fallback
         B, Hq, Hkv, n, L = 2, 4, 2, 5, 140
         q, k, v = (torch.randn(B, h, s, d, generator=gen).to(dtype) for h, s in ((Hq, n), (Hkv, L), (Hkv, L)))
         mask = torch.tril(torch.rand(B, n, n, generator=gen) < 0.5) | torch.eye(n, dtype=torch.bool)
