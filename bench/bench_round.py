@@ -12,10 +12,14 @@ break-even tau = round / vanilla step: the tokens a round must yield to match va
 Random weights accept almost nothing, so the round here moves few cache entries; the costs barely depend on it.
 GPU (CUDA events): absolute times. CPU: absolute times are noisy on a shared machine, the ratios are what counts.
 
+The target's attention is each of --attn in turn (default both, on the same weights and prefill):
+  hass_tree  hass_ext's tree-attention kernel takes the ancestor mask (hass_ext.register_hass_tree)
+  sdpa       transformers' sdpa attention with the 4D float tree mask (repeat_kv + masked SDPA)
+
     python bench/bench_round.py --shape llama3-8b           # the GPU shape (bf16)
     python bench/bench_round.py --tiny                      # seconds on a CPU (= --quick)
-    python bench/bench_round.py --shape smollm2-135m --layers 2 --context 512
-Writes bench/results/round_<device>.json and .md (round_<device>-quick with --tiny).
+    python bench/bench_round.py --shape smollm2-135m --layers 2 --context 512 --attn hass_tree
+Writes bench/results/round_<device>_<attn>.json and .md per attention (round_<device>_<attn>-quick with --tiny).
 """
 import os
 import statistics
@@ -36,6 +40,8 @@ from hass_ext.generate import decode_step  # noqa: E402
 from hass_ext.sampling import sample_token  # noqa: E402
 from hass_ext.speculative import (DEFAULT_DEPTH, DEFAULT_TOTAL_TOKENS, DEFAULT_TREE_TOPK, Sampling,  # noqa: E402
                                   check_target, prefill, resolve_draft, speculative_round)
+
+ATTENTIONS = ("hass_tree", "sdpa")
 
 SHAPES = {
     "llama3-8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate_size=14336, vocab=128256,
@@ -99,6 +105,15 @@ def build(args, dev, dtype):
     return target, draft, shape
 
 
+def set_attention(target, attn: str):
+    """Switch the target's transformers attention implementation (the model config and each layer's)."""
+    if attn == "hass_tree":
+        hass_ext.register_hass_tree()
+    target.model.config._attn_implementation = attn
+    for layer in target.model.model.layers:
+        layer.self_attn.config._attn_implementation = attn
+
+
 class Bench:
     """The target and draft after a prefill, and the state every timed call starts from."""
 
@@ -156,6 +171,8 @@ def main():
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="default bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--attn", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS),
+                    help="target attention implementations to time, each in turn (default both)")
     args = ap.parse_args()
     args.tiny = args.tiny or args.quick
     dev = torch.device(args.device)
@@ -170,6 +187,22 @@ def main():
     tree = dict(total_tokens=DEFAULT_TOTAL_TOKENS, depth=DEFAULT_DEPTH, tree_topk=DEFAULT_TREE_TOPK)
     b = Bench(target, draft, args.context, tree, dev)
 
+    failures = []
+    for attn in args.attn:
+        set_attention(target, attn)
+        failures += measure(b, args, attn, dev, dtype, shape, tree, repeats)
+    if failures:
+        message = "; ".join(failures)
+        if dtype == torch.float32:
+            raise SystemExit(message)
+        # in 16-bit a random model's near-tied logits can flip between the tree forward and single steps
+        print("warning:", message, file=sys.stderr)
+
+
+def measure(b, args, attn, dev, dtype, shape, tree, repeats) -> list:
+    """Times vanilla steps and rounds with the target's current attention; writes the results; returns the
+    failed losslessness checks (empty when the timed rounds are greedy decoding's)."""
+    cuda = dev.type == "cuda"
     # Losslessness of the timed round: its tokens are what greedy vanilla decoding would commit.
     b.restore()
     first = b.round()
@@ -201,7 +234,8 @@ def main():
                      "share_of_round": f"{100 * s / total:.1f}%", "peak_mem_MiB": ""})
     rows.append({"step": "round: total", unit: total * scale, "x_vanilla_step": total / t["vanilla"],
                  "share_of_round": "100%", "peak_mem_MiB": mem_round / 2**20})
-    config = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "dtype": str(dtype).replace("torch.", ""),
+    config = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "attention": attn,
+              "dtype": str(dtype).replace("torch.", ""),
               "shape": "tiny" if args.tiny else args.shape, **shape, "context": args.context, **tree,
               "repeats": repeats}
     summary = {"vanilla_step_s": t["vanilla"], "round_s": total, "phases_s": phases,
@@ -211,20 +245,19 @@ def main():
     timing = ("CUDA events: absolute times." if cuda else
               "CPU wall clock, vanilla steps and rounds timed interleaved in one run: on a shared CPU the ratios "
               "(x_vanilla_step, break-even tau) are what counts, absolute times are indicative only.")
-    notes = (f"One speculative round (tree {tree['total_tokens']} nodes, depth {tree['depth']}, top-k "
+    notes = (f"Target attention {attn}. One speculative round (tree {tree['total_tokens']} nodes, depth {tree['depth']}, top-k "
              f"{tree['tree_topk']}) vs one vanilla decode step after a {args.context}-token context. "
              f"Break-even tau = round / step = {total / t['vanilla']:.2f}: a round must commit that many tokens "
              f"to match vanilla decoding ({len(first)} committed here: random weights). {timing} Times are means "
              f"over the middle half of {repeats} repetitions; rest = the round minus its steps.")
-    name = "round_" + (config["device"].replace(" ", "_") if cuda else "cpu")
+    name = "round_" + (config["device"].replace(" ", "_") if cuda else "cpu") + "_" + attn
     write(name, rows, args.out_dir, notes, args.quick or args.tiny, config, {"summary": summary})
-    if not (matches_greedy and same_tokens):
-        message = ("the timed round did not reproduce greedy decoding (summary: round_matches_greedy, "
-                   "rounds_identical)")
-        if dtype == torch.float32:
-            raise SystemExit(message)
-        # in 16-bit a random model's near-tied logits can flip between the tree forward and single steps
-        print("warning:", message, file=sys.stderr)
+    if matches_greedy and same_tokens:
+        return []
+    return [f"{attn}: the timed round did not reproduce greedy decoding (summary: round_matches_greedy, "
+            f"rounds_identical)"]
+
+
 
 
 if __name__ == "__main__":

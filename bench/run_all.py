@@ -22,7 +22,7 @@ def discover():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (each benchmark's --quick)")
-    ap.add_argument("--only", nargs="*", default=None, help="benchmark names to run (e.g. bench_verify)")
+    ap.add_argument("--only", nargs="*", default=None, help="benchmark names to run (e.g. bench_verify_tree)")
     ap.add_argument("--skip", nargs="*", default=[], help="benchmark names not to run")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)

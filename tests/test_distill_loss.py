@@ -418,7 +418,7 @@ def test_fused_linear_ignores_autocast():
 
 def test_bench_quick(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_loss.py"), "--quick", "--out-dir",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_distill_loss.py"), "--quick", "--out-dir",
                         str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "bench_loss_quick.json").read_text())

@@ -326,22 +326,65 @@ def test_cuda_ragged_prefix_strided():
 
 
 def test_benchmark_quick(tmp_path):
-    # bench/bench_attention.py --quick runs end to end and writes its JSON and Markdown tables.
+    # bench/bench_tree_attention.py --quick runs end to end and writes its JSON and Markdown tables.
     import json
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, os.path.join(root, "bench", "bench_attention.py"), "--quick", "--device", "cpu",
+    subprocess.run([sys.executable, os.path.join(root, "bench", "bench_tree_attention.py"), "--quick", "--device", "cpu",
                     "--reps", "1", "--out", str(tmp_path)], check=True, capture_output=True, timeout=300)
     res = json.loads((tmp_path / "attention_cpu_quick.json").read_text())
     assert len(res["tree"]) == 2 and res["align"]["peak_mib"]["oracle fwd+bwd"] >= 0
+    # what users would otherwise run: transformers' repeat_kv + float-mask SDPA, and causal SDPA (the ceiling)
+    assert set(res["tree"][0]["times_s"]) >= {"hass tree_attention", "transformers sdpa (repeat_kv + float mask)",
+                                               "causal SDPA, same keys (ceiling)"}
+    assert all(t > 0 for t in res["tree"][0]["times_s"].values())
+    assert res["tree"][0]["ratio_vs_transformers"] > 0 and res["tree"][0]["ratio_vs_causal"] > 0
     assert "Tree attention" in (tmp_path / "attention_cpu_quick.md").read_text()
-    subprocess.run([sys.executable, os.path.join(root, "bench", "bench_attention.py"), "--quick", "--decode",
+    subprocess.run([sys.executable, os.path.join(root, "bench", "bench_tree_attention.py"), "--quick", "--decode",
                     "--device", "cpu", "--reps", "1", "--out", str(tmp_path)], check=True, capture_output=True,
                    timeout=300)
     res = json.loads((tmp_path / "attention_decode_cpu_quick.json").read_text())
     assert [(r["prefix"], r["n"]) for r in res["decode"]] == [(32, 6)]
     assert all(t > 0 for t in res["decode"][0]["times_s"].values())
     assert "hass / transformers sdpa" in (tmp_path / "attention_decode_cpu_quick.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device and hass_ext's CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("P", [0, 700, 4096])
+def test_cuda_row_does_not_depend_on_tree_size(dtype, d, P):
+    # The split plan over the prefix depends on the prefix length, never on n: the first nodes of a tree give
+    # bit-identical rows whether the tree has 16, 60 or 100 nodes (100 nodes x 4 heads: two row blocks).
+    gen = torch.Generator().manual_seed(P + d)
+    Hq, Hkv, n = 32, 8, 100
+    parents, mask = make_tree("random", n, gen)
+    q, k, v = rand_inputs(1, Hq, Hkv, n, P, d, dtype, gen, device="cuda")
+    outs = {}
+    for m in (16, 60, 100):
+        kk = torch.cat([k[:, :, :P], k[:, :, P:P + m]], 2)
+        vv = torch.cat([v[:, :, :P], v[:, :, P:P + m]], 2)
+        outs[m] = ops.tree_attention(q[:, :, :m].contiguous(), kk, vv, mask[None, :m, :m].cuda())
+    assert torch.equal(outs[16], outs[60][:, :, :16]) and torch.equal(outs[60], outs[100][:, :, :60])
+    assert_close(outs[100].cpu(), oracle(q.cpu(), k.cpu(), v.cpu(), mask[None]), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device and hass_ext's CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 300, 513), (1, 4, 1, 1024, 64), (4, 28, 4, 5, 2000)])
+def test_cuda_large_trees_and_batches(dtype, shape):
+    # Many mask words a row (n up to 1024), several row blocks per KV head, batch rows with their own ragged
+    # prefixes (chunks past a row's prefix are empty splits).
+    B, Hq, Hkv, n, P = shape
+    gen = torch.Generator().manual_seed(n + P)
+    masks = torch.stack([make_tree("random", n, gen)[1] for _ in range(B)])
+    q, k, v = rand_inputs(B, Hq, Hkv, n, P, 128, dtype, gen)
+    pl = torch.randint(0, P + 1, (B,), generator=gen)
+    pl[0] = P
+    out = ops.tree_attention(q.cuda(), k.cuda(), v.cuda(), masks.cuda(), prefix_lens=pl.cuda())
+    assert_close(out.cpu(), oracle(q, k, v, masks, prefix_lens=pl), dtype)

@@ -505,6 +505,67 @@ def test_cuda_sampling_matches_cpu_with_shared_uniforms(dtype, temperature, top_
         assert torch.equal(a.cpu(), b)
 
 
+def _filter_stress_rows(kind, B, V, g):
+    """[B, 1, V] logits that stress the radix filters: many exact ties, or one value everywhere (every logit
+    in one radix digit at every level, masses far past 32 bits per digit), or a top group whose mass hits a
+    top-p target exactly."""
+    if kind == "quantized":  # 17 distinct values: the k-th largest and the top-p boundary sit inside tie groups
+        return (torch.randint(-8, 9, (B, 1, V), generator=g) * 0.5).float()
+    if kind == "constant":
+        return torch.full((B, 1, V), 1.25)
+    if kind == "groups":  # a top group of 4 equal logits holding exactly half the mass (the rest far below)
+        z = torch.full((B, 1, V), float("-inf"))
+        z[:, :, :V // 2] = -200.0
+        idx = torch.stack([torch.randperm(V, generator=g)[:8] for _ in range(B)])
+        z.scatter_(2, idx[:, None, :4], 3.0)
+        z.scatter_(2, idx[:, None, 4:], 3.0 - 0.6931471805599453)  # 4 tokens of half the weight: 1/3 of the mass
+        return z
+    raise ValueError(kind)
+
+
+def _filter_stress_uniforms(B, g):
+    u = torch.rand(B, 1, generator=g)
+    u[0, 0], u[1, 0], u[2, 0] = 0.0, 1.0 - 2.0 ** -24, 0.5  # the draw's both ends and the middle
+    return u
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind,V", [("quantized", 1000), ("quantized", 128256), ("constant", 128256),
+                                    ("groups", 4099)])
+@pytest.mark.parametrize("top_p,top_k", [(0.9, 0), (0.5, 0), (2 / 3, 0), (1.0, 1), (1.0, 37), (1.0, 4),
+                                         (0.75, 1000), (0.999, 0)])
+def test_cuda_filters_match_cpu_on_ties_and_boundaries(dtype, kind, V, top_p, top_k):
+    # n = 1: next_token is a draw from the root's filtered distribution, so the kept set and its mass are what
+    # decides it; the uniforms at both ends of [0, 1) draw the first and the last kept token.
+    g = torch.Generator().manual_seed(V + top_k + int(top_p * 1000))
+    B = 24
+    logits = _filter_stress_rows(kind, B, V, g).to(dtype)
+    tokens = torch.zeros(B, 1, dtype=torch.long)
+    parents = torch.full((B, 1), -1, dtype=torch.long)
+    u = _filter_stress_uniforms(B, g)
+    want = verify_tree(logits, tokens, parents, 1.0, top_p, top_k, uniforms=u)
+    got = verify_tree(logits.cuda(), tokens.cuda(), parents.cuda(), 1.0, top_p, top_k, uniforms=u.cuda())
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.parametrize("kind,V", [("quantized", 300), ("groups", 99)])
+@pytest.mark.parametrize("top_p,top_k", [(0.5, 0), (2 / 3, 0), (1.0, 4), (0.75, 20)])
+def test_filters_on_ties_and_boundaries_match_oracle(kind, V, top_p, top_k):
+    # The same stress rows on the CPU kernel against the oracle, so the shapes the CUDA test uses are known good.
+    g = torch.Generator().manual_seed(V + top_k)
+    B = 8
+    logits = _filter_stress_rows(kind, B, V, g)
+    tokens = torch.zeros(B, 1, dtype=torch.long)
+    parents = torch.full((B, 1), -1, dtype=torch.long)
+    u = _filter_stress_uniforms(B, g)
+    want = verify_tree_reference(logits, tokens, parents, 1.0, top_p, top_k, uniforms=u)
+    got = verify_tree(logits, tokens, parents, 1.0, top_p, top_k, uniforms=u)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 @needs_cuda
 def test_cuda_seeded_determinism_and_graph_capture():
     logits, tokens, parents, _ = _cuda_inputs(64, 20, 32000, torch.bfloat16, seed=3)
@@ -562,12 +623,13 @@ def test_benchmark_quick_runs(tmp_path):
     import json
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_verify.py")
-    spec = importlib.util.spec_from_file_location("bench_verify", path)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_verify_tree.py")
+    spec = importlib.util.spec_from_file_location("bench_verify_tree", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.main(["--quick", "--device", "cpu", "--repeats", "1", "--results-dir", str(tmp_path)])
     data = json.loads((tmp_path / "verify_tree_quick.json").read_text())
     assert data["machine"]["torch"] == torch.__version__
-    assert len(data["results"]) == 12 and all(r["op_ms"] > 0 and r["oracle_ms"] > 0 for r in data["results"])
+    assert len(data["results"]) == 16 and all(r["op_ms"] > 0 and r["oracle_ms"] > 0 for r in data["results"])
     assert (tmp_path / "verify_tree_quick.md").read_text().startswith("# verify_tree benchmark")
+    assert {r["mode"] for r in data["results"]} >= {"T=1 p=.9"}  # the top-p-only case (top-k 0)

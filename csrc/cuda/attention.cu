@@ -13,40 +13,25 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
-#include <string.h>
 
-#include <type_traits>
-
+#include "common.cuh"
 #include "hass/attention.h"
+#include "tree_attention_sm90.cuh"
 
 namespace {
+
+using hass::cuda::Io;
+using hass::cuda::mma_16816;
+using hass::cuda::pack2;
+using hass::cuda::quad_max;
+using hass::cuda::quad_sum;
+using hass::cuda::warp_sum;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBM = 64;  // query rows (or keys, dk/dv backward) per CTA
 constexpr int kBN = 64;  // keys (or query rows, dk/dv backward) per tile
 constexpr int kNT = kBN / 8;
-
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  static constexpr bool kMma = false;
-  static __device__ __forceinline__ float to(float x) { return x; }
-  static __device__ __forceinline__ float from(float x) { return x; }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  static constexpr bool kMma = true;
-  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
-};
-template <>
-struct Elem<__half> {
-  static constexpr bool kMma = true;
-  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
-};
 
 // Shared-memory row stride: D (or kBN) plus 16 bytes, which spreads the 8 fragment rows over distinct banks.
 template <typename T>
@@ -65,40 +50,12 @@ struct STile {
   }
 };
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(T lo, T hi) {
-  uint16_t a, b;
-  memcpy(&a, &lo, 2);
-  memcpy(&b, &hi, 2);
-  return static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  if constexpr (sizeof(T) == 2) {
-    constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
-    if constexpr (kBf16) {
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-          "{%0,%1,%2,%3};\n"
-          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    } else {
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-          "{%0,%1,%2,%3};\n"
-          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-  }
-}
-
 // acc[NT] (a 16 x 8NT tile) += A[16 x K] * B[K x 8NT], K a multiple of 16. A(i, k) = a(i, k). B(k, j) = b(j, k)
 // when kBT (B stored transposed, k contiguous), else b(k, j).
 template <typename T, int NT, bool kBT>
 __device__ __forceinline__ void warp_gemm(float (&acc)[NT][4], const STile<T>& a, const STile<T>& b, int K) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  if constexpr (Elem<T>::kMma) {
+  if constexpr (Io<T>::kTensorCore) {
     for (int k0 = 0; k0 < K; k0 += 16) {
       const uint32_t af[4] = {a.pair(g, k0 + 2 * t), a.pair(g + 8, k0 + 2 * t), a.pair(g, k0 + 2 * t + 8),
                               a.pair(g + 8, k0 + 2 * t + 8)};
@@ -113,17 +70,17 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[NT][4], const STile<T>& a
           bf[0] = pack2(b(k0 + 2 * t, j), b(k0 + 2 * t + 1, j));
           bf[1] = pack2(b(k0 + 2 * t + 8, j), b(k0 + 2 * t + 9, j));
         }
-        mma16816<T>(acc[nt], af, bf);
+        mma_16816<T>(acc[nt], af, bf[0], bf[1]);
       }
     }
   } else {
     for (int k = 0; k < K; ++k) {
-      const float a0 = Elem<T>::to(a(g, k)), a1 = Elem<T>::to(a(g + 8, k));
+      const float a0 = Io<T>::to(a(g, k)), a1 = Io<T>::to(a(g + 8, k));
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int j = nt * 8 + 2 * t;
-        const float b0 = Elem<T>::to(kBT ? b(j, k) : b(k, j));
-        const float b1 = Elem<T>::to(kBT ? b(j + 1, k) : b(k, j + 1));
+        const float b0 = Io<T>::to(kBT ? b(j, k) : b(k, j));
+        const float b1 = Io<T>::to(kBT ? b(j + 1, k) : b(k, j + 1));
         acc[nt][0] = fmaf(a0, b0, acc[nt][0]);
         acc[nt][1] = fmaf(a0, b1, acc[nt][1]);
         acc[nt][2] = fmaf(a1, b0, acc[nt][2]);
@@ -137,22 +94,6 @@ template <int NT>
 __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
 #pragma unroll
   for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-}
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
 }
 
 // Copies `rows` rows of D elements into a shared tile (16-byte chunks); src(r) gives a row's global address or
@@ -225,8 +166,8 @@ __device__ __forceinline__ void store_frag(const STile<T>& dst, const float (&x)
   for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      dst(g + 8 * h, nt * 8 + 2 * t) = Elem<T>::from(x[nt][2 * h]);
-      dst(g + 8 * h, nt * 8 + 2 * t + 1) = Elem<T>::from(x[nt][2 * h + 1]);
+      dst(g + 8 * h, nt * 8 + 2 * t) = Io<T>::from(x[nt][2 * h]);
+      dst(g + 8 * h, nt * 8 + 2 * t + 1) = Io<T>::from(x[nt][2 * h + 1]);
     }
 }
 
@@ -326,8 +267,8 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(hass::TreeAttn
       T* dst = row_ptr_w<T>(p.out, b, head, node);
 #pragma unroll
       for (int j = 0; j < DT; ++j) {
-        dst[j * 8 + 2 * t] = Elem<T>::from(o[j][2 * h] * inv);
-        dst[j * 8 + 2 * t + 1] = Elem<T>::from(o[j][2 * h + 1] * inv);
+        dst[j * 8 + 2 * t] = Io<T>::from(o[j][2 * h] * inv);
+        dst[j * 8 + 2 * t + 1] = Io<T>::from(o[j][2 * h + 1] * inv);
       }
     } else {
       const int64_t row_id = (static_cast<int64_t>(b) * p.Hq + head) * p.n + node;
@@ -366,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) tree_combine_kernel(hass::TreeAttnPa
   const int b = static_cast<int>(row / (static_cast<int64_t>(p.n) * p.Hq));
   T* dst = row_ptr_w<T>(p.out, b, head, node);
 #pragma unroll
-  for (int j = 0; j < D / 32; ++j) dst[j * 32 + lane] = Elem<T>::from(acc[j]);
+  for (int j = 0; j < D / 32; ++j) dst[j * 32 + lane] = Io<T>::from(acc[j]);
 }
 
 // ==== alignment attention: forward =====================================================================
@@ -387,7 +328,7 @@ __device__ __forceinline__ float quad_row_dot(const STile<T>& x, int r, const T*
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) s += Elem<T>::to(x(r, j * 8 + 2 * t + e)) * Elem<T>::to(y[j * 8 + 2 * t + e]);
+      for (int e = 0; e < 2; ++e) s += Io<T>::to(x(r, j * 8 + 2 * t + e)) * Io<T>::to(y[j * 8 + 2 * t + e]);
   return quad_sum(s);
 }
 
@@ -406,6 +347,9 @@ __global__ void __launch_bounds__(kThreads) align_fwd_kernel(hass::AlignParams p
   const int b = blockIdx.y / p.Hq, h = blockIdx.y % p.Hq, hk = h / (p.Hq / p.Hkv);
   const int t0 = blockIdx.x * kBM;
   load_rows<T, D>(s_q, S::kLd, kBM, [&](int r) { return t0 + r < p.T ? row_ptr<T>(p.q, b, h, t0 + r) : nullptr; });
+  // Rows of s_q are written by every warp and read per warp below; the level-0 loop's barriers are not enough:
+  // it has no iteration when no row of this tile sees a level-0 key (T < F, or t0 + 63 < F - 1).
+  __syncthreads();
 
   float o[DT][4], m[2], l[2];
   zero(o);
@@ -458,7 +402,7 @@ __global__ void __launch_bounds__(kThreads) align_fwd_kernel(hass::AlignParams p
       for (int j = 0; j < DT; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-          o[j][2 * hh + e] = o[j][2 * hh + e] * alpha + pr * Elem<T>::to(vr[j * 8 + 2 * t + e]);
+          o[j][2 * hh + e] = o[j][2 * hh + e] * alpha + pr * Io<T>::to(vr[j * 8 + 2 * t + e]);
       l[hh] = l[hh] * alpha + pr;
       m[hh] = mn;
     }
@@ -468,7 +412,7 @@ __global__ void __launch_bounds__(kThreads) align_fwd_kernel(hass::AlignParams p
 #pragma unroll
     for (int j = 0; j < DT; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) dst[j * 8 + 2 * t + e] = Elem<T>::from(o[j][2 * hh + e] * inv);
+      for (int e = 0; e < 2; ++e) dst[j * 8 + 2 * t + e] = Io<T>::from(o[j][2 * hh + e] * inv);
     if (t == 0) p.lse[(static_cast<int64_t>(b) * p.Hq + h) * p.T + row] = hass::row_lse(m[hh], l[hh]);
   }
 }
@@ -487,7 +431,7 @@ __global__ void __launch_bounds__(kThreads) align_delta_kernel(hass::AlignParams
   const T* o = row_ptr<T>(p.out, b, h, tt);
   float s = 0.f;
 #pragma unroll
-  for (int j = 0; j < D / 32; ++j) s += Elem<T>::to(go[j * 32 + lane]) * Elem<T>::to(o[j * 32 + lane]);
+  for (int j = 0; j < D / 32; ++j) s += Io<T>::to(go[j * 32 + lane]) * Io<T>::to(o[j * 32 + lane]);
   s = warp_sum(s);
   if (lane == 0) p.delta[row] = s;
 }
@@ -515,6 +459,7 @@ __global__ void __launch_bounds__(kThreads) align_dq_kernel(hass::AlignParams p)
   const int64_t row_base = (static_cast<int64_t>(b) * p.Hq + h) * p.T;
   load_rows<T, D>(s_q, S::kLd, kBM, [&](int r) { return t0 + r < p.T ? row_ptr<T>(p.q, b, h, t0 + r) : nullptr; });
   load_rows<T, D>(s_do, S::kLd, kBM, [&](int r) { return t0 + r < p.T ? row_ptr<T>(p.dout, b, h, t0 + r) : nullptr; });
+  __syncthreads();  // s_q / s_do are read per warp below, also when the level-0 loop has no iteration
   float lse[2], dl[2];
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
@@ -567,14 +512,14 @@ __global__ void __launch_bounds__(kThreads) align_dq_kernel(hass::AlignParams p)
 #pragma unroll
       for (int j = 0; j < DT; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) dq[j][2 * hh + e] += ds * Elem<T>::to(kr[j * 8 + 2 * t + e]);
+        for (int e = 0; e < 2; ++e) dq[j][2 * hh + e] += ds * Io<T>::to(kr[j * 8 + 2 * t + e]);
     }
     if (row >= p.T) continue;
     T* dst = row_ptr_w<T>(p.dq, b, h, row);
 #pragma unroll
     for (int j = 0; j < DT; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) dst[j * 8 + 2 * t + e] = Elem<T>::from(dq[j][2 * hh + e] * p.scale);
+      for (int e = 0; e < 2; ++e) dst[j * 8 + 2 * t + e] = Io<T>::from(dq[j][2 * hh + e] * p.scale);
   }
 }
 
@@ -657,8 +602,8 @@ __global__ void __launch_bounds__(kThreads) align_dkv_kernel(hass::AlignParams p
     for (int j = 0; j < DT; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        dkr[j * 8 + 2 * t + e] = Elem<T>::from(dk[j][2 * kh + e] * p.scale);
-        dvr[j * 8 + 2 * t + e] = Elem<T>::from(dv[j][2 * kh + e]);
+        dkr[j * 8 + 2 * t + e] = Io<T>::from(dk[j][2 * kh + e] * p.scale);
+        dvr[j * 8 + 2 * t + e] = Io<T>::from(dv[j][2 * kh + e]);
       }
   }
 }
@@ -680,8 +625,8 @@ __global__ void __launch_bounds__(kThreads) align_dkv_diag_kernel(hass::AlignPar
   const T* vr = level_ptr<T>(p.v, i, b, hk, c);
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    kk[j] = Elem<T>::to(kr[j * 32 + lane]);
-    vv[j] = Elem<T>::to(vr[j * 32 + lane]);
+    kk[j] = Io<T>::to(kr[j * 32 + lane]);
+    vv[j] = Io<T>::to(vr[j * 32 + lane]);
     dk[j] = dv[j] = 0.f;
   }
   const int64_t row = hass::align_diag_row(c, p.F, i, p.T);
@@ -693,8 +638,8 @@ __global__ void __launch_bounds__(kThreads) align_dkv_diag_kernel(hass::AlignPar
       float qv[J], gv[J], s = 0.f, dp = 0.f;
 #pragma unroll
       for (int j = 0; j < J; ++j) {
-        qv[j] = Elem<T>::to(qr[j * 32 + lane]);
-        gv[j] = Elem<T>::to(gr[j * 32 + lane]);
+        qv[j] = Io<T>::to(qr[j * 32 + lane]);
+        gv[j] = Io<T>::to(gr[j * 32 + lane]);
         s += qv[j] * kk[j];
         dp += gv[j] * vv[j];
       }
@@ -713,8 +658,8 @@ __global__ void __launch_bounds__(kThreads) align_dkv_diag_kernel(hass::AlignPar
   T* dvr = level_ptr_w<T>(p.dv, i, b, hk, c);
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    dkr[j * 32 + lane] = Elem<T>::from(dk[j] * p.scale);
-    dvr[j * 32 + lane] = Elem<T>::from(dv[j]);
+    dkr[j * 32 + lane] = Io<T>::from(dk[j] * p.scale);
+    dvr[j * 32 + lane] = Io<T>::from(dv[j]);
   }
 }
 
@@ -726,6 +671,16 @@ cudaError_t allow_smem(Kernel kernel, size_t smem) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
 }
 
+// Merges the splits' partial outputs (p.splits > 1).
+template <typename T, int D>
+cudaError_t tree_combine_launch(const hass::TreeAttnParams& p, cudaStream_t stream) {
+  const int64_t total_rows = static_cast<int64_t>(p.B) * p.Hq * p.n;
+  if (total_rows == 0) return cudaSuccess;
+  tree_combine_kernel<T, D><<<static_cast<unsigned>((total_rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The fallback tree-attention kernel (any dtype, head dim 64/128): the splits deal the key tiles out evenly.
 template <typename T, int D>
 cudaError_t tree_launch(const hass::TreeAttnParams& p, cudaStream_t stream) {
   const int rows = (p.Hq / p.Hkv) * p.n;
@@ -736,9 +691,7 @@ cudaError_t tree_launch(const hass::TreeAttnParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   tree_attention_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess || p.splits == 1) return err;
-  const int64_t total_rows = static_cast<int64_t>(p.B) * p.Hq * p.n;
-  tree_combine_kernel<T, D><<<static_cast<unsigned>((total_rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return tree_combine_launch<T, D>(p, stream);
 }
 
 template <typename T, int D>
@@ -796,22 +749,37 @@ cudaError_t align_bwd_launch(const hass::AlignParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-// Number of key splits for a tree-attention launch: enough CTAs for about two waves over the SMs, each split
-// keeping at least one key tile.
-extern "C" int hass_tree_attention_splits_cuda(const hass::TreeAttnParams* p) {
+namespace {
+
+int sm_count() {
   int device = 0, sms = 132;
   if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int rows = (p->Hq / p->Hkv) * p->n;
-  const int64_t ctas = static_cast<int64_t>((rows + kBM - 1) / kBM) * p->B * p->Hkv;
-  const int tiles = (p->L - p->n + kBN - 1) / kBN + (p->n + kBN - 1) / kBN;
-  int64_t splits = ctas > 0 ? (2 * sms + ctas - 1) / ctas : 1;
-  splits = splits > tiles ? tiles : splits;
-  splits = splits > 64 ? 64 : splits;
-  return splits < 1 ? 1 : static_cast<int>(splits);
+  return sms;
 }
 
+// Prefix keys per split under the plan of hass/attention.h.
+int tree_chunk(const hass::TreeAttnParams& p) {
+  return hass::tree_chunk_keys(p.L - p.n, p.B * p.Hkv, sm_count());
+}
+
+}  // namespace
+
+// Number of splits of a tree-attention launch: the prefix chunks of the plan in hass/attention.h plus the tree
+// split. The partial outputs need p->o_part [splits, B*Hq*n, D] and p->lse_part [splits, B*Hq*n] (fp32) when it
+// is above 1.
+extern "C" int hass_tree_attention_splits_cuda(const hass::TreeAttnParams* p) {
+  return hass::tree_prefix_chunks(p->L - p->n, tree_chunk(*p)) + 1;
+}
+
+// bf16/fp16 on Hopper: the sm90 kernel (tree_attention_sm90.cu); otherwise the fallback kernel above, which takes
+// any p->splits.
 extern "C" cudaError_t hass_tree_attention_cuda(const hass::TreeAttnParams* p, int dtype, cudaStream_t stream) {
   if (p->n > hass::kMaxTreeNodes || p->splits < 1) return cudaErrorInvalidValue;
+  if (hass::cuda::tree_attention_sm90_covers(dtype, p->D) && p->splits == hass_tree_attention_splits_cuda(p)) {
+    const cudaError_t err = hass::cuda::tree_attention_sm90(*p, dtype, tree_chunk(*p), stream);
+    if (err != cudaSuccess || p->splits == 1) return err;
+    HASS_ATTN_DISPATCH(dtype, p->D, tree_combine_launch, *p, stream);
+  }
   HASS_ATTN_DISPATCH(dtype, p->D, tree_launch, *p, stream);
 }
 

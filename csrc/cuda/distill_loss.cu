@@ -11,72 +11,20 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common.cuh"
 #include "hass/distill_loss.h"
 
 namespace {
+
+using hass::cuda::Io;
+using hass::cuda::warp_max;
+using hass::cuda::warp_sum;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kVec = 8;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kSent = hass::kTopKSentinelIndex;
-
-// ---- loads and stores of 8 columns, converted to/from fp32 -------------------------------------------------
-
-template <typename T>
-struct Io;
-
-template <>
-struct Io<float> {
-  static __device__ __forceinline__ float cvt(float x) { return x; }
-  static __device__ __forceinline__ float out(float x) { return x; }
-  static __device__ __forceinline__ void load8(const float* p, float* o) {
-    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
-  }
-  static __device__ __forceinline__ void store8(float* p, const float* v) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-  }
-};
-
-template <typename H2, typename H, float2 (*ToF2)(H2), H2 (*FromF2)(float2), float (*ToF)(H), H (*FromF)(float)>
-struct Io16 {
-  static __device__ __forceinline__ float cvt(H x) { return ToF(x); }
-  static __device__ __forceinline__ H out(float x) { return FromF(x); }
-  static __device__ __forceinline__ void load8(const H* p, float* o) {
-    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-    const H2* h = reinterpret_cast<const H2*>(&u);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = ToF2(h[j]);
-      o[2 * j] = f.x;
-      o[2 * j + 1] = f.y;
-    }
-  }
-  static __device__ __forceinline__ void store8(H* p, const float* v) {
-    uint4 u;
-    H2* h = reinterpret_cast<H2*>(&u);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) h[j] = FromF2(make_float2(v[2 * j], v[2 * j + 1]));
-    *reinterpret_cast<uint4*>(p) = u;
-  }
-};
-
-__device__ __forceinline__ float2 bf2_to_f2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
-__device__ __forceinline__ __nv_bfloat162 f2_to_bf2(float2 x) { return __float22bfloat162_rn(x); }
-__device__ __forceinline__ float bf_to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ __nv_bfloat16 f_to_bf(float x) { return __float2bfloat16_rn(x); }
-__device__ __forceinline__ float2 h2_to_f2(__half2 x) { return __half22float2(x); }
-__device__ __forceinline__ __half2 f2_to_h2(float2 x) { return __float22half2_rn(x); }
-__device__ __forceinline__ float h_to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ __half f_to_h(float x) { return __float2half_rn(x); }
-
-template <>
-struct Io<__nv_bfloat16> : Io16<__nv_bfloat162, __nv_bfloat16, bf2_to_f2, f2_to_bf2, bf_to_f, f_to_bf> {};
-template <>
-struct Io<__half> : Io16<__half2, __half, h2_to_f2, f2_to_h2, h_to_f, f_to_h> {};
 
 // Columns c0..c0+7 of a row as fp32; columns past n read as -inf.
 template <typename T>
@@ -85,7 +33,7 @@ __device__ __forceinline__ void load_group(const T* row, int64_t c0, int64_t n, 
     Io<T>::load8(row + c0, o);
   } else {
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) o[j] = c0 + j < n ? Io<T>::cvt(row[c0 + j]) : -INFINITY;
+    for (int j = 0; j < kVec; ++j) o[j] = c0 + j < n ? Io<T>::to(row[c0 + j]) : -INFINITY;
   }
 }
 
@@ -96,7 +44,7 @@ __device__ __forceinline__ void store_group(T* row, int64_t c0, int64_t n, bool 
   } else {
 #pragma unroll
     for (int j = 0; j < kVec; ++j)
-      if (c0 + j < n) row[c0 + j] = Io<T>::out(v[j]);
+      if (c0 + j < n) row[c0 + j] = Io<T>::from(v[j]);
   }
 }
 
@@ -215,21 +163,6 @@ __device__ hass::DistillRowStats warp_merge(hass::DistillRowStats s) {
   return s;
 }
 
-__device__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(kFull, x, off);
-  return x;
-}
-
-__device__ float warp_max(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float o = __shfl_xor_sync(kFull, x, off);
-    x = o > x ? o : x;
-  }
-  return x;
-}
-
 // Sum (or max) over the CTA, returned to every thread. Block-collective.
 template <bool kMax>
 __device__ float block_reduce(float x, float* scratch) {
@@ -290,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) distill_fwd_kernel(const TZ* __restr
     topk_idx[row * k + j] = ix == kSent ? -1 : ix;
     if (ix == kSent) continue;
     float p;
-    tk += hass::distill_topk_entry(o, Io<TT>::cvt(tr[ix]), Io<TZ>::cvt(zr[ix]), &p);
+    tk += hass::distill_topk_entry(o, Io<TT>::to(tr[ix]), Io<TZ>::to(zr[ix]), &p);
     pk += p;
   }
   tk = warp_sum(tk);
@@ -337,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) distill_bwd_kernel(
   if (threadIdx.x < k) {
     const int64_t ix = topk_idx[row * k + threadIdx.x];
     if (ix >= 0 && ix < V)
-      gr[ix] = Io<TZ>::out(hass::distill_grad(o, c, Io<TZ>::cvt(zr[ix]), Io<TT>::cvt(tr[ix]), true));
+      gr[ix] = Io<TZ>::from(hass::distill_grad(o, c, Io<TZ>::to(zr[ix]), Io<TT>::to(tr[ix]), true));
   }
 }
 

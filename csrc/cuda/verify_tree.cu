@@ -2,7 +2,8 @@
 //
 // 1. node_stats: one block per (batch row, node) streams the node's logits once for max/argmax/finiteness and
 //    (T > 0) the online softmax sum; with top-k/top-p it adds 4 radix-select passes per filter (8-bit digits,
-//    shared-memory histograms) and one pass for the kept mass. The rows are re-read from L2, and no [n, V]
+//    per-warp shared-memory histograms of 32-bit atomics, summed and scanned once per pass) and one pass for
+//    the kept mass. The rows are re-read from L2, and no [n, V]
 //    probability matrix is ever written: the output is one 20-byte NodeDist per node.
 // 2. walk: one block per batch row. Thread 0 checks the tree and the token ids, then walks the tree on the
 //    NodeDists (a child costs one logit load and one uniform). At T > 0 the whole block then draws the final
@@ -18,24 +19,19 @@
 #include <climits>
 #include <cstdint>
 
+#include "common.cuh"
 #include "hass/verify_tree.h"
 
 namespace {
 
+using hass::cuda::to_float;
+using hass::cuda::warp_sum;
+
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxWarps = kMaxThreads / 32;
-constexpr int kHistCopies = 8;  // shared-memory histogram copies (warp w adds to copy w % 8): less contention
+constexpr int kHistCopies = 16;  // radix histogram copies in shared memory (see SelectSmem)
 constexpr unsigned kFull = 0xffffffffu;
 using u64 = unsigned long long;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
 
 // Calls f(j, x) for the block's share of row[0..V): 16-byte loads when the row is aligned (four in flight per
 // thread), each thread visiting its indices in increasing order (the argmax tie rule relies on it).
@@ -68,12 +64,6 @@ __device__ __forceinline__ void for_each_logit(const T* __restrict__ row, int V,
     start = nvec * kVec;
   }
   for (int j = start + threadIdx.x; j < V; j += blockDim.x) f(j, to_float(row[j]));
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
 }
 
 // Block-wide sum in a fixed order; red needs kMaxWarps floats. Every thread gets the result.
@@ -130,78 +120,103 @@ __device__ void warp_pick(const W* hist, W above, W target, double level0_top_p,
   }
 }
 
+// Radix-select histograms. Warp w adds to copy w % kHistCopies, so at most two warps (of 32) share a copy;
+// within a warp, a thread first sums a run of consecutive equal digits in a
+// register (level 0 puts most logits in a few digits) and adds the run with one atomic. Weights are 64-bit
+// (top-p masses) but shared-memory atomics are added as two native 32-bit halves: Hopper has no 64-bit shared
+// atomic add (it compiles to a compare-and-swap loop), and the carry out of the low half is recovered from the
+// value the 32-bit atomic returns. Integer sums are exact, so the order of the additions never matters.
 struct SelectSmem {
-  uint32_t h32[kHistCopies][hass::kRadixBins];
-  u64 h64[kHistCopies][hass::kRadixBins];
+  uint32_t lo[kHistCopies][hass::kRadixBins];  // counts, or the low 32 bits of masses
+  uint32_t hi[kHistCopies][hass::kRadixBins];  // high 32 bits of masses (with the carries of lo)
+  u64 total[hass::kRadixBins];                 // the copies summed: what the pick scans
   int digit;
-  u64 above64, target64;
-  uint32_t above32, target32;
+  u64 above, target;
 };
+
+template <bool kWide>
+__device__ __forceinline__ void hist_add(SelectSmem& sm, int copy, int bin, u64 w) {
+  const uint32_t lo = static_cast<uint32_t>(w);
+  if constexpr (kWide) {
+    const uint32_t old = atomicAdd(&sm.lo[copy][bin], lo);
+    const uint32_t hi = static_cast<uint32_t>(w >> 32) + (old + lo < old ? 1u : 0u);
+    if (hi) atomicAdd(&sm.hi[copy][bin], hi);
+  } else {
+    atomicAdd(&sm.lo[copy][bin], lo);
+  }
+}
+
+// The largest key t with weight{key >= t} >= target, by 4 passes of 8-bit digits (most significant first).
+// weight(key, x) is the weight of logit x (0 leaves it out). top_p >= 0 sets target to top_p of the level-0
+// total (hass::top_p_target) instead. kWide: weights may exceed 32 bits.
+template <bool kWide, typename T, typename Weight>
+__device__ uint32_t radix_select(const T* row, int V, u64 target, double top_p, SelectSmem& sm, Weight weight) {
+  const int copy = (threadIdx.x >> 5) % kHistCopies;
+  constexpr int kWords = kHistCopies * hass::kRadixBins;
+  uint32_t prefix = 0;
+  u64 above = 0;
+  for (int level = 0; level < 4; ++level) {
+    for (int i = threadIdx.x; i < kWords / 4; i += blockDim.x) {
+      reinterpret_cast<uint4*>(&sm.lo[0][0])[i] = make_uint4(0, 0, 0, 0);
+      if (kWide) reinterpret_cast<uint4*>(&sm.hi[0][0])[i] = make_uint4(0, 0, 0, 0);
+    }
+    if (threadIdx.x == 0) {  // kept if the pick finds no non-empty digit (cannot happen for a valid row)
+      sm.digit = 0;
+      sm.above = above;
+      sm.target = target;
+    }
+    __syncthreads();
+    int run_bin = -1;
+    u64 run_w = 0;
+    for_each_logit(row, V, [&](int, float x) {
+      const uint32_t key = hass::order_key(x);
+      if (!hass::radix_in_bucket(key, prefix, level)) return;
+      const u64 w = weight(key, x);
+      if (w == 0) return;
+      const int bin = hass::radix_digit(key, level);
+      if (bin != run_bin) {
+        if (run_bin >= 0) hist_add<kWide>(sm, copy, run_bin, run_w);
+        run_bin = bin;
+        run_w = 0;
+      }
+      run_w += w;
+    });
+    if (run_bin >= 0) hist_add<kWide>(sm, copy, run_bin, run_w);
+    __syncthreads();
+    for (int d = threadIdx.x; d < hass::kRadixBins; d += blockDim.x) {
+      u64 lo = 0, hi = 0;
+#pragma unroll
+      for (int c = 0; c < kHistCopies; ++c) {
+        lo += sm.lo[c][d];
+        if (kWide) hi += sm.hi[c][d];
+      }
+      sm.total[d] = (hi << 32) + lo;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32)
+      warp_pick<u64>(sm.total, above, target, level == 0 ? top_p : -1.0, &sm.digit, &sm.above, &sm.target);
+    __syncthreads();
+    prefix = hass::radix_extend(prefix, level, sm.digit);
+    above = sm.above;
+    target = sm.target;
+    __syncthreads();  // sm.digit/above/target are reset by the next level
+  }
+  return prefix;
+}
 
 // Largest key t with count{key >= t} >= k (the k-th largest logit).
 template <typename T>
 __device__ uint32_t select_top_k(const T* row, int V, uint32_t k, SelectSmem& sm) {
-  const int lane = threadIdx.x & 31, copy = (threadIdx.x >> 5) % kHistCopies;
-  uint32_t prefix = 0, above = 0;
-  for (int level = 0; level < 4; ++level) {
-    for (int i = threadIdx.x; i < kHistCopies * hass::kRadixBins; i += blockDim.x) (&sm.h32[0][0])[i] = 0;
-    if (threadIdx.x == 0) sm.digit = 0;
-    __syncthreads();
-    for_each_logit(row, V, [&](int, float x) {
-      const uint32_t key = hass::order_key(x);
-      const int bin = hass::radix_in_bucket(key, prefix, level) ? hass::radix_digit(key, level) : -1;
-      const unsigned peers = __match_any_sync(__activemask(), bin);  // one atomic per distinct bin in the warp
-      if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(&sm.h32[copy][bin], static_cast<uint32_t>(__popc(peers)));
-    });
-    __syncthreads();
-    for (int d = threadIdx.x; d < hass::kRadixBins; d += blockDim.x) {
-      uint32_t s = 0;
-      for (int c = 0; c < kHistCopies; ++c) s += sm.h32[c][d];
-      sm.h32[0][d] = s;
-    }
-    __syncthreads();
-    if (threadIdx.x < 32) warp_pick<uint32_t>(sm.h32[0], above, k, -1.0, &sm.digit, &sm.above32, &sm.target32);
-    __syncthreads();
-    prefix = hass::radix_extend(prefix, level, sm.digit);
-    above = sm.above32;
-    __syncthreads();
-  }
-  return prefix;
+  return radix_select<false>(row, V, k, -1.0, sm, [](uint32_t, float) { return u64{1}; });
 }
 
 // Largest kept key t whose mass from the top reaches top_p of the kept mass (2^-40 fixed point, exact sums).
 template <typename T>
 __device__ uint32_t select_top_p(const T* row, int V, const hass::NodeDist& d, float inv_t, double top_p,
                                  SelectSmem& sm) {
-  const int copy = (threadIdx.x >> 5) % kHistCopies;
-  uint32_t prefix = 0;
-  u64 above = 0, target = 0;
-  for (int level = 0; level < 4; ++level) {
-    for (int i = threadIdx.x; i < kHistCopies * hass::kRadixBins; i += blockDim.x) (&sm.h64[0][0])[i] = 0;
-    if (threadIdx.x == 0) sm.digit = 0;
-    __syncthreads();
-    for_each_logit(row, V, [&](int, float x) {
-      const uint32_t key = hass::order_key(x);
-      if (key < d.thr || !hass::radix_in_bucket(key, prefix, level)) return;
-      const u64 w = hass::mass_fixed(hass::scaled_exp(x, d.xmax, inv_t));
-      if (w) atomicAdd(&sm.h64[copy][hass::radix_digit(key, level)], w);
-    });
-    __syncthreads();
-    for (int b = threadIdx.x; b < hass::kRadixBins; b += blockDim.x) {
-      u64 s = 0;
-      for (int c = 0; c < kHistCopies; ++c) s += sm.h64[c][b];
-      sm.h64[0][b] = s;
-    }
-    __syncthreads();
-    if (threadIdx.x < 32)
-      warp_pick<u64>(sm.h64[0], above, target, level == 0 ? top_p : -1.0, &sm.digit, &sm.above64, &sm.target64);
-    __syncthreads();
-    prefix = hass::radix_extend(prefix, level, sm.digit);
-    above = sm.above64;
-    target = sm.target64;
-    __syncthreads();
-  }
-  return prefix;
+  return radix_select<true>(row, V, 0, top_p, sm, [&](uint32_t key, float x) -> u64 {
+    return key < d.thr ? 0 : hass::mass_fixed(hass::scaled_exp(x, d.xmax, inv_t));
+  });
 }
 
 template <typename T>

@@ -108,6 +108,29 @@ HASS_HD void split_range(int tiles, int splits, int s, int* begin, int* end) {
   *end = *begin + base + (s < extra ? 1 : 0);
 }
 
+// ---- split plan of tree attention over the prefix (CUDA) ---------------------------------------------
+//
+// The prefix keys are cut into chunks of tree_chunk_keys() keys, one chunk per split; the tree keys form one
+// more split, the last. Splits are merged through their log-sum-exp in split order. The chunk size depends on
+// the prefix capacity (L - n, the key count before the tree), the number of (batch, KV head) pairs and the SM
+// count only, never on n, so a query row's result does not change with the size of the tree it sits in.
+
+constexpr int kTreeKeyTile = 64;  // keys per shared-memory tile
+
+// Keys per prefix chunk: a multiple of kTreeKeyTile, the smallest that needs at most sms / pairs chunks (one
+// wave of CTAs over the SMs), and at least one tile.
+HASS_HD int tree_chunk_keys(int64_t prefix_cap, int pairs, int sms) {
+  const int64_t target = pairs > 0 && sms / pairs > 1 ? sms / pairs : 1;
+  const int64_t tiles = (prefix_cap + kTreeKeyTile - 1) / kTreeKeyTile;
+  const int64_t per = (tiles + target - 1) / target;
+  return static_cast<int>((per > 0 ? per : 1) * kTreeKeyTile);
+}
+
+// Number of chunks that cover `prefix` keys.
+HASS_HD int tree_prefix_chunks(int64_t prefix, int chunk) {
+  return static_cast<int>((prefix + chunk - 1) / chunk);
+}
+
 // ---- kernel parameters (CUDA launch interface) ------------------------------------------------------
 
 enum AttnDtype : int { kAttnF32 = 0, kAttnBF16 = 1, kAttnF16 = 2 };

@@ -13,9 +13,9 @@ round by round (median over rounds) so that the load of a shared machine affects
 CUDA: absolute times (CUDA events, median), peak allocated memory, and for the logits op the achieved bandwidth
 against a device-to-device copy measured in the same run.
 
-  python bench/bench_loss.py            # full shapes (N=2048; on CPU the 4096 x 128256 shape uses --n-large-cpu)
-  python bench/bench_loss.py --quick    # tiny shapes, seconds (CPU: in one process, memory not measured)
-  python bench/bench_loss.py --shapes large --n-large-cpu 2048 --name bench_loss_cpu_large   # CPU, ~15 quiet min
+  python bench/bench_distill_loss.py            # full shapes (N=2048; on CPU the 4096 x 128256 shape uses --n-large-cpu)
+  python bench/bench_distill_loss.py --quick    # tiny shapes, seconds (CPU: in one process, memory not measured)
+  python bench/bench_distill_loss.py --shapes large --n-large-cpu 2048 --name bench_loss_cpu_large   # CPU, ~15 quiet min
 Writes bench/results/bench_loss[_quick]_<device>.json and .md (or <out-dir>/bench_loss_quick.{json,md}).
 """
 import argparse
