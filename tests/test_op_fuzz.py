@@ -646,6 +646,17 @@ bad("small_linear/bias_bf16", "bias must have dtype")(
     lambda: ops.small_linear(*with_(linear_args(), 2, linear_args()[2].bfloat16())))
 bad("small_linear/bias_2d", r"bias must be float32 \[N\]")(
     lambda: ops.small_linear(*with_(linear_args(), 2, linear_args()[2][None])))
+bad("small_linear/weight_requires_grad", "small_linear has no backward")(
+    lambda: ops.small_linear(*with_(linear_args(), 1, linear_args()[1].requires_grad_())))
+
+
+@good("small_linear/valid_parameters_under_no_grad")
+def _():
+    x, w, b = linear_args()
+    with torch.no_grad():
+        ops.small_linear(x, torch.nn.Parameter(w), torch.nn.Parameter(b))
+
+
 bad("small_linear/weight_on_other_device", "weight must be on x's device")(
     lambda: cpu_kernel(ops.small_linear, *with_(linear_args(), 1, linear_args()[1].to("meta"))))
 bad("small_linear/x_on_other_device", "x must be on the CPU")(
