@@ -1,5 +1,6 @@
 // The operator schemas of the hass library (torch.ops.hass.*) and the Python module hass_ext._C.
-// Kernels register themselves per device: csrc/cpu/*.cpp for CPU, csrc/cuda_ops.cpp for CUDA.
+// Kernels register themselves per device: csrc/cpu/*.cpp for CPU, csrc/cuda/*_ops.cpp for CUDA; both validate
+// every argument through the one check function of each op in csrc/checks/<op>.h.
 // The module is deliberately not a pybind11 module: importing it only loads the registrations.
 #include <Python.h>
 #include <torch/library.h>
@@ -34,7 +35,7 @@ TORCH_LIBRARY(hass, m) {
   // logits (K may be 0; empty slots -inf/-1). Returns exp(logits - new max) (empty unless want_exp), the
   // rescale factor alpha [N] = exp(old max - new max) for accumulators, and the updated state and top-K.
   // y = x @ weight.T + bias for a few rows x (decode steps, tree verification) on CPUs, fp32
-  // (csrc/include/hass/small_gemm.h): each weight row streamed once for all rows; a row's result does not depend
+  // (csrc/include/hass/small_linear.h): each weight row streamed once for all rows; a row's result does not depend
   // on the other rows. x [..., K], weight [N, K], bias [N] or None -> [..., N].
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("online_softmax_chunk(Tensor logits, Tensor state, Tensor topk_val, Tensor topk_idx, int col0, "

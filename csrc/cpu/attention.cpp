@@ -6,22 +6,24 @@
 // (scores, P*V and the backward's gradient products) run as small fp32 GEMMs through ATen's BLAS; the masking
 // and online softmax between them are plain vectorisable loops. Nothing of size rows x all-keys is formed.
 // A decode-time tree gives a kv head only a few dozen query rows: there the products run as register-blocked
-// loops (hass/small_gemm.h) on the cache rows in place, since a BLAS call and a tile copy cost more than the work.
+// loops (hass/small_linear.h) on the cache rows in place, since a BLAS call and a tile copy cost more than the work.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "checks/align_attention.h"
+#include "checks/tree_attention.h"
+#include "cpu_dispatch.h"
 #include "hass/attention.h"
-#include "hass/small_gemm.h"
+#include "hass/small_linear.h"
 
 namespace {
 
@@ -71,35 +73,10 @@ inline void store_row(const float* __restrict src, int64_t d, float scale, T* __
   for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<T>(src[i] * scale);
 }
 
-// exp(x) for the x <= ~0 (x < 88) of a softmax: Cody-Waite reduction and the Cephes expf polynomial (relative error
-// < 1e-7), branch-free so that the loops calling it vectorise (GCC needs -fno-trapping-math, set in setup.py,
-// to turn its selects into vector blends). Results below exp(-87) flush to 0 (-inf -> 0).
-inline float exp_fast(float x) {
-  const float keep = x > -87.f ? 1.f : 0.f;
-  x = x > -87.f ? x : -87.f;  // callers pass x < 88 (scores minus a running max or a log-sum-exp)
-  const float t = x * 1.44269504088896341f;
-  const int n = static_cast<int>(t + std::copysign(0.5f, t));
-  const float fn = static_cast<float>(n);
-  const float r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  return p * std::bit_cast<float>((n + 127) << 23) * keep;
-}
+// The per-row loops between the GEMMs, compiled once per instruction-set level (cpu_dispatch.h) and picked at
+// load time, so they keep pace with the BLAS calls around them. exp is hass::fast_exp (hass/common.h).
 
-// The per-row loops between the GEMMs, compiled once per x86 vector width (AVX-512, AVX2, baseline) and
-// picked at load time, so they keep pace with the BLAS calls around them.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define HASS_MULTIVERSION __attribute__((noinline, target_clones("avx512f", "avx2", "default")))
-#else
-#define HASS_MULTIVERSION __attribute__((noinline))
-#endif
-
-HASS_MULTIVERSION float row_max(const float* s, int64_t n) {
+HASS_CPU_CLONES float row_max(const float* s, int64_t n) {
   float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
   for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
@@ -107,27 +84,27 @@ HASS_MULTIVERSION float row_max(const float* s, int64_t n) {
 }
 
 // s <- exp(s - m) in place; returns the sum.
-HASS_MULTIVERSION float exp_shift_sum(float* s, int64_t n, float m) {
+HASS_CPU_CLONES float exp_shift_sum(float* s, int64_t n, float m) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    s[j] = exp_fast(s[j] - m);
+    s[j] = hass::fast_exp(s[j] - m);
     sum += s[j];
   }
   return sum;
 }
 
 // Backward of one row: p = exp(s - lse), then s <- p (dp - D) (= ds) and dp <- p.
-HASS_MULTIVERSION void grad_row(float* s, float* dp, int64_t n, float lse, float D) {
+HASS_CPU_CLONES void grad_row(float* s, float* dp, int64_t n, float lse, float D) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const float p = exp_fast(s[j] - lse);
+    const float p = hass::fast_exp(s[j] - lse);
     s[j] = p * (dp[j] - D);
     dp[j] = p;
   }
 }
 
-HASS_MULTIVERSION void scale_row(float* x, int64_t n, float a) {
+HASS_CPU_CLONES void scale_row(float* x, int64_t n, float a) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
 }
@@ -206,25 +183,21 @@ struct SmallProducts {
   void (*accumulate)(const float* p, int64_t R, int64_t nk, const W* v, int64_t ldv, int64_t d, float* acc);
 };
 
-// Register blocking per ISA as in small_linear.cpp (a 16-lane vector: 1 zmm, 2 ymm or 4 xmm registers).
+// Register blocking per level as in small_linear.cpp (a 16-lane vector: 1 zmm, 2 ymm or 4 xmm registers).
 template <typename W>
-__attribute__((target("avx512f,fma"))) void scores_avx512(const float* q, int64_t R, int64_t d, const W* k,
-                                                          int64_t ldk, int64_t nk, float* s) {
+HASS_CPU_V4 void scores_v4(const float* q, int64_t R, int64_t d, const W* k, int64_t ldk, int64_t nk, float* s) {
   hass::sg_rows<4, 4>(q, R, d, k, ldk, d, nullptr, s, nk, 0, nk);
 }
 template <typename W>
-__attribute__((target("avx512f,fma"))) void accumulate_avx512(const float* p, int64_t R, int64_t nk, const W* v,
-                                                              int64_t ldv, int64_t d, float* acc) {
+HASS_CPU_V4 void accumulate_v4(const float* p, int64_t R, int64_t nk, const W* v, int64_t ldv, int64_t d, float* acc) {
   hass::sg_acc_rows<8>(p, R, nk, v, ldv, nk, acc, d, d);
 }
 template <typename W>
-__attribute__((target("avx2,fma"))) void scores_avx2(const float* q, int64_t R, int64_t d, const W* k, int64_t ldk,
-                                                     int64_t nk, float* s) {
+HASS_CPU_V3 void scores_v3(const float* q, int64_t R, int64_t d, const W* k, int64_t ldk, int64_t nk, float* s) {
   hass::sg_rows<2, 2>(q, R, d, k, ldk, d, nullptr, s, nk, 0, nk);
 }
 template <typename W>
-__attribute__((target("avx2,fma"))) void accumulate_avx2(const float* p, int64_t R, int64_t nk, const W* v,
-                                                         int64_t ldv, int64_t d, float* acc) {
+HASS_CPU_V3 void accumulate_v3(const float* p, int64_t R, int64_t nk, const W* v, int64_t ldv, int64_t d, float* acc) {
   hass::sg_acc_rows<4>(p, R, nk, v, ldv, nk, acc, d, d);
 }
 template <typename W>
@@ -238,13 +211,9 @@ void accumulate_baseline(const float* p, int64_t R, int64_t nk, const W* v, int6
 
 template <typename W>
 const SmallProducts<W>& small_products() {
-  static const SmallProducts<W> p = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return SmallProducts<W>{scores_avx512<W>, accumulate_avx512<W>};
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return SmallProducts<W>{scores_avx2<W>, accumulate_avx2<W>};
-    return SmallProducts<W>{scores_baseline<W>, accumulate_baseline<W>};
-  }();
+  static const SmallProducts<W> p = hass_cpu::pick(SmallProducts<W>{scores_v4<W>, accumulate_v4<W>},
+                                                   SmallProducts<W>{scores_v3<W>, accumulate_v3<W>},
+                                                   SmallProducts<W>{scores_baseline<W>, accumulate_baseline<W>});
   return p;
 }
 
@@ -348,23 +317,16 @@ void tree_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
 at::Tensor tree_attention_cpu(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                               const at::Tensor& tree_mask, const c10::optional<at::Tensor>& prefix_lens,
                               double scale) {
-  auto q = q_.stride(-1) == 1 ? q_ : q_.contiguous();
-  auto k = k_.stride(-1) == 1 ? k_ : k_.contiguous();
-  auto v = v_.stride(-1) == 1 ? v_ : v_.contiguous();
-  const auto mask = tree_mask.contiguous();
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 3, "tree_attention: bad ranks");
-  const int64_t B = q.size(0), n = q.size(2), L = k.size(2);
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "tree_attention: Hq must be a multiple of Hkv");
-  TORCH_CHECK(n <= L && n <= hass::kMaxTreeNodes, "tree_attention: need n <= L and n <= ", hass::kMaxTreeNodes);
+  const hass_check::TreeAttnShape shape = hass_check::tree_attention_args(q_, k_, v_, tree_mask, prefix_lens, scale);
   at::Tensor pl;
   if (prefix_lens.has_value()) {
     pl = prefix_lens->contiguous();
-    TORCH_CHECK(pl.numel() == B, "tree_attention: prefix_lens must have one entry per batch row");
-    const int64_t* p = pl.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(p[b] >= 0 && p[b] <= L - n, "tree_attention: prefix_lens[", b, "] = ", p[b],
-                  " is outside [0, L - n] = [0, ", L - n, "]");
+    hass_check::tree_attention_prefix_values(pl, shape);
   }
+  const auto q = q_.stride(-1) == 1 ? q_ : q_.contiguous();
+  const auto k = k_.stride(-1) == 1 ? k_ : k_.contiguous();
+  const auto v = v_.stride(-1) == 1 ? v_ : v_.contiguous();
+  const auto mask = tree_mask.contiguous();
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tree_attention_cpu", [&] {
@@ -450,11 +412,10 @@ void align_forward_impl(const at::Tensor& q, const at::Tensor& kl, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor> align_attention_cpu(const at::Tensor& q_, const at::Tensor& k_levels,
                                                        const at::Tensor& v_levels, double scale, bool leaky) {
+  hass_check::align_attention_forward_args(q_, k_levels, v_levels, scale);
   const auto q = q_.stride(-1) == 1 ? q_ : q_.contiguous();
   const auto kl = k_levels.stride(-1) == 1 ? k_levels : k_levels.contiguous();
   const auto vl = v_levels.stride(-1) == 1 ? v_levels : v_levels.contiguous();
-  TORCH_CHECK(q.dim() == 4 && kl.dim() == 5 && vl.dim() == 5 && kl.size(0) >= 1, "align_attention: bad ranks");
-  TORCH_CHECK(kl.size(2) > 0 && q.size(1) % kl.size(2) == 0, "align_attention: Hq must be a multiple of Hkv");
   const AlignGeom a = align_geom(q, kl, scale);
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({a.B, a.Hq, a.T}, q.options().dtype(at::kFloat));
@@ -625,6 +586,7 @@ void align_backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> align_attention_backward_cpu(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_levels, const at::Tensor& v_levels,
     const at::Tensor& out_, const at::Tensor& lse_, double scale) {
+  hass_check::align_attention_backward_args(dout_, q_, k_levels, v_levels, out_, lse_, scale);
   const auto dout = dout_.stride(-1) == 1 ? dout_ : dout_.contiguous();
   const auto q = q_.stride(-1) == 1 ? q_ : q_.contiguous();
   const auto kl = k_levels.stride(-1) == 1 ? k_levels : k_levels.contiguous();

@@ -6,25 +6,22 @@
 #include <cstring>
 #include <vector>
 
+#include "checks/compact_kv.h"
 #include "hass/compact_kv.h"
-#include "bind_utils.h"
 
 namespace {
 
 void compact_kv_cpu(at::TensorList caches, const at::Tensor& src_slots, const at::Tensor& dst_start) {
+  const std::vector<hass::CacheGeom> geoms = hass_check::compact_kv_args(caches, src_slots, dst_start);
   const auto src = src_slots.contiguous();
   const auto dst = dst_start.contiguous();
-  const int64_t B = src.size(0), m = src.size(1);
+  hass_check::compact_kv_values(src, dst, geoms);
+  const int64_t m = src.size(1);
   const int64_t* sp = src.data_ptr<int64_t>();
   const int64_t* dp = dst.data_ptr<int64_t>();
-  for (const auto& cache : caches) {
-    const hass::CacheGeom g = hass_bind::cache_geom(cache, B);
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(hass::compact_check_row(sp + b * m, m, dp[b], g.S) == hass::kOk,
-                  "compact_kv: src_slots/dst_start of batch row ", b, " address slots outside [0, ", g.S, ")");
-  }
-  for (const auto& cache : caches) {
-    const hass::CacheGeom g = hass_bind::cache_geom(cache, B);
+  for (size_t c = 0; c < caches.size(); ++c) {
+    const at::Tensor& cache = caches[c];
+    const hass::CacheGeom& g = geoms[c];
     const int64_t esize = cache.element_size();
     char* base = static_cast<char*>(cache.data_ptr());
     const int64_t rows = g.lead * g.B * g.H;

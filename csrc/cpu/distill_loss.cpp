@@ -3,8 +3,8 @@
 //
 // Each row is streamed in blocks of kBlock columns converted to fp32. Inside a block kLanes independent
 // accumulators share the row's running maxima, so the exp/sum loops vectorise without reassociating
-// floating-point sums; the lanes are summed once at the end of the row. The row loops are compiled for
-// AVX-512, AVX2 and baseline x86-64 and picked at load time (target_clones).
+// floating-point sums; the lanes are summed once at the end of the row. The row loops are compiled once per
+// instruction-set level of cpu_dispatch.h and picked at load time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -14,14 +14,11 @@
 #include <algorithm>
 #include <vector>
 
-#include "bind_utils.h"
+#include "checks/distill_loss.h"
+#include "checks/online_softmax_chunk.h"
+#include "cpu_dispatch.h"
 #include "hass/distill_loss.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HASS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HASS_CPU_CLONES
-#endif
 #define HASS_INLINE inline __attribute__((always_inline))
 
 namespace {
@@ -222,10 +219,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(cons
                                                                            const at::Tensor& target_logits,
                                                                            const at::Tensor& loss_mask,
                                                                            int64_t topk) {
-  hass_bind::distill_check(draft_logits, target_logits, loss_mask, "distill_loss");
-  const int64_t N = draft_logits.size(0), V = draft_logits.size(1);
-  TORCH_CHECK(topk >= 1 && topk <= hass::kMaxTopK && topk <= V, "distill_loss: topk must be in [1, min(",
-              hass::kMaxTopK, ", V=", V, ")], got ", topk);
+  const hass_check::DistillShape shape = hass_check::distill_loss_args(draft_logits, target_logits, loss_mask, topk);
+  const int64_t N = shape.N, V = shape.V;
   const auto z = draft_logits.contiguous(), t = target_logits.contiguous(), m = loss_mask.contiguous();
   const Dt zdt = dt_of(z, "distill_loss", "draft_logits"), tdt = dt_of(t, "distill_loss", "target_logits");
   const auto f32 = z.options().dtype(at::kFloat);
@@ -289,8 +284,9 @@ at::Tensor distill_loss_backward_cpu(const at::Tensor& grad_ce, const at::Tensor
                                      const at::Tensor& draft_logits, const at::Tensor& target_logits,
                                      const at::Tensor& loss_mask, const at::Tensor& stats,
                                      const at::Tensor& topk_idx) {
-  hass_bind::distill_backward_check(grad_ce, grad_topk, draft_logits, target_logits, loss_mask, stats, topk_idx);
-  const int64_t N = draft_logits.size(0), V = draft_logits.size(1);
+  const hass_check::DistillShape shape = hass_check::distill_loss_backward_args(
+      grad_ce, grad_topk, draft_logits, target_logits, loss_mask, stats, topk_idx);
+  const int64_t N = shape.N, V = shape.V;
   const auto z = draft_logits.contiguous(), t = target_logits.contiguous(), m = loss_mask.contiguous();
   const auto st = stats.contiguous(), ix = topk_idx.contiguous();
   const Dt zdt = dt_of(z, "distill_loss_backward", "draft_logits");
@@ -369,16 +365,8 @@ void chunk_row(const void* xrow, Dt dt, int64_t C, float* state, float* alpha, v
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> online_softmax_chunk_cpu(
     const at::Tensor& logits, const at::Tensor& state, const at::Tensor& topk_val, const at::Tensor& topk_idx,
     int64_t col0, bool want_exp) {
-  TORCH_CHECK(logits.dim() == 2, "online_softmax_chunk: logits must be [N, C], got ", logits.sizes());
+  hass_check::online_softmax_chunk_args(logits, state, topk_val, topk_idx, col0);
   const int64_t N = logits.size(0), C = logits.size(1);
-  TORCH_CHECK(state.dim() == 2 && state.size(0) == N && state.size(1) == 2 && state.scalar_type() == at::kFloat,
-              "online_softmax_chunk: state must be float32 [N, 2], got ", state.sizes());
-  TORCH_CHECK(topk_val.dim() == 2 && topk_val.size(0) == N && topk_val.scalar_type() == at::kFloat &&
-                  topk_val.size(1) <= hass::kMaxTopK,
-              "online_softmax_chunk: topk_val must be float32 [N, K<=64], got ", topk_val.sizes());
-  TORCH_CHECK(topk_idx.sizes() == topk_val.sizes() && topk_idx.scalar_type() == at::kLong,
-              "online_softmax_chunk: topk_idx must be int64 shaped like topk_val, got ", topk_idx.sizes());
-  TORCH_CHECK(col0 >= 0 && col0 + C < (int64_t(1) << 31) - 1, "online_softmax_chunk: bad col0 ", col0);
   const auto x = logits.contiguous();
   const Dt dt = dt_of(x, "online_softmax_chunk", "logits");
   auto new_state = state.contiguous().clone();

@@ -16,6 +16,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks/verify_tree.h"
+#include "cpu_dispatch.h"
 #include "hass/verify_tree.h"
 
 namespace {
@@ -29,41 +31,13 @@ struct Params {
   double top_p;
 };
 
-// exp(x) for x <= 0 (never NaN) in branch-free arithmetic and integer masks, which compilers vectorise (libm's
-// expf does not): 2^n * p(r) with |r| <= ln2/2 and a degree-7 Taylor polynomial; at most 1.6 ulp from exp.
-// Exactly 1 at 0; exactly 0 below -87.3 (so at -inf), where the result would be subnormal.
-__attribute__((always_inline)) inline float exp_nonpos(float x) {
-  const int32_t lo = __builtin_bit_cast(int32_t, -87.3f);
-  int32_t ix = __builtin_bit_cast(int32_t, x);
-  const int32_t tiny = -static_cast<int32_t>((ix < 0) & (ix > lo));  // all ones below -87.3
-  ix = (ix & ~tiny) | (lo & tiny);
-  const float xc = __builtin_bit_cast(float, ix);
-  const int32_t n = static_cast<int32_t>(xc * 1.44269504f - 0.5f);  // ceil of a negative: |xc/ln2 - n| <= 1/2
-  const float fn = static_cast<float>(n);
-  const float r = (xc - fn * 0.693145752f) - fn * 1.42860677e-6f;  // Cody-Waite: ln2 = hi + lo
-  float q = r * (1.f / 5040.f) + 1.f / 720.f;
-  q = q * r + 1.f / 120.f;
-  q = q * r + 1.f / 24.f;
-  q = q * r + 1.f / 6.f;
-  q = q * r + 0.5f;
-  q = q * r + 1.f;
-  q = q * r + 1.f;
-  const float v = q * __builtin_bit_cast(float, static_cast<int32_t>(n + 127) << 23);
-  return __builtin_bit_cast(float, __builtin_bit_cast(int32_t, v) & ~tiny);
-}
-
-// AVX2 and baseline versions of the hot loop, picked at load time. The AVX2 one may fuse multiply-adds, so
-// masses can differ in the last bit between machines; on one machine every run gives the same results.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define HASS_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define HASS_CPU_CLONES
-#endif
-
-// out[j] = exp((x[j] - m) * inv_t) for j < V (x[j] <= m).
+// The hot loop, compiled once per instruction-set level (cpu_dispatch.h) and picked at load time. The wider
+// levels may fuse multiply-adds, so masses can differ in the last bit between machines; on one machine every run
+// gives the same results.
+// out[j] = exp((x[j] - m) * inv_t) for j < V (x[j] <= m): exactly 1 at the maximum, 0 far below it (at -inf).
 HASS_CPU_CLONES void masses(const float* __restrict x, int64_t V, float m, float inv_t, float* __restrict out) {
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) out[j] = exp_nonpos((x[j] - m) * inv_t);
+  for (int64_t j = 0; j < V; ++j) out[j] = hass::fast_exp((x[j] - m) * inv_t);
 }
 
 // Per-thread buffers: a node's logits as floats (half types only), its masses, order keys and the candidate
@@ -216,20 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(const at::Tensor&
                                                                double top_p, int64_t top_k,
                                                                const std::optional<at::Tensor>& uniforms,
                                                                std::optional<at::Generator> generator) {
-  TORCH_CHECK_VALUE(target_logits.dim() == 3, "verify_tree: target_logits must be [B, n, V], got ",
-                    target_logits.sizes());
-  const int64_t B = target_logits.size(0), n = target_logits.size(1), V = target_logits.size(2);
-  TORCH_CHECK_VALUE(n >= 1 && V >= 1, "verify_tree: target_logits needs n >= 1 nodes and V >= 1, got ",
-                    target_logits.sizes());
-  TORCH_CHECK_VALUE(V < (int64_t{1} << 31), "verify_tree: V must be < 2^31");
-  TORCH_CHECK_VALUE(draft_tokens.sizes() == at::IntArrayRef({B, n}) && draft_tokens.scalar_type() == at::kLong,
-                    "verify_tree: draft_tokens must be int64 [B, n] = [", B, ", ", n, "], got ",
-                    draft_tokens.scalar_type(), " ", draft_tokens.sizes());
-  TORCH_CHECK_VALUE(parents.sizes() == at::IntArrayRef({B, n}) && parents.scalar_type() == at::kLong,
-                    "verify_tree: parents must be int64 [B, n], got ", parents.scalar_type(), " ", parents.sizes());
-  TORCH_CHECK_VALUE(temperature >= 0.0, "verify_tree: temperature must be >= 0, got ", temperature);
-  TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "verify_tree: top_p must be in (0, 1], got ", top_p);
-  TORCH_CHECK_VALUE(top_k >= 0, "verify_tree: top_k must be >= 0, got ", top_k);
+  const hass_check::VerifyShape shape = hass_check::verify_tree_args(target_logits, draft_tokens, parents,
+                                                                      temperature, top_p, top_k, uniforms, generator);
+  const int64_t B = shape.B, n = shape.n, V = shape.V;
 
   const auto logits = target_logits.stride(2) == 1 ? target_logits : target_logits.contiguous();
   const auto tok = draft_tokens.contiguous();
@@ -241,13 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(const at::Tensor&
   at::Tensor u;
   if (!p.greedy) {
     if (uniforms.has_value()) {
-      TORCH_CHECK_VALUE(uniforms->sizes() == at::IntArrayRef({B, n}) && uniforms->scalar_type() == at::kFloat,
-                        "verify_tree: uniforms must be float32 [B, n], got ", uniforms->scalar_type(), " ",
-                        uniforms->sizes());
       u = uniforms->contiguous();
-      const float* q = u.data_ptr<float>();
-      for (int64_t i = 0; i < B * n; ++i)
-        TORCH_CHECK_VALUE(q[i] >= 0.f && q[i] < 1.f, "verify_tree: uniforms must lie in [0, 1), got ", q[i]);
+      hass_check::verify_tree_uniform_values(u);
     } else {
       u = at::rand({B, n}, generator, at::TensorOptions().dtype(at::kFloat));
     }

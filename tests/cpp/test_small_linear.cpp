@@ -1,4 +1,4 @@
-// Unit tests of csrc/include/hass/small_gemm.h: values against a double-precision loop, the lane rule (a row's
+// Unit tests of csrc/include/hass/small_linear.h: values against a double-precision loop, the lane rule (a row's
 // result is the same whatever rows it is blocked with), tails of K below and past a multiple of 16, bias; and the
 // row-major product sg_acc_rows (y += x w, attention's P * V) with its column tails, strides and bf16 rows.
 #include <cstdint>
@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "check.h"
-#include "hass/small_gemm.h"
+#include "hass/small_linear.h"
 
 namespace {
 

@@ -16,13 +16,14 @@
 // the bytes streamed (a draft head's weights are bf16 values, and its whole layer then fits in the L3 cache).
 //
 // Host-only (GCC/Clang vector extensions). The caller compiles sg_rows inside functions with target attributes
-// (AVX-512, AVX2, baseline) and picks one at run time; the arithmetic is the same, the register blocking differs.
+// (the levels of csrc/cpu/cpu_dispatch.h) and picks one at run time; the arithmetic is the same, the register
+// blocking differs. The sg_ prefix (skinny GEMM) marks the helpers of this header.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
 #if defined(__CUDACC__)
-#error "hass/small_gemm.h is for CPU code only"
+#error "hass/small_linear.h is for CPU code only"
 #endif
 
 #define HASS_SG_INLINE inline __attribute__((always_inline))
