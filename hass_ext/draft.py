@@ -523,6 +523,39 @@ def check_token_map(token_ids, vocab_size: Optional[int] = None) -> torch.Tensor
     return ids
 
 
+def target_parts(target):
+    """(config, input embedding, lm_head weight) of a hass_ext.Target or a transformers causal LM."""
+    model = target if hasattr(target, "get_output_embeddings") else getattr(target, "model", None)
+    if not hasattr(model, "get_output_embeddings"):
+        raise ValueError(f"target must be a hass_ext.Target or a transformers causal LM, got {type(target).__name__}")
+    return model.config, model.get_input_embeddings().weight, model.get_output_embeddings().weight
+
+
+def check_draft_matches_target(config: DraftConfig, target) -> None:
+    """Raise ValueError when the draft's vocabulary or hidden size differs from the target's."""
+    tcfg, _, head = target_parts(target)
+    tv, th = int(head.shape[0]), int(head.shape[1])
+    if config.vocab_size != tv or config.hidden_size != th:
+        raise ValueError(f"draft does not match the target: draft vocab_size={config.vocab_size}, "
+                         f"hidden_size={config.hidden_size}; target lm_head has vocab {tv}, hidden {th} "
+                         f"({getattr(tcfg, 'model_type', '?')})")
+
+
+@torch.inference_mode()
+def context_pass(draft: DraftModel, cache: DraftCache, features: torch.Tensor, token_ids: torch.Tensor
+                 ) -> torch.Tensor:
+    """The draft over newly committed positions: the pairs ``(features[i], token_ids[i])`` (the target's features
+    at positions ``cache.length + i`` and the tokens that follow them) are appended to the draft cache, whose
+    ``length`` advances by their number. Returns the draft's output at the last pair ``[H]``, which ranks the
+    first level of the next tree.
+
+    features: ``[m, H]``; token_ids: ``[m]`` int64 on the draft's device.
+    """
+    out = draft(token_ids[None], features[None].to(draft.dtype), cache=cache, cache_pos=cache.length)
+    cache.length += int(token_ids.shape[0])
+    return out[0, -1]
+
+
 def init_draft(target, seed: int = 0, bias: bool = True, **config_overrides) -> DraftModel:
     """A randomly initialised draft for ``target`` (a ``hass_ext.Target`` or a transformers causal LM).
 
@@ -532,7 +565,11 @@ def init_draft(target, seed: int = 0, bias: bool = True, **config_overrides) -> 
     model = getattr(target, "model", target)
     if not hasattr(model, "get_output_embeddings"):
         raise ValueError(f"init_draft needs a hass_ext.Target or a transformers causal LM, got {type(target).__name__}")
+    unknown = sorted(set(config_overrides) - {f.name for f in fields(DraftConfig)})
+    if unknown:
+        raise ValueError(f"init_draft: unknown draft config options {unknown}")
     config = DraftConfig.from_target(model.config, bias=bias, **config_overrides)
+    check_draft_matches_target(config, model)  # the embedding is copied and the head shared: sizes must agree
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     draft = DraftModel(config)
