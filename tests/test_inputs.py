@@ -139,3 +139,26 @@ def test_stats_reports_the_calibration(monkeypatch, tmp_path, capsys):
     assert f"calibration: round costs measured in" in err and "not counted in tokens/s" in err
     r = hass_ext.generate([1, 2, 3], target=tgt, draft=draft, max_new_tokens=6, recalibrate=True)
     assert r.calibration.source == "measured"
+
+
+def test_help_is_quick_and_imports_no_torch():
+    """hass-ext --help (the console script hass_ext_cli:main) neither imports torch nor takes long."""
+    code = ("import sys, time; t = time.perf_counter(); import hass_ext_cli\n"
+            "try:\n    hass_ext_cli.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print(time.perf_counter() - t, 'torch' in sys.modules, 'hass_ext' in sys.modules, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr
+    seconds, torch_loaded, package_loaded = proc.stderr.split()
+    assert (torch_loaded, package_loaded) == ("False", "False")
+    assert float(seconds) < 3.0  # well under 1 s on an idle machine; loose for a busy one
+    assert "generate" in proc.stdout and "token-map" in proc.stdout
+
+
+def test_quick_help_is_the_full_parsers_help(capsys):
+    import hass_ext_cli
+
+    full = cli.build_parser().format_help()
+    assert hass_ext_cli.overview_parser().format_help() == full
+    assert hass_ext_cli.main(["generate", "hi", "--max-new-tokens", "0"]) == 2  # commands go to hass_ext.cli
+    assert "max_new_tokens must be an int > 0" in capsys.readouterr().err
