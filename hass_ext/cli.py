@@ -1,11 +1,20 @@
 """The hass-ext command line: generate, chat, eval, tree-profile and the training commands.
 
-Arguments are checked before any model is loaded; the modules that need torch are imported by the commands
-(start-up time: ``hass-ext --help`` stays quick).
+Arguments are checked before any model is loaded. ``hass-ext --help`` is answered by the console script
+(``hass_ext_cli``) without importing this package.
 """
 import argparse
 import os
+import shlex
 import sys
+
+import torch
+
+from .draft_io import load_draft, save_profile
+from .generate import check_generation_args, generate, stream
+from .target import check_device, resolve_target
+from .tree import check_tree_options
+from .tree_choice import DEFAULT_SHAPES, TREE_OPTIONS, given_tree, measure_acceptance
 
 # The packaged ShareGPT file holds 17671 records; the packaged drafts were trained on the first 9400.
 TREE_PROFILE_START = 17000
@@ -31,10 +40,6 @@ def _add_sampling_args(p):
 
 
 def _load(args):
-    import torch  # start-up time: see the module docstring
-
-    from .target import resolve_target
-
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     return resolve_target(args.model, dtype=dtype, device=args.device)
 
@@ -81,18 +86,12 @@ def _tree_options(args):
 
 def check_args(args) -> None:
     """ValueError naming the first bad argument: run before anything is loaded."""
-    from .target import check_device  # start-up time: see the module docstring
-
     if getattr(args, "device", None) is not None:
         check_device(args.device)
     tree = _tree_options(args)
     if args.command in ("generate", "chat"):
-        from .generate import check_generation_args
-
         check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.draft, tree)
     elif args.command == "eval":
-        from .generate import check_generation_args
-
         for t in args.temperatures:
             check_generation_args(args.max_new_tokens, t, 1.0, 0, None, {})
     elif args.command == "tree-profile":
@@ -102,8 +101,6 @@ def check_args(args) -> None:
                 raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'start' else '> 0'}, "
                                  f"got {v}")
     if tree:
-        from .tree_choice import given_tree
-
         given_tree(**tree)
 
 
@@ -115,17 +112,12 @@ def _generation_kwargs(args, target, draft=None):
 def _load_draft(args, target):
     if getattr(args, "draft", None) in (None, "default"):
         return getattr(args, "draft", None)
-    from .draft_io import load_draft
-
     return load_draft(args.draft, target=target)
 
 
 def _stats(prompt, kwargs, result, file=None):
     """--stats: decode the same prompt with the target alone and compare; say where the round costs came from."""
     file = file or sys.stderr  # looked up per call: sys.stderr may be replaced after import
-    from .generate import generate
-    from .tree_choice import TREE_OPTIONS
-
     if kwargs.get("draft") is None:
         print("[--stats: no --draft, nothing to compare with vanilla decoding]", file=file)
         return
@@ -149,8 +141,6 @@ class ReplyInterrupted(Exception):
 
 
 def _print_stream(prompt, kwargs):
-    from .generate import stream
-
     gen = stream(prompt, **kwargs)
     shown = []
     try:
@@ -233,16 +223,12 @@ def _parse_drafts(specs, target):
         if path == "default":
             drafts[name] = "default"
             continue
-        from .draft_io import load_draft
-
         drafts[name] = load_draft(path, target=target)
     return drafts
 
 
 def cmd_eval(args):
-    import shlex
-
-    from .evaluate import evaluate, markdown_table, write_results
+    from .evaluate import evaluate, markdown_table, write_results  # start-up time of the other commands
 
     target = _load(args)
     drafts = _parse_drafts(args.draft, target)
@@ -265,18 +251,16 @@ def _calibration_prompts(source: str, start: int, count: int) -> list:
     """First user turns: of ShareGPT records from ``start`` ("sharegpt"), or of a question file / packaged
     dataset (hass_ext.evaluate.load_questions)."""
     if source == "sharegpt":
-        from .train.conversations import first_user_turns
+        from .train.conversations import first_user_turns  # start-up time of the other commands
 
         return first_user_turns("sharegpt", start, count)
-    from .evaluate import load_questions
+    from .evaluate import load_questions  # start-up time of the other commands
 
     return [q["turns"][0] for q in load_questions(source)[start:start + count]]
 
 
 def _shapes(specs):
     """--shapes NODES:DEPTH:TOPK ... -> [(n, d, k)] (checked)."""
-    from .tree import check_tree_options
-
     try:
         shapes = [tuple(int(x) for x in s.split(":")) for s in specs]
     except ValueError:
@@ -289,9 +273,6 @@ def _shapes(specs):
 
 
 def cmd_tree_profile(args):
-    from .draft_io import load_draft, save_profile
-    from .tree_choice import DEFAULT_SHAPES, measure_acceptance
-
     shapes = _shapes(args.shapes) if args.shapes else DEFAULT_SHAPES
     prompts = _calibration_prompts(args.prompts, args.start, args.num_prompts)
     if not prompts:
@@ -369,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     t.set_defaults(func=cmd_tree_profile)
 
-    from .train.cli import (add_prepare_data_parser, add_regenerate_parser, add_token_map_parser,  # training
+    from .train.cli import (add_prepare_data_parser, add_regenerate_parser, add_token_map_parser,  # start-up
                             add_train_parser)
 
     add_regenerate_parser(sub)

@@ -148,7 +148,7 @@ def _read_weights(path: str) -> dict:
     st, bin_ = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
     if os.path.isfile(st):  # preferred: no pickle
         from safetensors import SafetensorError  # here, not at the top: start-up time of import hass_ext
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # start-up, as above
 
         try:
             return load_file(st, device="cpu")

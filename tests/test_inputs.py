@@ -118,7 +118,7 @@ def test_ctrl_c_ends_the_reply_not_the_chat(monkeypatch, capsys):
         return gen.GenerationResult(text="partial answer", token_ids=[1, 2], prompt_tokens=3, elapsed=0.1)
 
     lines = iter(["first question", "second question", ""])
-    monkeypatch.setattr(gen, "stream", fake_stream)
+    monkeypatch.setattr(cli, "stream", fake_stream)
     monkeypatch.setattr(cli, "_load", lambda args: type("T", (), {"name": "fake"})())
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert cli.main(["chat"]) == 0
