@@ -10,11 +10,11 @@ import sys
 
 import torch
 
-from .draft_io import load_draft, save_profile
+from .draft_io import load_draft, resolve_draft, save_profile
 from .generate import check_generation_args, generate, stream
 from .target import check_device, resolve_target
 from .tree import check_tree_options
-from .tree_choice import DEFAULT_SHAPES, TREE_OPTIONS, given_tree, measure_acceptance
+from .tree_choice import DEFAULT_SHAPES, TREE_OPTIONS, given_tree, measure_acceptance, resolve_tree
 
 # The packaged ShareGPT file holds 17671 records; the packaged drafts were trained on the first 9400.
 TREE_PROFILE_START = 17000
@@ -236,6 +236,9 @@ def cmd_eval(args):
                     max_new_tokens=args.max_new_tokens, turns=args.turns, target=target.name,
                     drafts=args.draft or [])
     tree = _tree_options(args)
+    if tree.pop("recalibrate", False):  # measured again once here, then every prompt reuses the measurement
+        for draft in drafts.values():
+            resolve_tree(target, resolve_draft(draft, target), recalibrate=True, **tree)
     settings.update(tree)
     results = evaluate(target, drafts, datasets=args.datasets, temperatures=args.temperatures,
                        num_questions=args.num_questions, max_new_tokens=args.max_new_tokens, turns=args.turns,
