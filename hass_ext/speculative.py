@@ -207,7 +207,7 @@ def extend(draft: DraftModel, state: State, features: torch.Tensor, tokens: list
         raise RuntimeError(f"draft cache ({cache.length}) and target cache ({state.length}) went out of step")
 
 
-# ---- checks ------------------------------------------------------------------------------------------------
+# ---- checks -----------------------------------------------------------------------------------------------
 
 def _attention_impl(target) -> str:
     return getattr(target.model.config, "_attn_implementation", None) or "eager"
