@@ -100,7 +100,7 @@ def check_args(args) -> None:
             if v < (0 if name == "start" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'start' else '> 0'}, "
                                  f"got {v}")
-    if tree:
+    if tree and args.command not in ("generate", "chat"):  # generate's check covers them
         given_tree(**tree)
 
 

@@ -16,7 +16,7 @@ from .draft_io import resolve_draft
 from .sampling import check_sampling_args
 from .speculative import decode_step, speculative_decode, vanilla_decode  # noqa: F401  (decode_step: public)
 from .target import resolve_target
-from .tree_choice import TREE_OPTIONS, resolve_tree
+from .tree_choice import TREE_OPTIONS, given_tree, resolve_tree
 
 # Below this, logits / T overflow float32 while the sampled token is the argmax all the same: use 0 (greedy).
 MIN_TEMPERATURE = 1e-5
@@ -84,6 +84,7 @@ def check_generation_args(max_new_tokens, temperature, top_p, top_k, draft, tree
                          f"{', '.join(TREE_OPTIONS)}")
     if draft is None and tree_options:
         raise ValueError(f"tree options {sorted(tree_options)} need a draft (draft=None is vanilla decoding)")
+    given_tree(**tree_options)  # the option values, before the target is loaded
 
 
 def _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k, seed, chat,

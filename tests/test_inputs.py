@@ -162,3 +162,10 @@ def test_quick_help_is_the_full_parsers_help(capsys):
     assert hass_ext_cli.overview_parser().format_help() == full
     assert hass_ext_cli.main(["generate", "hi", "--max-new-tokens", "0"]) == 2  # commands go to hass_ext.cli
     assert "max_new_tokens must be an int > 0" in capsys.readouterr().err
+
+
+def test_api_checks_tree_options_before_loading(nothing_loads):
+    with pytest.raises(ValueError, match="depth must be an int >= 1, got 0"):
+        hass_ext.generate("hi", target="some-org/some-model", draft="default", depth=0)
+    with pytest.raises(ValueError, match="total_tokens must be an int >= 1 or 'auto', got 'big'"):
+        hass_ext.generate("hi", target="some-org/some-model", draft="default", total_tokens="big")
