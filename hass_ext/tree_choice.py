@@ -48,7 +48,7 @@ class TreeChoice:
     total_tokens: int
     depth: int
     tree_topk: int
-    source: str                                # "profile" (chosen from the draft's profile) or "forward-cost"
+    source: str                                # "profile" (from the draft's profile), "forward-cost" or "given"
     expected_tau: Optional[float] = None       # from the profile
     round_ms: Optional[float] = None           # measured here
     vanilla_step_ms: Optional[float] = None    # measured here
