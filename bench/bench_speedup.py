@@ -4,7 +4,7 @@
     python bench/bench_speedup.py --per-file 80     # all 240 prompts
     python bench/bench_speedup.py --quick           # a tiny run (checks that it works)
 
-Both methods decode every prompt side by side in one process, interleaved per prompt (hass_ext.evaluate), with
+Both methods decode every prompt side by side in one process, interleaved per prompt (hass_ext.speed_eval), with
 the default tree choice (``total_tokens="auto"``: from the draft's acceptance profile and the round costs measured
 here); the greedy outputs are compared token for token with vanilla's. Writes bench/results/speedup_<device>.json
 and .md (``--quick``: speedup_<device>-quick.*): tau, tokens/s, speedup, identical outputs, the tree used.

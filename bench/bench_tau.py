@@ -34,7 +34,7 @@ EAGLE_2_TREE = (60, 6, 10)
 
 
 def drafts_for(target):
-    from hass_ext.speculative import default_draft_path
+    from hass_ext.draft_io import default_draft_path
 
     name = os.path.basename(str(target.name).rstrip("/"))
     out = {"hass": default_draft_path(target)}

@@ -1,4 +1,4 @@
-"""Benchmark of hass_ext.ops.verify_tree against its PyTorch oracle (hass_ext.reference.verify_tree_reference).
+"""Benchmark of hass_ext.ops.verify_tree against its PyTorch oracle (hass_ext.oracles.verify_tree_oracle).
 
 Shapes from the issue: (n=60, V=128256) (Llama-3 vocabulary, the paper's 60-node tree) and (n=16, V=49152)
 (SmolLM2), batch B in {1, 8}, greedy and sampled (T=1; T=1 with top-p 0.9; T=1 with top-p 0.9 and top-k 50).

@@ -4,13 +4,13 @@ import json
 import os
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hass_ext.speed_eval import machine_info  # noqa: E402
+from hass_ext.timing import time_call  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -37,10 +37,7 @@ def time_fn(fn, device, repeats: int = 20, warmup: int = 3) -> float:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
     else:
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
+        times = [time_call(fn, device) for _ in range(repeats)]
     return statistics.median(times)
 
 

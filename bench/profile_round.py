@@ -13,10 +13,8 @@ the trees go 6 levels deep as a trained draft's do) or --draft DIR; a random dra
 is one full-size tree. Prompts: the first turns of the packaged MT-bench,
 HumanEval and GSM8K questions. Writes bench/results/round_parts_<device>.{json,md} (--name to change).
 """
-import contextlib
 import json
 import os
-import time
 
 import torch
 
@@ -24,6 +22,7 @@ from common import parser, write
 
 import hass_ext
 from hass_ext import speculative as spec
+from hass_ext.timing import PhaseTimer
 
 PARTS = ("draft_tree", "verify", "accept", "compact", "extend", "rest")
 
@@ -37,25 +36,20 @@ def prompts(n: int):
     return out[:n]
 
 
-def timed_rounds(target, draft, input_ids, rounds, total_tokens, depth, tree_topk, sync):
+def timed_rounds(target, draft, input_ids, rounds, total_tokens, depth, tree_topk):
     """Run the loop of speculative_decode for ``rounds`` rounds (greedy); return seconds per part."""
     t = dict.fromkeys(PARTS, 0.0)
     sampling = spec.Sampling(0.0, 1.0, 0, None)
-    state = spec.prefill(target, draft, input_ids, sampling)
-    clock = time.perf_counter
-
-    @contextlib.contextmanager
-    def phase(name):
-        t0 = clock()
-        yield
-        sync()
-        t["draft_tree" if name == "draft" else name] += clock() - t0
-
+    state = spec.initial_state(target, draft, input_ids, sampling)
     for _ in range(rounds):
-        start = clock()
-        parts_before = sum(t[p] for p in PARTS if p != "rest")
-        spec.speculative_round(target, draft, state, sampling, total_tokens, depth, tree_topk, phase=phase)
-        t["rest"] += (clock() - start) - (sum(t[p] for p in PARTS if p != "rest") - parts_before)
+        timer = PhaseTimer(target.device)
+        with timer("round"):
+            spec.speculative_round(target, draft, state, sampling, total_tokens, depth, tree_topk, phase=timer)
+        parts = timer.seconds()
+        for name, seconds in parts.items():
+            if name != "round":
+                t["draft_tree" if name == "draft" else name] += seconds
+        t["rest"] += parts["round"] - sum(v for k, v in parts.items() if k != "round")
     return t
 
 
@@ -77,18 +71,17 @@ def main():
     draft = (hass_ext.load_draft(args.draft, target=target) if args.draft
              else hass_ext.init_draft(target, initializer_range=args.init_range))
     if args.token_map:
-        from hass_ext.checkpoint import load_token_map
+        from hass_ext.draft_io import load_token_map
 
         draft.set_token_map(load_token_map(args.token_map, draft.config.vocab_size))
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     rounds = 3 if args.quick else args.rounds
     ps = prompts(1 if args.quick else args.prompts)
     totals = dict.fromkeys(PARTS, 0.0)
     n_rounds = 0
     with torch.inference_mode():
-        timed_rounds(target, draft, target.encode(ps[0]), 2, *args.tree, sync)  # warm-up
+        timed_rounds(target, draft, target.encode(ps[0]), 2, *args.tree)  # warm-up
         for p in ps:
-            t = timed_rounds(target, draft, target.encode(p), rounds, *args.tree, sync)
+            t = timed_rounds(target, draft, target.encode(p), rounds, *args.tree)
             for k in PARTS:
                 totals[k] += t[k]
             n_rounds += rounds

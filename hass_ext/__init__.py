@@ -8,16 +8,15 @@ Importing the package registers the kernels as ``torch.ops.hass.*``; the Python 
 """
 import importlib
 
+from ._version import __version__  # noqa: F401
 from ._library import available_devices, kernel_report, op_devices, registered_ops  # noqa: F401  (loads _C)
 from . import ops, sampling  # noqa: F401
 from .hf_attention import register_hass_tree  # noqa: F401
 from .ops.small_linear import SmallLinear, use_blas_linear, use_small_batch_linear, use_small_linear  # noqa: F401
-from .checkpoint import CheckpointError, load_draft, save_draft  # noqa: F401
+from .draft_io import CheckpointError, load_draft, save_draft  # noqa: F401
 from .draft import DraftConfig, DraftModel, init_draft  # noqa: F401
 from .generate import GenerationResult, generate, stream  # noqa: F401
 from .target import Target, load_target  # noqa: F401
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

@@ -1,8 +1,23 @@
-"""The hass-ext command line: generate, chat (and the training/evaluation commands as they land)."""
+"""The hass-ext command line: generate, chat, eval, tree-profile and the training commands.
+
+Arguments are checked before any model is loaded. ``hass-ext --help`` is answered by the console script
+(``hass_ext_cli``) without importing this package.
+"""
 import argparse
 import os
+import shlex
 import sys
 
+import torch
+
+from .draft_io import load_draft, resolve_draft, save_profile
+from .generate import check_generation_args, generate, stream
+from .target import check_device, resolve_target
+from .tree import check_tree_options
+from .tree_choice import DEFAULT_SHAPES, TREE_OPTIONS, given_tree, measure_acceptance, resolve_tree
+
+# The packaged ShareGPT file holds 17671 records; the packaged drafts were trained on the first 9400.
+TREE_PROFILE_START = 17000
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -25,12 +40,8 @@ def _add_sampling_args(p):
 
 
 def _load(args):
-    import torch
-
-    from .target import load_target
-
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    return load_target(args.model, dtype=dtype, device=args.device)
+    return resolve_target(args.model, dtype=dtype, device=args.device)
 
 
 def _add_draft_args(p):
@@ -39,7 +50,8 @@ def _add_draft_args(p):
                         "'default' (the packaged draft); without it, vanilla decoding")
     _add_tree_args(p)
     p.add_argument("--stats", action="store_true",
-                   help="also decode with the target alone and report tau, tokens/s and the speedup")
+                   help="also decode with the target alone and report tau, tokens/s and the speedup, and where "
+                        "the tree's round costs came from")
 
 
 def _add_tree_args(p):
@@ -52,6 +64,9 @@ def _add_tree_args(p):
     p.add_argument("--tree-topk", type=int, default=None,
                    help="children kept per expanded node (default: chosen with 'auto', 10 with a given "
                         "--total-tokens)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="measure the round costs behind 'auto' again instead of reading them from the cache "
+                        "(also: HASS_EXT_RECALIBRATE=1)")
 
 
 def _tree_options(args):
@@ -62,9 +77,31 @@ def _tree_options(args):
     for name in ("depth", "tree_topk"):
         if getattr(args, name, None) is not None:
             opts[name] = getattr(args, name)
-    if opts and getattr(args, "draft", None) is None:
-        raise ValueError("--total-tokens/--depth/--tree-topk need --draft")
+    if getattr(args, "recalibrate", False):
+        opts["recalibrate"] = True
+    if opts and not getattr(args, "draft", None):
+        raise ValueError("--total-tokens/--depth/--tree-topk/--recalibrate need --draft")
     return opts
+
+
+def check_args(args) -> None:
+    """ValueError naming the first bad argument: run before anything is loaded."""
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+    tree = _tree_options(args)
+    if args.command in ("generate", "chat"):
+        check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.draft, tree)
+    elif args.command == "eval":
+        for t in args.temperatures:
+            check_generation_args(args.max_new_tokens, t, 1.0, 0, None, {})
+    elif args.command == "tree-profile":
+        for name in ("start", "num_prompts", "max_new_tokens"):
+            v = getattr(args, name)
+            if v < (0 if name == "start" else 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'start' else '> 0'}, "
+                                 f"got {v}")
+    if tree and args.command not in ("generate", "chat"):  # generate's check covers them
+        given_tree(**tree)
 
 
 def _generation_kwargs(args, target, draft=None):
@@ -75,40 +112,51 @@ def _generation_kwargs(args, target, draft=None):
 def _load_draft(args, target):
     if getattr(args, "draft", None) in (None, "default"):
         return getattr(args, "draft", None)
-    from .checkpoint import load_draft
-
     return load_draft(args.draft, target=target)
 
 
 def _stats(prompt, kwargs, result, file=None):
-    """--stats: decode the same prompt with the target alone and compare."""
+    """--stats: decode the same prompt with the target alone and compare; say where the round costs came from."""
     file = file or sys.stderr  # looked up per call: sys.stderr may be replaced after import
-    from .generate import generate
-
     if kwargs.get("draft") is None:
         print("[--stats: no --draft, nothing to compare with vanilla decoding]", file=file)
         return
-    base = generate(prompt, **{k: v for k, v in kwargs.items() if k not in ("draft", "total_tokens", "depth",
-                                                                             "tree_topk")})
+    base = generate(prompt, **{k: v for k, v in kwargs.items() if k != "draft" and k not in TREE_OPTIONS})
     if result.tree is not None:
         print(f"[{result.tree.describe()}]", file=file)
+    if result.calibration is not None:
+        print(f"[calibration: {result.calibration.describe()}; set-up {result.setup_seconds:.2f} s, not counted "
+              f"in tokens/s]", file=file)
     print(f"[tau {result.mean_accept_length:.2f} over {result.num_rounds} rounds; speculative "
           f"{result.tokens_per_second:.1f} tokens/s, vanilla {base.tokens_per_second:.1f} tokens/s: speedup "
           f"{result.tokens_per_second / base.tokens_per_second:.2f}x]", file=file)
 
 
-def _print_stream(prompt, kwargs):
-    from .generate import stream
+class ReplyInterrupted(Exception):
+    """Ctrl-C while a reply streamed; ``text`` is what was shown of it."""
 
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
+def _print_stream(prompt, kwargs):
     gen = stream(prompt, **kwargs)
-    while True:
-        try:
-            piece = next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    shown = []
+    try:
+        while True:
+            try:
+                piece = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            shown.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        gen.close()
+        sys.stdout.write("\n")
+        raise ReplyInterrupted("".join(shown)) from None
     sys.stdout.write("\n")
     return result
 
@@ -124,7 +172,10 @@ def cmd_generate(args):
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     kwargs = _generation_kwargs(args, target, _load_draft(args, target))
     kwargs["chat"] = False if args.raw else None
-    result = _print_stream(prompt, kwargs)
+    try:
+        result = _print_stream(prompt, kwargs)
+    except ReplyInterrupted:
+        return 130
     _report(result)
     if args.stats:
         _stats(prompt, kwargs, result)
@@ -137,16 +188,26 @@ def cmd_chat(args):
     if args.system:
         messages.append({"role": "system", "content": args.system})
     kwargs = _generation_kwargs(args, target, _load_draft(args, target))
-    print(f"Chatting with {target.name}. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    print(f"Chatting with {target.name}. Empty line or Ctrl-D to quit; Ctrl-C stops a reply.", file=sys.stderr)
     while True:
         try:
             line = input("> ")
         except EOFError:
             break
+        except KeyboardInterrupt:  # at the prompt, Ctrl-C quits as Ctrl-D does
+            print(file=sys.stderr)
+            break
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        result = _print_stream(messages, kwargs)
+        try:
+            result = _print_stream(messages, kwargs)
+        except ReplyInterrupted as cut:  # the reply ends here; the chat goes on with what was shown of it
+            print("[reply interrupted]", file=sys.stderr)
+            messages.append({"role": "assistant", "content": cut.text})
+            continue
+        finally:
+            kwargs.pop("recalibrate", None)  # measured again once, not for every reply
         _report(result)
         if args.stats:
             _stats(list(messages), kwargs, result)
@@ -162,16 +223,12 @@ def _parse_drafts(specs, target):
         if path == "default":
             drafts[name] = "default"
             continue
-        from . import load_draft
-
         drafts[name] = load_draft(path, target=target)
     return drafts
 
 
 def cmd_eval(args):
-    import shlex
-
-    from .speed_eval import evaluate, markdown_table, write_results
+    from .speed_eval import evaluate, markdown_table, write_results  # start-up time of the other commands
 
     target = _load(args)
     drafts = _parse_drafts(args.draft, target)
@@ -179,6 +236,9 @@ def cmd_eval(args):
                     max_new_tokens=args.max_new_tokens, turns=args.turns, target=target.name,
                     drafts=args.draft or [])
     tree = _tree_options(args)
+    if tree.pop("recalibrate", False):  # measured again once here, then every prompt reuses the measurement
+        for draft in drafts.values():
+            resolve_tree(target, resolve_draft(draft, target), recalibrate=True, **tree)
     settings.update(tree)
     results = evaluate(target, drafts, datasets=args.datasets, temperatures=args.temperatures,
                        num_questions=args.num_questions, max_new_tokens=args.max_new_tokens, turns=args.turns,
@@ -192,31 +252,38 @@ def cmd_eval(args):
 
 def _calibration_prompts(source: str, start: int, count: int) -> list:
     """First user turns: of ShareGPT records from ``start`` ("sharegpt"), or of a question file / packaged
-    dataset (hass_ext.evaluate.load_questions)."""
+    dataset (hass_ext.speed_eval.load_questions)."""
     if source == "sharegpt":
-        from .train.conversations import first_user_turns
+        from .train.conversations import first_user_turns  # start-up time of the other commands
 
         return first_user_turns("sharegpt", start, count)
-    from .speed_eval import load_questions
+    from .speed_eval import load_questions  # start-up time of the other commands
 
     return [q["turns"][0] for q in load_questions(source)[start:start + count]]
 
 
-def cmd_tree_profile(args):
-    from .checkpoint import load_draft
-    from .tree_choice import DEFAULT_SHAPES, measure_acceptance, save_profile
+def _shapes(specs):
+    """--shapes NODES:DEPTH:TOPK ... -> [(n, d, k)] (checked)."""
+    try:
+        shapes = [tuple(int(x) for x in s.split(":")) for s in specs]
+    except ValueError:
+        raise ValueError(f"--shapes takes NODES:DEPTH:TOPK items, got {specs}") from None
+    if any(len(s) != 3 for s in shapes):
+        raise ValueError(f"--shapes takes NODES:DEPTH:TOPK items, got {specs}")
+    for s in shapes:
+        check_tree_options(*s)
+    return shapes
 
+
+def cmd_tree_profile(args):
+    shapes = _shapes(args.shapes) if args.shapes else DEFAULT_SHAPES
+    prompts = _calibration_prompts(args.prompts, args.start, args.num_prompts)
+    if not prompts:
+        raise ValueError(f"no calibration prompts in {args.prompts!r} from --start {args.start}: the range is past "
+                         f"the end of the data or holds no usable first turns; choose a smaller --start "
+                         f"(default {TREE_PROFILE_START})")
     target = _load(args)
     draft = load_draft(args.draft, target=target)
-    shapes = DEFAULT_SHAPES
-    if args.shapes:
-        try:
-            shapes = [tuple(int(x) for x in s.split(":")) for s in args.shapes]
-        except ValueError:
-            raise ValueError(f"--shapes takes NODES:DEPTH:TOPK items, got {args.shapes}") from None
-        if any(len(s) != 3 for s in shapes):
-            raise ValueError(f"--shapes takes NODES:DEPTH:TOPK items, got {args.shapes}")
-    prompts = _calibration_prompts(args.prompts, args.start, args.num_prompts)
     profile = measure_acceptance(target, draft, prompts, shapes, max_new_tokens=args.max_new_tokens)
     path = save_profile(profile, args.draft)
     for s in sorted(profile["shapes"], key=lambda s: -s["tau"]):
@@ -276,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompts", default="sharegpt",
                    help="'sharegpt' (the bundled ShareGPT records from --start) or a question file / packaged "
                         "dataset name (first turns)")
-    t.add_argument("--start", type=int, default=90000, help="first record or question to use (default 90000)")
+    t.add_argument("--start", type=int, default=TREE_PROFILE_START,
+                   help=f"first record or question to use (default {TREE_PROFILE_START}: ShareGPT records the "
+                        f"packaged drafts were not trained on)")
     t.add_argument("--num-prompts", type=int, default=12)
     t.add_argument("--max-new-tokens", type=int, default=96)
     t.add_argument("--shapes", nargs="+", metavar="NODES:DEPTH:TOPK", default=None,
@@ -284,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     t.set_defaults(func=cmd_tree_profile)
 
-    from .train.cli import (add_prepare_data_parser, add_regenerate_parser, add_token_map_parser,  # training
+    from .train.cli import (add_prepare_data_parser, add_regenerate_parser, add_token_map_parser,  # start-up
                             add_train_parser)
 
     add_regenerate_parser(sub)
@@ -299,6 +368,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command line, as stored with results
     try:
+        check_args(args)
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"hass-ext {args.command}: error: {e}", file=sys.stderr)

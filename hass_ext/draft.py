@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops.small_linear import linear, tensor_version, use_small_linear as use_small_batch_linear
+from .ops.small_linear import linear, tensor_version, use_small_linear
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 # config.json keys that to_dict() always writes itself (so they are not carried in DraftConfig.extra)
@@ -367,14 +367,14 @@ class DraftModel(nn.Module):
         object.__setattr__(self, "_inv_freq", {})
         # The hot vocabulary (reduced draft vocabulary, FR-Spec style): sorted target ids the tree draws from, or
         # None for the full vocabulary. A non-persistent buffer: it follows .to(device) and stays out of the state
-        # dict (the checkpoint keeps it in a file of its own, see hass_ext.checkpoint).
+        # dict (the checkpoint keeps it in a file of its own, see hass_ext.draft_io).
         self.register_buffer("hot_token_ids", None, persistent=False)
         object.__setattr__(self, "_hot_head", (None, None, None, None))  # (head, its version, map, rows [N, H])
         # The measured acceptance of tree shapes (hass_ext.tree_choice), saved as tree_profile.json; None if never
         # measured. It belongs to these weights and this token map: changing the map drops it.
         self.tree_profile = None
         # tree expansion calls the layers with a few rows; bf16-valued weights are streamed as bf16 (cpu_linear)
-        use_small_batch_linear(self, exact_bf16=True)
+        use_small_linear(self, exact_bf16=True)
 
     # -- the head ----------------------------------------------------------------------------------------------
     @property
@@ -523,6 +523,39 @@ def check_token_map(token_ids, vocab_size: Optional[int] = None) -> torch.Tensor
     return ids
 
 
+def target_parts(target):
+    """(config, input embedding, lm_head weight) of a hass_ext.Target or a transformers causal LM."""
+    model = target if hasattr(target, "get_output_embeddings") else getattr(target, "model", None)
+    if not hasattr(model, "get_output_embeddings"):
+        raise ValueError(f"target must be a hass_ext.Target or a transformers causal LM, got {type(target).__name__}")
+    return model.config, model.get_input_embeddings().weight, model.get_output_embeddings().weight
+
+
+def check_draft_matches_target(config: DraftConfig, target) -> None:
+    """Raise ValueError when the draft's vocabulary or hidden size differs from the target's."""
+    tcfg, _, head = target_parts(target)
+    tv, th = int(head.shape[0]), int(head.shape[1])
+    if config.vocab_size != tv or config.hidden_size != th:
+        raise ValueError(f"draft does not match the target: draft vocab_size={config.vocab_size}, "
+                         f"hidden_size={config.hidden_size}; target lm_head has vocab {tv}, hidden {th} "
+                         f"({getattr(tcfg, 'model_type', '?')})")
+
+
+@torch.inference_mode()
+def context_pass(draft: DraftModel, cache: DraftCache, features: torch.Tensor, token_ids: torch.Tensor
+                 ) -> torch.Tensor:
+    """The draft over newly committed positions: the pairs ``(features[i], token_ids[i])`` (the target's features
+    at positions ``cache.length + i`` and the tokens that follow them) are appended to the draft cache, whose
+    ``length`` advances by their number. Returns the draft's output at the last pair ``[H]``, which ranks the
+    first level of the next tree.
+
+    features: ``[m, H]``; token_ids: ``[m]`` int64 on the draft's device.
+    """
+    out = draft(token_ids[None], features[None].to(draft.dtype), cache=cache, cache_pos=cache.length)
+    cache.length += int(token_ids.shape[0])
+    return out[0, -1]
+
+
 def init_draft(target, seed: int = 0, bias: bool = True, **config_overrides) -> DraftModel:
     """A randomly initialised draft for ``target`` (a ``hass_ext.Target`` or a transformers causal LM).
 
@@ -532,7 +565,11 @@ def init_draft(target, seed: int = 0, bias: bool = True, **config_overrides) -> 
     model = getattr(target, "model", target)
     if not hasattr(model, "get_output_embeddings"):
         raise ValueError(f"init_draft needs a hass_ext.Target or a transformers causal LM, got {type(target).__name__}")
+    unknown = sorted(set(config_overrides) - {f.name for f in fields(DraftConfig)})
+    if unknown:
+        raise ValueError(f"init_draft: unknown draft config options {unknown}")
     config = DraftConfig.from_target(model.config, bias=bias, **config_overrides)
+    check_draft_matches_target(config, model)  # the embedding is copied and the head shared: sizes must agree
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     draft = DraftModel(config)

@@ -1,9 +1,10 @@
 """hass_ext.generate: vanilla or speculative decoding behind one call, with a streaming form.
 
-A decoder is a generator that yields ``(tokens, accepted)`` chunks: the new token ids it committed, and for a
-speculative verification round the number of accepted draft tokens (None for tokens that did not come from a
-round, e.g. the first token after prefill or a vanilla step). The driver here stops on EOS or
-max_new_tokens, times the run and collects the statistics.
+The target, the draft and the tree shape are resolved here, once, and handed to a decoder of
+hass_ext.speculative as plain values. A decoder is a generator that yields ``(tokens, accepted)`` chunks: the new
+token ids it committed, and for a speculative verification round the number of accepted draft tokens (None for
+tokens that did not come from a round, e.g. the first token after prefill or a vanilla step). The driver here
+stops on EOS or max_new_tokens, times the run and collects the statistics.
 """
 import time
 from dataclasses import dataclass, field
@@ -11,7 +12,14 @@ from typing import Iterator, List, Optional
 
 import torch
 
-from .sampling import check_sampling_args, sample_token
+from .draft_io import resolve_draft
+from .sampling import check_sampling_args
+from .speculative import decode_step, speculative_decode, vanilla_decode  # noqa: F401  (decode_step: public)
+from .target import resolve_target
+from .tree_choice import TREE_OPTIONS, given_tree, resolve_tree
+
+# Below this, logits / T overflow float32 while the sampled token is the argmax all the same: use 0 (greedy).
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -23,6 +31,12 @@ class GenerationResult:
     accept_lengths: List[int] = field(default_factory=list)  # accepted draft tokens per verification round
     stop_reason: str = "length"        # "eos" or "length"
     tree: Optional[object] = None      # the tree_choice.TreeChoice used (None for vanilla decoding)
+    setup_seconds: float = 0.0         # resolving target, draft and tree (a first calibration included), untimed
+
+    @property
+    def calibration(self):
+        """Where the round costs behind an automatic tree came from (hass_ext.calibration.Calibration), or None."""
+        return getattr(self.tree, "calibration", None)
 
     @property
     def num_new_tokens(self) -> int:
@@ -45,46 +59,6 @@ class GenerationResult:
         return sum(a + 1 for a in self.accept_lengths) / len(self.accept_lengths)
 
 
-def vanilla_decode(target, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
-                   top_k: int, generator: Optional[torch.Generator]) -> Iterator[tuple]:
-    """Autoregressive decoding with a KV cache: the baseline every speedup is measured against."""
-    pre = target.prefill(input_ids)
-    cache, logits = pre.past_key_values, pre.logits[:, -1]
-    for _ in range(max_new_tokens):
-        token = sample_token(logits, temperature, top_p, top_k, generator)
-        yield [int(token)], None
-        logits = decode_step(target, token, cache)
-
-
-@torch.no_grad()
-def decode_step(target, token: torch.Tensor, cache) -> torch.Tensor:
-    """One vanilla step: the target over one token, appending to its KV cache; the next logits ``[1, V]``."""
-    return target.model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True).logits[:, -1]
-
-
-def _resolve_target(target):
-    from .target import Target, load_target
-
-    if target is None:
-        return _default_target()
-    if isinstance(target, Target):
-        return target
-    if isinstance(target, str):
-        return load_target(target)
-    raise ValueError(f"target must be None, a model name/path or a hass_ext.Target, got {type(target).__name__}")
-
-
-_DEFAULT = {}
-
-
-def _default_target():
-    from .target import load_target
-
-    if "target" not in _DEFAULT:
-        _DEFAULT["target"] = load_target()
-    return _DEFAULT["target"]
-
-
 def _make_generator(seed: Optional[int], device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     if seed is None:
@@ -94,41 +68,49 @@ def _make_generator(seed: Optional[int], device: torch.device) -> torch.Generato
     return g
 
 
-def _decoder(target, draft, input_ids, max_new_tokens, temperature, top_p, top_k, generator, tree_options):
-    """The decoder generator and the tree it uses (None for vanilla decoding)."""
-    if draft is None:
-        if tree_options:
-            raise ValueError(f"tree options {sorted(tree_options)} need a draft (draft=None is vanilla decoding)")
-        return vanilla_decode(target, input_ids, max_new_tokens, temperature, top_p, top_k, generator), None
-    from .speculative import resolve_draft, resolve_tree, speculative_decode
-
-    unknown = sorted(set(tree_options) - {"total_tokens", "depth", "tree_topk"})
+def check_generation_args(max_new_tokens, temperature, top_p, top_k, draft, tree_options) -> None:
+    """ValueError naming the first bad argument, before anything is loaded."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be an int > 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or isinstance(top_p, bool):
+        raise ValueError(f"temperature and top_p must be numbers, got {temperature!r} and {top_p!r}")
+    check_sampling_args(temperature, top_p, top_k)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {temperature!r}")
+    unknown = sorted(set(tree_options) - set(TREE_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown tree options {unknown}; the options are total_tokens, depth, tree_topk")
-    draft = resolve_draft(draft, target)
-    tree = resolve_tree(target, draft, **tree_options)
-    return speculative_decode(target, draft, input_ids, max_new_tokens, temperature, top_p, top_k, generator,
-                              **tree.options()), tree
+        raise ValueError(f"unknown argument(s) {unknown}; generate takes target, draft, max_new_tokens, "
+                         f"temperature, top_p, top_k, seed, chat and, with a draft, the tree options "
+                         f"{', '.join(TREE_OPTIONS)}")
+    if draft is None and tree_options:
+        raise ValueError(f"tree options {sorted(tree_options)} need a draft (draft=None is vanilla decoding)")
+    given_tree(**tree_options)  # the option values, before the target is loaded
 
 
 def _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k, seed, chat,
                 tree_options):
     """Generator behind generate/stream: yields (target, tokens so far) after each chunk, returns the result."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be an int > 0, got {max_new_tokens!r}")
-    check_sampling_args(temperature, top_p, top_k)
-    target = _resolve_target(target)
+    check_generation_args(max_new_tokens, temperature, top_p, top_k, draft, tree_options)
+    setup = time.perf_counter()
+    target = resolve_target(target)
     input_ids = target.encode(prompt_or_messages, chat=chat)
     if input_ids.shape[1] >= target.max_length:
         raise ValueError(f"prompt has {input_ids.shape[1]} tokens; {target.name} accepts at most "
                          f"{target.max_length} tokens including the generation")
     max_new_tokens = min(max_new_tokens, target.max_length - input_ids.shape[1])
     generator = _make_generator(seed, target.device)
+    tree = None
+    if draft is None:
+        decoder = vanilla_decode(target, input_ids, max_new_tokens, temperature, top_p, top_k, generator)
+    else:
+        draft = resolve_draft(draft, target)
+        # the tree choice (its round costs measured once per machine) is set-up, not generation: timed apart
+        tree = resolve_tree(target, draft, **tree_options)
+        decoder = speculative_decode(target, draft, input_ids, max_new_tokens, temperature, top_p, top_k,
+                                     generator, **tree.options())
+    setup = time.perf_counter() - setup
     eos = target.eos_token_ids
     tokens, accepts, stop = [], [], "length"
-    # the tree choice (measured once per process and device) is set-up, not generation: timed apart
-    decoder, tree = _decoder(target, draft, input_ids, max_new_tokens, temperature, top_p, top_k, generator,
-                             tree_options)
     start = time.perf_counter()
     try:
         for chunk, accepted in decoder:
@@ -149,7 +131,7 @@ def _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, 
     elapsed = time.perf_counter() - start
     text = target.tokenizer.decode(tokens, skip_special_tokens=True)
     return GenerationResult(text=text, token_ids=tokens, prompt_tokens=int(input_ids.shape[1]), elapsed=elapsed,
-                            accept_lengths=accepts, stop_reason=stop, tree=tree)
+                            accept_lengths=accepts, stop_reason=stop, tree=tree, setup_seconds=setup)
 
 
 def generate(prompt_or_messages, *, target=None, draft=None, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -172,7 +154,11 @@ def generate(prompt_or_messages, *, target=None, draft=None, max_new_tokens: int
         device: from the draft's acceptance profile (``tree_profile.json`` beside it) and the measured cost of a
         round here, or, for a draft without a profile, the size from the target's forward cost with depth 6 and
         top-k 10. ``result.tree`` says what was used. An int ``total_tokens`` is used as given, with depth 6 and
-        top-k 10 (the EAGLE-2 tree: 60 / 6 / 10) unless given.
+        top-k 10 (the EAGLE-2 tree: 60 / 6 / 10) unless given (top-k lowered to fit a smaller tree).
+        The round costs behind ``"auto"`` are measured once per machine and cached on disk
+        (hass_ext.calibration); ``recalibrate=True`` (or ``HASS_EXT_RECALIBRATE=1``) measures them again.
+        ``result.calibration`` says whether they were measured or read, and ``result.setup_seconds`` how long
+        the set-up took (not part of ``elapsed``).
     """
     gen = _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k, seed, chat,
                       tree_options)

@@ -1,6 +1,10 @@
-"""Speculative decoding with an EAGLE/HASS draft: the decode loop behind ``generate(..., draft=...)``.
+"""The decode loops behind ``generate``: vanilla autoregressive decoding and speculative decoding with an
+EAGLE/HASS draft. Both are generators of ``(new_token_ids, accepted)`` chunks; the target, the draft and the
+tree shape come in resolved (hass_ext.generate does that once).
 
-    prefill      target over the prompt -> first token; draft context pass over (features, next tokens)
+Speculative decoding:
+
+    initial_state  target prefill over the prompt -> first token; draft context pass over (features, next tokens)
     loop:
       draft_tree   EAGLE-2 dynamic tree below the last committed token (hass_ext.tree)
       verify       one target forward over the tree tokens with the tree attention mask
@@ -14,9 +18,7 @@ which predicts the token after the root. The draft never keeps tree entries: the
 ``length`` and overwritten next round, and the context pass recomputes the accepted positions from the target's
 real features (the tree used the draft's own predicted features there).
 """
-import math
-import os
-import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -24,14 +26,13 @@ from typing import Iterator, Optional
 import torch
 
 from . import ops
-from .draft import DraftCache, DraftModel
+from .draft import DraftCache, DraftModel, context_pass
+from .draft_io import resolve_draft as _resolve_draft
+from .hf_attention import ATTN_IMPLEMENTATION
 from .sampling import sample_token
-from .tree import Tree, check_tree_options, draft_tree
+from .tree import DEFAULT_DEPTH, DEFAULT_TOTAL_TOKENS, DEFAULT_TREE_TOPK, Tree, check_tree_options, draft_tree
 
-DEFAULT_TOTAL_TOKENS = 60  # the EAGLE-2 tree; generate() sizes the tree for the device by default
-DEFAULT_DEPTH = 6          # draft levels: at most 6 accepted draft tokens + 1 bonus token per round
-DEFAULT_TREE_TOPK = 10
-TREE_ATTENTION = "hass_tree"  # hass_ext.attention: the tree-attention kernel, the ancestor mask passed as tree_mask
+TREE_ATTENTION = ATTN_IMPLEMENTATION  # the tree-attention kernel: the ancestor mask is passed as tree_mask
 _SUPPORTED_ATTENTION = ("eager", "sdpa", TREE_ATTENTION)  # eager/sdpa honour a custom 4D float mask
 
 
@@ -52,24 +53,41 @@ class State:
     root_hidden: torch.Tensor  # [H] draft output at position length - 1
 
 
+# ---- vanilla decoding -------------------------------------------------------------------------------------
+
+def vanilla_decode(target, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
+                   top_k: int, generator: Optional[torch.Generator]) -> Iterator[tuple]:
+    """Autoregressive decoding with a KV cache: the baseline every speedup is measured against. Yields
+    ``([token], None)`` per step."""
+    pre = target.prefill(input_ids)
+    cache, logits = pre.past_key_values, pre.logits[:, -1]
+    for _ in range(max_new_tokens):
+        token = sample_token(logits, temperature, top_p, top_k, generator)
+        yield [int(token)], None
+        logits = decode_step(target, token, cache)
+
+
+@torch.no_grad()
+def decode_step(target, token: torch.Tensor, cache) -> torch.Tensor:
+    """One vanilla step: the target over one token, appending to its KV cache; the next logits ``[1, V]``."""
+    return target.model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True).logits[:, -1]
+
+
 # ---- the decode loop --------------------------------------------------------------------------------------
 
-def speculative_decode(target, draft, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
+def speculative_decode(target, draft: DraftModel, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
                        top_p: float, top_k: int, generator: Optional[torch.Generator],
-                       total_tokens="auto", depth: Optional[int] = None, tree_topk: Optional[int] = None,
-                       **unknown) -> Iterator[tuple]:
+                       total_tokens: int = DEFAULT_TOTAL_TOKENS, depth: int = DEFAULT_DEPTH,
+                       tree_topk: int = DEFAULT_TREE_TOPK) -> Iterator[tuple]:
     """Yield ``(new_token_ids, accepted)`` chunks: first the prefill's token (accepted None), then per round the
     accepted draft tokens plus the bonus token (accepted = number of accepted draft tokens).
 
-    Tree options: see ``resolve_tree`` (default: chosen for this device from the draft's acceptance profile)."""
-    if unknown:
-        raise ValueError(f"unknown tree options {sorted(unknown)}; the options are total_tokens, depth, tree_topk")
-    draft = resolve_draft(draft, target)
-    tree = resolve_tree(target, draft, total_tokens, depth, tree_topk)
-    total_tokens, depth, tree_topk = tree.total_tokens, tree.depth, tree.tree_topk
+    draft: a DraftModel ready for the target (``hass_ext.draft_io.resolve_draft``); the tree shape as ints
+    (``hass_ext.tree_choice.resolve_tree`` sizes it for the device)."""
+    check_tree_options(total_tokens, depth, tree_topk)
     check_target(target, input_ids.shape[1] + max_new_tokens + total_tokens)
     sampling = Sampling(temperature, top_p, top_k, generator)
-    state = prefill(target, draft, input_ids, sampling)
+    state = initial_state(target, draft, input_ids, sampling)
     yield [state.root], None
     produced = 1
     while produced < max_new_tokens:
@@ -106,8 +124,9 @@ def speculative_round(target, draft, state: State, sampling: Sampling, total_tok
 
 
 @torch.inference_mode()
-def prefill(target, draft: DraftModel, input_ids: torch.Tensor, sampling: Sampling) -> State:
-    """Target prefill, the first token, and the draft context pass over the whole prompt."""
+def initial_state(target, draft: DraftModel, input_ids: torch.Tensor, sampling: Sampling) -> State:
+    """The state before the first round: the target's prefill over the prompt, the first token, and the draft
+    context pass over the whole prompt."""
     pre = target.prefill(input_ids)
     first = int(sample_token(pre.logits[:, -1], sampling.temperature, sampling.top_p, sampling.top_k,
                              sampling.generator)[0])
@@ -182,16 +201,14 @@ def extend(draft: DraftModel, state: State, features: torch.Tensor, tokens: list
     features are the target's at the newly committed positions; tokens are the tokens that follow them, the
     last one being the new root. Afterwards both caches hold the same positions.
     """
-    ids = torch.tensor([tokens], dtype=torch.long, device=features.device)
+    ids = torch.tensor(tokens, dtype=torch.long, device=features.device)
     cache = state.draft_cache
-    out = draft(ids, features[None], cache=cache, cache_pos=cache.length)
-    cache.length += len(tokens)
-    state.root, state.root_hidden = tokens[-1], out[0, -1]
+    state.root, state.root_hidden = tokens[-1], context_pass(draft, cache, features, ids)
     if cache.length != state.length:
         raise RuntimeError(f"draft cache ({cache.length}) and target cache ({state.length}) went out of step")
 
 
-# ---- checks and resolution --------------------------------------------------------------------------------
+# ---- checks -----------------------------------------------------------------------------------------------
 
 def _attention_impl(target) -> str:
     return getattr(target.model.config, "_attn_implementation", None) or "eager"
@@ -202,7 +219,7 @@ def check_target(target, needed_length: int) -> None:
     impl = _attention_impl(target)
     if impl not in _SUPPORTED_ATTENTION:
         raise ValueError(f"speculative decoding needs the target's attention to take the tree mask "
-                         f"(attn_implementation in {_SUPPORTED_ATTENTION}; 'hass_tree' after "
+                         f"(attn_implementation in {_SUPPORTED_ATTENTION}; '{TREE_ATTENTION}' after "
                          f"hass_ext.register_hass_tree()); {target.name} uses {impl!r}")
     window = getattr(target.model.config, "sliding_window", None)
     layer_types = getattr(target.model.config, "layer_types", None) or []
@@ -213,113 +230,13 @@ def check_target(target, needed_length: int) -> None:
                          f"here {needed_length}")
 
 
-_DEFAULT_DRAFTS = {}
+_DEPRECATED = {"prefill": ("initial_state", lambda: initial_state),
+               "resolve_draft": ("hass_ext.draft_io.resolve_draft", lambda: _resolve_draft)}
 
 
-def resolve_draft(draft, target) -> DraftModel:
-    """The draft for ``target``: "default" (the packaged one), a checkpoint folder, or a DraftModel (checked)."""
-    from .checkpoint import check_draft_matches_target, load_draft
-
-    if isinstance(draft, str) and draft == "default":
-        key = (id(target.model), str(target.device), target.dtype)
-        if key not in _DEFAULT_DRAFTS:  # loaded once per target: generate(draft="default") in a loop stays cheap
-            _DEFAULT_DRAFTS.clear()
-            _DEFAULT_DRAFTS[key] = load_draft(default_draft_path(target), target=target)
-        return _DEFAULT_DRAFTS[key]
-    if isinstance(draft, (str, os.PathLike)):
-        return load_draft(draft, target=target)
-    if not isinstance(draft, DraftModel):
-        raise ValueError(f"draft must be None, 'default', a checkpoint folder or a hass_ext.DraftModel, "
-                         f"got {type(draft).__name__}")
-    check_draft_matches_target(draft.config, target)
-    if draft.device != target.device or draft.dtype != target.dtype:
-        raise ValueError(f"the draft is on {draft.device} / {draft.dtype} but the target is on {target.device} / "
-                         f"{target.dtype}; move it with draft.to(device=..., dtype=...)")
-    head = target.model.get_output_embeddings().weight
-    if draft.lm_head_weight is not head:
-        draft.set_lm_head(head)
-    return draft
-
-
-def default_draft_path(target) -> str:
-    """The draft packaged for ``target`` under hass_ext/drafts/<target name>/, or a clear error."""
-    name = os.path.basename(str(target.name).rstrip("/"))
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "drafts", name)
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise ValueError(f"no default draft ships for {target.name} yet: pass draft=<checkpoint folder> or a "
-                         f"DraftModel (hass_ext.load_draft / hass_ext.init_draft), or draft=None for vanilla "
-                         f"decoding")
-    return folder
-
-
-# ---- the tree options, total_tokens="auto" -----------------------------------------------------------------
-
-_AUTO_SIZES = (4, 8, 16, 24, 32, 48, 60)
-_AUTO_CACHE = {}
-
-
-def resolve_tree(target, draft: DraftModel, total_tokens="auto", depth: Optional[int] = None,
-                 tree_topk: Optional[int] = None):
-    """The tree options of a run as a ``tree_choice.TreeChoice`` (checked; ValueError naming a bad option).
-
-    ``total_tokens="auto"`` (the default) chooses the shape for this device (hass_ext.tree_choice): from the
-    draft's acceptance profile when it has one (``depth`` / ``tree_topk``, when given, are kept), else the size
-    from the target's forward cost with depth 6 and top-k 10 unless given. An int ``total_tokens`` is used as
-    given, with depth 6 and top-k 10 (the EAGLE-2 settings) unless given.
-    """
-    from .tree_choice import TreeChoice, choose_tree
-
-    if isinstance(total_tokens, str):
-        if total_tokens != "auto":
-            raise ValueError(f"total_tokens must be an int >= 1 or 'auto', got {total_tokens!r}")
-        for name, v in (("depth", depth), ("tree_topk", tree_topk)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        choice = choose_tree(target, draft, depth, tree_topk)
-    else:
-        choice = TreeChoice(total_tokens, DEFAULT_DEPTH if depth is None else depth,
-                            DEFAULT_TREE_TOPK if tree_topk is None else tree_topk, "given")
-    check_tree_options(choice.total_tokens, choice.depth, choice.tree_topk)
-    return choice
-
-
-def auto_total_tokens(target, tree_topk: int = DEFAULT_TREE_TOPK) -> int:
-    """Pick the tree size from the measured cost of a target forward over trees of several sizes on this device.
-
-    Score = forward time / (1 + 0.5 log2 T): the expected tokens per round are assumed to grow with the log of
-    the tree size (as the EAGLE-2 measurements do), so a size wins when its forward is not much slower than a
-    smaller one's. Measured once per (target, device) with a 128-token context, the sizes timed in turns (so a
-    noisy machine affects all alike); sizes below tree_topk are skipped.
-    """
-    key = (id(target.model), str(target.device), int(tree_topk))
-    if key not in _AUTO_CACHE:
-        sizes = [s for s in _AUTO_SIZES if s >= tree_topk] or [max(_AUTO_SIZES[-1], tree_topk)]
-        times = _time_forwards(target, sizes)
-        _AUTO_CACHE[key] = min(sizes, key=lambda s: times[s] / (1 + 0.5 * math.log2(s)))
-    return _AUTO_CACHE[key]
-
-
-@torch.inference_mode()
-def _time_forwards(target, sizes, context: int = 128, repeats: int = 3) -> dict:
-    """Best-of-``repeats`` seconds of a target forward (+ lm_head) over ``size`` tokens after a cached context."""
-    from transformers import DynamicCache
-
-    g = torch.Generator().manual_seed(0)
-    vocab = target.config.vocab_size
-    ctx = torch.randint(0, vocab, (1, context), generator=g).to(target.device)
-    cache = DynamicCache(config=target.config)
-    target.model.model(input_ids=ctx, past_key_values=cache, use_cache=True)
-    best = {s: float("inf") for s in sizes}
-    for _ in range(repeats + 1):  # the first pass warms up
-        for size in sizes:
-            tokens = torch.randint(0, vocab, (1, size), generator=g).to(target.device)
-            if target.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = target.model.model(input_ids=tokens, past_key_values=cache, use_cache=True)
-            target.model.lm_head(out.last_hidden_state)
-            if target.device.type == "cuda":
-                torch.cuda.synchronize()
-            best[size] = min(best[size], time.perf_counter() - t0)
-            cache.crop(-size)
-    return best
+def __getattr__(name):  # the names this module had before the flow was split, for one release
+    if name in _DEPRECATED:
+        new, value = _DEPRECATED[name]
+        warnings.warn(f"hass_ext.speculative.{name} is deprecated: use {new}", DeprecationWarning, stacklevel=2)
+        return value()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

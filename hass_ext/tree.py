@@ -24,6 +24,11 @@ from typing import Optional
 
 import torch
 
+# The EAGLE-2 tree: the shape used when the tree is not sized for the device (an int total_tokens).
+DEFAULT_TOTAL_TOKENS = 60
+DEFAULT_DEPTH = 6          # draft levels: at most 6 accepted draft tokens + 1 bonus token per round
+DEFAULT_TREE_TOPK = 10
+
 
 @dataclass
 class Tree:

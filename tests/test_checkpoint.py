@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hass_ext
-from hass_ext.checkpoint import CheckpointError, load_draft, save_draft
+from hass_ext.draft_io import CheckpointError, load_draft, save_draft
 from tiny_models import tiny_target
 
 
@@ -226,16 +226,57 @@ def test_mismatched_target(tmp_path, target):
 
 
 def test_failed_save_leaves_no_partial_folder(tmp_path, target, monkeypatch):
+    """A write failing after the weights (disk full at the config) leaves neither the folder nor a temporary."""
+    import hass_ext.draft_io as draft_io
+
     draft = hass_ext.init_draft(target)
-    import safetensors.torch
+    real = draft_io.atomic_write_bytes
 
-    def boom(*a, **k):
-        raise OSError("disk full")
+    def boom(path, data):
+        if path.endswith("config.json"):
+            raise OSError("disk full")
+        real(path, data)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(draft_io, "atomic_write_bytes", boom)
     with pytest.raises(OSError, match="disk full"):
         save_draft(draft, tmp_path / "x")
     assert os.listdir(tmp_path) == []
+
+
+# The upstream EAGLE/HASS draft (model/cnets.py, EAGLE-1/2 and HASS): its state dict, which their loader reads
+# with strict=True after building the module from config.json.
+UPSTREAM_KEYS = {"embed_tokens.weight", "fc.weight", "layers.0.self_attn.q_proj.weight",
+                 "layers.0.self_attn.k_proj.weight", "layers.0.self_attn.v_proj.weight",
+                 "layers.0.self_attn.o_proj.weight", "layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight",
+                 "layers.0.mlp.down_proj.weight", "layers.0.post_attention_layernorm.weight"}
+
+
+@pytest.mark.parametrize("fc_bias", [True, False])
+def test_saved_keys_are_the_upstream_draft_layout(tmp_path, target, fc_bias):
+    """save_draft writes the embedding by default, so the upstream loaders (strict) take the folder unchanged."""
+    from safetensors import safe_open
+
+    draft = hass_ext.init_draft(target, seed=2, bias=fc_bias)
+    out = save_draft(draft, tmp_path / "d")
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        emb = f.get_tensor("embed_tokens.weight")
+    assert keys == UPSTREAM_KEYS | ({"fc.bias"} if fc_bias else set())
+    assert torch.equal(emb, target.model.get_input_embeddings().weight)
+    cfg = json.loads(open(os.path.join(out, "config.json")).read())
+    assert cfg["bias"] == fc_bias and cfg["num_hidden_layers"] == 1
+    slim = save_draft(draft, tmp_path / "slim", embedding=False)
+    with safe_open(os.path.join(slim, "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == keys - {"embed_tokens.weight"}
+
+
+def test_bad_optional_tree_profile_is_ignored_with_a_warning(tmp_path, target):
+    path = save_draft(hass_ext.init_draft(target, seed=0), tmp_path / "d")
+    with open(os.path.join(path, "tree_profile.json"), "w") as f:
+        f.write("{not json")
+    with pytest.warns(UserWarning, match="ignoring the tree profile .*tree_profile.json is not valid JSON"):
+        draft = load_draft(path, target=target)
+    assert draft.tree_profile is None and draft.fc.weight.shape[0] == target.config.hidden_size
 
 
 def test_saved_draft_has_the_usual_permissions(tmp_path, target):

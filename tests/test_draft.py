@@ -185,3 +185,29 @@ def test_config_dict_round_trip_and_transformers5_rope_parameters():
     d = c.to_dict()
     assert d["custom_key"] == 7 and d["architectures"] == ["LlamaForCausalLM"] and d["num_hidden_layers"] == 1
     assert DraftConfig.from_dict(d) == c
+
+
+def test_init_draft_with_sizes_conflicting_with_the_target_is_one_clear_error():
+    tgt = tiny_target("llama")
+    with pytest.raises(ValueError, match="draft does not match the target: draft vocab_size=64"):
+        hass_ext.init_draft(tgt, vocab_size=64)
+    with pytest.raises(ValueError, match="draft does not match the target: .*hidden_size=48"):
+        hass_ext.init_draft(tgt, hidden_size=48)
+    with pytest.raises(ValueError, match=r"unknown draft config options \['vocab'\]"):
+        hass_ext.init_draft(tgt, vocab=64)
+
+
+def test_context_pass_appends_to_the_cache_and_returns_the_last_output():
+    from hass_ext.draft import context_pass
+
+    tgt = tiny_target("llama")
+    d = hass_ext.init_draft(tgt, seed=1)
+    feats, ids = torch.randn(5, 32), torch.tensor([1, 2, 3, 4, 5])
+    cache = d.new_cache()
+    last = context_pass(d, cache, feats[:3], ids[:3])
+    assert cache.length == 3
+    last2 = context_pass(d, cache, feats[3:], ids[3:])
+    assert cache.length == 5
+    whole = d(ids[None], feats[None])
+    torch.testing.assert_close(last, whole[0, 2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last2, whole[0, 4], rtol=1e-5, atol=1e-5)

@@ -179,3 +179,15 @@ def test_cli_help_reads_well(capsys):
         main(["generate", "--help"])
     text = capsys.readouterr().out
     assert "--draft" in text and "--total-tokens" in text and "--stats" in text
+
+
+@pytest.mark.slow
+def test_first_run_conversion_shows_progress(tmp_path):
+    """The one-time conversion of the embedded model (about a minute) announces itself with a progress bar."""
+    env = dict(os.environ, HASS_EXT_CACHE=str(tmp_path), PYTHONPATH=ROOT)
+    code = "import hass_ext; t = hass_ext.load_target(); print(t.config.num_hidden_layers)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "30"
+    assert "first run, converting SmolLM2-135M-Instruct" in proc.stderr and "4/4" in proc.stderr
+    assert os.path.isfile(tmp_path / "smollm2-135m-instruct" / "model.safetensors")

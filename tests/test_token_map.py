@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hass_ext
-from hass_ext.checkpoint import CheckpointError, load_token_map, save_token_map
+from hass_ext.draft_io import CheckpointError, load_token_map, save_token_map
 from hass_ext.draft import check_token_map
 from hass_ext.train.shards import MANIFEST, FORMAT, ShardDataset, pack_examples, shard_name, write_shard
 from hass_ext.train.token_map import hot_vocabulary, template_token_ids, token_frequencies

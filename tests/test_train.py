@@ -193,7 +193,7 @@ def test_a_few_steps_lower_the_loss(target, data_dir, tmp_path, mode):
     lrs = [r["lr"] for r in log if r["kind"] == "train"]
     assert lrs[0] == 0.0 and abs(lrs[2] - 5e-3) < 1e-12 and lrs[-1] < lrs[2]  # warmup, then linear decay
     assert os.path.exists(tmp_path / mode / "draft" / "model.safetensors")
-    from hass_ext.checkpoint import load_draft
+    from hass_ext.draft_io import load_draft
 
     loaded = load_draft(str(tmp_path / mode / "draft"), target=target)
     for k, v in t.draft.state_dict().items():
@@ -203,7 +203,7 @@ def test_a_few_steps_lower_the_loss(target, data_dir, tmp_path, mode):
 def test_draft_vocab_trains_over_the_hot_rows_and_saves_the_map(target, data_dir, tmp_path):
     """draft_vocab=N: the losses and the eval use the N hot rows of the head, the loss falls, and the exported
     draft carries that hot vocabulary as its token map."""
-    from hass_ext.checkpoint import load_draft
+    from hass_ext.draft_io import load_draft
     from hass_ext.train.token_map import hot_vocabulary, template_token_ids, token_frequencies
 
     V = int(target.config.vocab_size)
@@ -416,7 +416,7 @@ def test_heldout_module_and_counts_without_chains():
 
 
 def test_init_from_a_draft_of_another_size_is_one_line(target, data_dir, tmp_path):
-    from hass_ext.checkpoint import save_draft
+    from hass_ext.draft_io import save_draft
 
     small = init_draft(tiny_target("chatml", seed=1, hidden=32))
     save_draft(small, str(tmp_path / "small"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hass_ext
-from hass_ext import tree_choice
+from hass_ext import draft_io, tree_choice
 from hass_ext.tree_choice import accepted_length, choose_tree, measure_acceptance, replay_rounds
 from test_speculative import _train_agreeing_draft
 from tiny_models import tiny_target
@@ -76,32 +76,34 @@ def test_profile_saved_loaded_and_dropped_with_a_new_token_map(agreeing, tmp_pat
     draft.tree_profile = profile
     try:
         path = hass_ext.save_draft(draft, tmp_path / "d")
-        assert json.loads((tmp_path / "d" / tree_choice.PROFILE_NAME).read_text()) == profile
+        assert json.loads((tmp_path / "d" / draft_io.PROFILE_NAME).read_text()) == profile
         loaded = hass_ext.load_draft(path, target=target)
         assert loaded.tree_profile == profile
         loaded.set_token_map(torch.arange(64))  # other proposals: the measured acceptance no longer holds
         assert loaded.tree_profile is None
         hass_ext.save_draft(loaded, path)
-        assert not (tmp_path / "d" / tree_choice.PROFILE_NAME).exists()
+        assert not (tmp_path / "d" / draft_io.PROFILE_NAME).exists()
     finally:
         draft.tree_profile = None
 
 
-def test_bad_profile_is_a_clear_error(agreeing, tmp_path):
+def test_bad_profile_is_a_clear_error_and_load_draft_ignores_it(agreeing, tmp_path):
     target, _, draft = agreeing
     path = hass_ext.save_draft(draft, tmp_path / "d")
-    bad = tmp_path / "d" / tree_choice.PROFILE_NAME
+    bad = tmp_path / "d" / draft_io.PROFILE_NAME
     bad.write_text("{not json")
-    with pytest.raises(hass_ext.CheckpointError, match="tree_profile.json is not valid JSON"):
-        hass_ext.load_draft(path, target=target)
+    with pytest.raises(ValueError, match="tree_profile.json is not valid JSON"):
+        draft_io.load_profile(path)
+    with pytest.warns(UserWarning, match="ignoring the tree profile"):  # optional: the draft still loads
+        assert hass_ext.load_draft(path, target=target).tree_profile is None
     bad.write_text(json.dumps({"format": 1, "shapes": [{"total_tokens": 8, "depth": 3, "tree_topk": 4,
                                                         "tau": 9.0}]}))
     with pytest.raises(ValueError, match=r"tau 9.0 .* outside \[1, depth \+ 1\]"):
-        hass_ext.load_draft(path, target=target)
+        draft_io.load_profile(path)
     bad.write_text(json.dumps({"format": 1, "shapes": [{"total_tokens": 2, "depth": 3, "tree_topk": 4,
                                                         "tau": 1.5}]}))
     with pytest.raises(ValueError, match=r"tree_topk \(4\) must be <= total_tokens \(2\)"):
-        hass_ext.load_draft(path, target=target)
+        draft_io.load_profile(path)
     with pytest.raises(ValueError, match="at least one calibration prompt"):
         measure_acceptance(target, draft, [], SHAPES)
 
@@ -148,7 +150,7 @@ def test_without_a_profile_the_size_comes_from_the_forward_cost(agreeing):
     assert (r.tree.source, r.tree.total_tokens, r.tree.depth, r.tree.tree_topk) == ("given", 12, 6, 10)
     with pytest.raises(ValueError, match="depth must be an int >= 1, got 0"):
         hass_ext.generate(prompts[0], target=target, draft=draft, total_tokens="auto", depth=0)
-    with pytest.raises(ValueError, match="unknown tree options"):
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \[.tree_size.\]"):
         hass_ext.generate(prompts[0], target=target, draft=draft, tree_size=3)
 
 

@@ -20,7 +20,7 @@ slow_wheel_test = pytest.mark.skipif(os.environ.get("HASS_SKIP_WHEEL_TESTS") == 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "wheels"
 DIST = ROOT / "dist"
-SOURCES = ("csrc", "hass_ext", "setup.py", "pyproject.toml", "README.md")
+SOURCES = ("csrc", "hass_ext", "hass_ext_cli.py", "setup.py", "pyproject.toml", "README.md")
 # What each wheel's version tag and torch pin must say (scripts/build_wheels.sh builds them this way).
 KINDS = {"cpu": ("+cpu.torch", None), "cuda": ("+cu", "cuda")}
 
@@ -116,6 +116,9 @@ def test_cpu_wheel(wheels, tmp_path):
     _check_install("cpu", py, info, tmp_path)
     assert not any(info["cuda_kernels"].values()), info["cuda_kernels"]
     assert "CPU-only build" in info["report"], info["report"]
+    # the console script: its help lists every command
+    out = _run([str(py.parent / "hass-ext"), "--help"], timeout=120, cwd=tmp_path)
+    assert "generate" in out and "token-map" in out, out
 
 
 def _cuobjdump(venv):
