@@ -183,7 +183,8 @@ def _problems(imports: List[Import], modules=None) -> List[str]:
     mine = [i for i in imports if modules is None or i.source in modules]
     problems = [f"import cycle {_where(imports, c)}" for c in find_cycles(graph(mine))]
     for imp in mine:
-        inside_train = imp.source == f"{PACKAGE}.train" or imp.source.startswith(f"{PACKAGE}.train.")
+        # the command line hosts the training subcommands: it alone may reach the training package
+        inside_train = imp.source in (f"{PACKAGE}.train", f"{PACKAGE}.cli") or imp.source.startswith(f"{PACKAGE}.train.")
         if not inside_train and (imp.target == f"{PACKAGE}.train" or imp.target.startswith(f"{PACKAGE}.train.")):
             problems.append(f"{imp.source}:{imp.line} imports training code: {imp.text.strip()}")
         if imp.in_function and not any("start-up" in line.partition("#")[2] for line in imp.text.splitlines()):
@@ -201,7 +202,6 @@ def test_the_kernel_layer_is_clean():
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=False, reason=RESTRUCTURE)
 def test_package_import_graph():
     problems = _problems(package_imports())
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems)

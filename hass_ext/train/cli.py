@@ -4,7 +4,21 @@ Multi-process training: ``torchrun --nproc_per_node N -m hass_ext.train.cli trai
 """
 import argparse
 import json
+import os
 import sys
+
+import torch
+import torch.distributed as dist
+
+from ..draft_io import CONFIG_NAME, PROFILE_NAME, TOKEN_MAP_NAME, save_token_map
+from ..target import resolve_target
+from .align import ATTENTION_MODES
+from .data import prepare_data
+from .loss import MASK_ALIGNMENTS
+from .regenerate import regenerate
+from .shards import read_manifest
+from .token_map import hot_vocabulary, template_token_ids, token_frequencies
+from .trainer import MODES, TrainConfig, Trainer, TrainingInterrupted
 
 
 # ---- arguments shared by the commands that run the target over conversations (prepare-data, regenerate) ----
@@ -28,11 +42,9 @@ def _add_device_args(p) -> None:
 
 
 def _cli_target(args):
-    import torch
 
-    from ..target import load_target
 
-    return load_target(args.target, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
+    return resolve_target(args.target, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
 
 
 def add_prepare_data_parser(subparsers) -> argparse.ArgumentParser:
@@ -59,7 +71,6 @@ def add_prepare_data_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_prepare_data(args) -> int:
-    from .data import prepare_data
 
     target = _cli_target(args)
     m = prepare_data(target, args.conversations, args.out, max_len=args.max_len,
@@ -91,7 +102,6 @@ def add_regenerate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_regenerate(args) -> int:
-    from .regenerate import regenerate
 
     target = _cli_target(args)
     counts = regenerate(target, args.conversations, args.out, num_conversations=args.num_conversations,
@@ -103,9 +113,6 @@ def run_regenerate(args) -> int:
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    from .align import ATTENTION_MODES
-    from .loss import MASK_ALIGNMENTS
-    from .trainer import MODES, TrainConfig
 
     d = TrainConfig(data_dir="", out_dir="")
     p = subparsers.add_parser(
@@ -186,7 +193,6 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_train(args) -> int:
-    from .trainer import TrainConfig, Trainer, TrainingInterrupted
 
     cfg = TrainConfig(
         data_dir=args.data, out_dir=args.out, mode=args.mode, align_steps=args.align_steps, topk=args.topk,
@@ -214,7 +220,6 @@ def run_train(args) -> int:
                 print(f"hass-ext train: {final['note']}", file=sys.stderr)
             print(json.dumps({"out": args.out, "step": trainer.step, "draft": f"{args.out}/draft", **final}))
     if trainer.distributed:
-        import torch.distributed as dist
 
         dist.destroy_process_group()
     return code
@@ -238,14 +243,8 @@ def add_token_map_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_token_map(args) -> int:
-    import os
 
-    import torch
 
-    from ..checkpoint import CONFIG_NAME, TOKEN_MAP_NAME, save_token_map
-    from ..target import DEFAULT_TARGET, load_target
-    from .shards import read_manifest
-    from .token_map import hot_vocabulary, template_token_ids, token_frequencies
 
     if args.draft is None and args.out is None:
         raise ValueError("give --draft DRAFT_DIR and/or --out FILE.pt: where to write the token map")
@@ -260,7 +259,7 @@ def run_token_map(args) -> int:
             raise ValueError(f"the draft's vocab_size ({draft_vocab}) differs from the data's "
                              f"({manifest['vocab_size']})")
     name = args.target or manifest.get("target")
-    target = load_target(None if name in (None, DEFAULT_TARGET) else name, dtype=torch.float32, device="cpu")
+    target = resolve_target(name, dtype=torch.float32, device="cpu")
     counts = token_frequencies(args.data, vocab_size=int(target.config.vocab_size))
     keep = template_token_ids(target)
     ids = hot_vocabulary(counts, args.size, always=keep)
@@ -269,7 +268,6 @@ def run_token_map(args) -> int:
     written = []
     if args.draft is not None:
         written.append(save_token_map(ids, os.path.join(args.draft, TOKEN_MAP_NAME), counts.numel()))
-        from ..tree_choice import PROFILE_NAME
 
         stale = os.path.join(args.draft, PROFILE_NAME)
         if os.path.exists(stale):  # measured with the old proposals: rerun hass-ext tree-profile

@@ -12,22 +12,14 @@ import os
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
+from ..target import resolve_target
 from .conversations import iter_examples, load_records
 from .shards import FORMAT, MANIFEST, MASK_CONVENTION, atomic_write_json, pack_examples, read_manifest, \
     shard_name, write_shard
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def _resolve_target(target):
-    from ..target import Target, load_target
-
-    if target is None or isinstance(target, str):
-        return load_target(target)
-    if isinstance(target, Target):
-        return target
-    raise ValueError(f"target must be None, a model name/path or a hass_ext.Target, got {type(target).__name__}")
 
 
 def _fingerprint(records) -> str:
@@ -92,7 +84,7 @@ def prepare_data(target, conversations, out_dir: str, max_len: int = 2048, *, nu
         raise ValueError(f"shard_size and batch_tokens must be positive, got {shard_size}, {batch_tokens}")
     if hidden_dtype not in _DTYPES:
         raise ValueError(f"hidden_dtype must be one of {sorted(_DTYPES)}, got {hidden_dtype!r}")
-    target = _resolve_target(target)
+    target = resolve_target(target)
     tok = target.tokenizer
     if getattr(tok, "chat_template", None) is None:
         raise ValueError(f"the tokenizer of {target.name} has no chat template")
@@ -140,7 +132,6 @@ def prepare_data(target, conversations, out_dir: str, max_len: int = 2048, *, nu
         if os.path.exists(path):
             os.remove(path)
 
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=len(records), initial=sum(len(c) for c in chunks[:len(shards)]), unit="conv",
                desc="prepare-data", disable=not progress)

@@ -15,7 +15,9 @@ import os
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
+from ..target import resolve_target
 from .conversations import SkipConversation, check_no_special_tokens, load_records, to_messages
 
 
@@ -95,14 +97,12 @@ def regenerate(target, conversations, out_path: str, *, num_conversations: Optio
     num_conversations, seed: as for ``prepare_data``. Prompts longer than ``max_prompt_tokens`` (chat template
     included) and records without a usable user turn are skipped. Batches group prompts of similar length.
     """
-    from tqdm.auto import tqdm
 
-    from .data import _resolve_target
 
     if max_new_tokens < 1 or batch_size < 1 or max_prompt_tokens < 1:
         raise ValueError(f"max_new_tokens, batch_size and max_prompt_tokens must be positive, got "
                          f"{max_new_tokens}, {batch_size}, {max_prompt_tokens}")
-    target = _resolve_target(target)
+    target = resolve_target(target)
     tok = target.tokenizer
     if getattr(tok, "chat_template", None) is None:
         raise ValueError(f"the tokenizer of {target.name} has no chat template")

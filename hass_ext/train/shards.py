@@ -23,6 +23,8 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from ..atomic_io import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
 
@@ -69,7 +71,6 @@ def pack_examples(examples: Sequence[tuple], hidden_size: int, hidden_dtype: tor
 
 def write_shard(path: str, tensors: Dict[str, torch.Tensor]) -> str:
     """Atomically write one shard; returns its sha256."""
-    from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": FORMAT})
     atomic_write_bytes(path, data)
@@ -96,7 +97,6 @@ class Shard:
 
     def __init__(self, path: str, expected: Optional[dict] = None, hidden_size: Optional[int] = None,
                  verify_checksum: bool = True):
-        from safetensors import safe_open
 
         self.path = path
         if not os.path.exists(path):

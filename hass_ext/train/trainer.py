@@ -45,13 +45,22 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
+from ..draft import init_draft
+from ..draft_io import load_draft, save_draft
+from ..target import Target, resolve_target
 from .align import ATTENTION_MODES, align_forward, next_level
 from .heldout import evaluate_batch, merge_counts, summarize
 from .loss import MASK_ALIGNMENTS, step_loss, target_stats, training_pairs, uniform_noise
 from .shards import ShardDataset, atomic_write_bytes, atomic_write_json, collate
+from .token_map import hot_vocabulary, template_token_ids, token_frequencies
 
 MODES = ("hass", "eagle")
 CHECKPOINTS = "checkpoints"
@@ -187,7 +196,6 @@ def _linear_warmup_decay(warmup: int, total: int):
 
 def _rng_state() -> dict:
     """The global RNG states as plain Python values (they travel through all_gather_object and torch.load)."""
-    import numpy as np
 
     st = np.random.get_state()
     cuda = [bytes(t.numpy()) for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
@@ -196,7 +204,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    import numpy as np
 
     as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731
     torch.set_rng_state(as_tensor(state["torch"]))
@@ -215,7 +222,6 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, target=None):
-        import torch.distributed as dist
 
         self.config = c = config
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -254,7 +260,6 @@ class Trainer:
         # at N / V of the head's cost. The hot vocabulary becomes the draft's token map (saved with it).
         self.loss_head = self.lm_head_weight
         if c.draft_vocab is not None:
-            from .token_map import hot_vocabulary, template_token_ids, token_frequencies
 
             vocab = int(target.config.vocab_size)
             if c.draft_vocab > vocab:
@@ -272,7 +277,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         module = _AlignStep(self.draft)
         if self.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
 
             module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.model = module
@@ -286,14 +290,9 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------------------
 
     def _resolve_target(self, target, manifest):
-        from ..target import DEFAULT_TARGET, Target, load_target
-
-        if target is None or isinstance(target, str):
-            name = target or manifest["target"]
-            target = load_target(None if name == DEFAULT_TARGET else name, dtype=torch.float32, device="cpu")
-        if not isinstance(target, Target):
-            raise ValueError(f"target must be None, a model name/path or a hass_ext.Target, "
-                             f"got {type(target).__name__}")
+        if not isinstance(target, Target):  # a name (by default the data's target), loaded in float32 on the CPU
+            target = resolve_target(manifest["target"] if target is None else target, dtype=torch.float32,
+                                    device="cpu")
         h, v = int(target.config.hidden_size), int(target.config.vocab_size)
         if (h, v) != (manifest["hidden_size"], manifest["vocab_size"]):
             raise ValueError(f"the target {target.name} (hidden {h}, vocab {v}) does not match the data in "
@@ -302,11 +301,9 @@ class Trainer:
         return target
 
     def _make_draft(self, target):
-        from ..draft import init_draft
 
         c = self.config
         if c.init_from:
-            from ..checkpoint import load_draft
 
             draft = load_draft(c.init_from, target=target, dtype=torch.float32, device="cpu")
         else:
@@ -405,7 +402,6 @@ class Trainer:
             counts = {"correct": [0] * c.eval_k, "total": [0] * c.eval_k, "loss": [0.0] * c.align_steps,
                       "tokens": [0] * c.align_steps}
         if self.distributed:
-            import torch.distributed as dist
 
             for key in counts:
                 t = torch.tensor(counts[key], dtype=torch.float64, device=self.device)
@@ -422,13 +418,11 @@ class Trainer:
         """Write ``checkpoints/step-N`` atomically (rank 0) and point latest.json at it."""
         rngs = [_rng_state()]
         if self.distributed:
-            import torch.distributed as dist
 
             rngs = [None] * self.world_size
             dist.all_gather_object(rngs, _rng_state())
         path = None
         if self.rank == 0:
-            from ..checkpoint import save_draft
 
             root = self._ckpt_root()
             os.makedirs(root, exist_ok=True)
@@ -458,7 +452,6 @@ class Trainer:
                 if old != name:
                     shutil.rmtree(os.path.join(root, old), ignore_errors=True)
         if self.distributed:
-            import torch.distributed as dist
 
             dist.barrier()
         self._saved_step = self.step
@@ -482,7 +475,6 @@ class Trainer:
 
     def load_checkpoint(self, path: Optional[str] = None) -> None:
         """Restore weights, optimizer, scheduler, RNG and step from a checkpoint (default: the latest)."""
-        from safetensors.torch import load_file
 
         path = path or self.latest_checkpoint()
         if path is None:
@@ -598,7 +590,6 @@ class Trainer:
         """The signal that stops the run, agreed by all processes (they stop after the same step)."""
         if not self.distributed:
             return self._stop_signal
-        import torch.distributed as dist
 
         flag = torch.tensor([0 if self._stop_signal is None else 1], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -625,7 +616,6 @@ class Trainer:
             raise ValueError(f"resume must be False, True or 'auto', got {resume!r}")
         start = [self._start_point(resume) if self.rank == 0 else None]
         if self.distributed:  # rank 0 decides for all: the others never see its first writes
-            import torch.distributed as dist
 
             dist.broadcast_object_list(start, src=0)
         if isinstance(start[0], Exception):
@@ -643,7 +633,6 @@ class Trainer:
             self._clean_temporaries()
 
     def _run(self) -> dict:
-        from tqdm.auto import tqdm
 
         c = self.config
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc=f"train-{c.mode}",
@@ -684,14 +673,12 @@ class Trainer:
         if self.rank == 0:
             self.export(os.path.join(c.out_dir, DRAFT_DIR))
         if self.distributed:
-            import torch.distributed as dist
 
             dist.barrier()
         return final
 
     def export(self, path: str) -> str:
         """Write the draft in the EAGLE layout (config.json + model.safetensors), atomically."""
-        from ..checkpoint import save_draft
 
         return save_draft(self.draft, path)
 
