@@ -234,7 +234,7 @@ def load_draft(path, target=None, dtype: Optional[torch.dtype] = None, device=No
     if target is not None:
         check_draft_matches_target(config, target)
 
-    # fc bias and q/k/v biases are decided by the keys (released configs contradict their weights, P-4).
+    # fc bias and q/k/v biases are decided by the keys (released configs contradict their weights: docs/algorithms.md#p2-fc-bias).
     has_fc_bias = "fc.bias" in sd
     if "bias" in raw and bool(raw["bias"]) != has_fc_bias:
         warnings.warn(f"{path}: config says bias={raw['bias']} but the weights {'have' if has_fc_bias else 'lack'} "

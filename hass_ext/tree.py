@@ -10,7 +10,7 @@ Starting from the root (the last committed token, whose draft output ``root_hidd
 
 A child's score is never above its parent's (log-probs are <= 0), and candidates are ranked by a *stable* sort
 of the scores, where a parent always precedes its children in candidate order: so the selection is closed under
-parents even at ties (pitfall P-20 of the reference, which could keep a child without its parent).
+parents even at ties (docs/algorithms.md#p5-tree-ties: the upstream selection could keep a child without its parent).
 The tree nodes' draft K/V go after the cache's accepted context and are never counted in ``cache.length``.
 
 With a hot vocabulary (``draft.hot_token_ids``, FR-Spec style) every expansion computes logits over those N rows

@@ -97,7 +97,7 @@ def test_published_layout_loads_and_matches(tmp_path, target, fmt, fc_bias, embe
 
 
 def test_bias_follows_the_weights_not_the_config(tmp_path, target):
-    cfg = _eagle_config(target, bias=False)  # HASS training writes fc.bias whatever the config says (P-4)
+    cfg = _eagle_config(target, bias=False)  # HASS training writes fc.bias whatever the config says (docs/algorithms.md#p2-fc-bias)
     _write(tmp_path / "d", cfg, _eagle_weights(cfg, fc_bias=True), "bin")
     with pytest.warns(UserWarning, match="config says bias=False but the weights have fc.bias"):
         draft = load_draft(tmp_path / "d", target=target)

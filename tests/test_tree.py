@@ -103,7 +103,7 @@ def test_draft_tree_matches_brute_force(total_tokens, depth, k, seed, scale):
 
 
 def test_selection_is_parent_closed_under_ties():
-    """P-20: with equal scores everywhere (a draft sure of every token), any selection size keeps parents."""
+    """docs/algorithms.md#p5-tree-ties: with equal scores everywhere (a draft sure of every token), any selection size keeps parents."""
     g = torch.Generator().manual_seed(0)
     for trial in range(50):
         m = int(torch.randint(2, 60, (1,), generator=g))

@@ -341,7 +341,7 @@ def test_emitted_distribution_matches_target(temperature, top_p, top_k):
 
 
 def test_distribution_check_has_power():
-    """The check above rejects the classic bug of drawing the bonus token without top-k/top-p (P-18)."""
+    """The check above rejects the classic bug of drawing the bonus token without top-k/top-p (docs/algorithms.md#p4-bonus-token)."""
     table = _dist_table()
     T, top_p, top_k = 1.0, 0.8, 0
     g = torch.Generator().manual_seed(1)

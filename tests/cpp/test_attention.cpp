@@ -108,7 +108,7 @@ void test_mask_bits() {
 }
 
 void test_align_rule() {
-  // hass-reference.md §3.5, L = 6: the level seen at (t, c) for steps F = 1, 2, 3 ('.' = none).
+  // docs/algorithms.md#alignment-masks, L = 6: the level seen at (t, c) for steps F = 1, 2, 3 ('.' = none).
   const char* table[3][6] = {
       {"0.....", "00....", "000...", "0000..", "00000.", "000000"},
       {"1.....", "01....", "001...", "0001..", "00001.", "000001"},
