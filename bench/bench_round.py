@@ -24,8 +24,6 @@ Writes bench/results/round_<device>_<attn>.json and .md per attention (round_<de
 import os
 import statistics
 import sys
-import time
-from contextlib import contextmanager
 
 import torch
 
@@ -36,10 +34,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from tiny_models import tiny_target  # noqa: E402
 
 import hass_ext  # noqa: E402
-from hass_ext.generate import decode_step  # noqa: E402
+from hass_ext.draft_io import resolve_draft  # noqa: E402
 from hass_ext.sampling import sample_token  # noqa: E402
 from hass_ext.speculative import (DEFAULT_DEPTH, DEFAULT_TOTAL_TOKENS, DEFAULT_TREE_TOPK, Sampling,  # noqa: E402
-                                  check_target, prefill, resolve_draft, speculative_round)
+                                  check_target, decode_step, initial_state, speculative_round)
+from hass_ext.timing import PhaseTimer  # noqa: E402
 
 ATTENTIONS = ("hass_tree", "sdpa")
 
@@ -61,34 +60,6 @@ def middle_mean(samples: list) -> float:
     a round's steps sum to the mean round where medians would not)."""
     v = sorted(samples)
     return statistics.fmean(v[len(v) // 4: len(v) - len(v) // 4])
-
-
-class PhaseTimer:
-    """The ``phase`` hook of speculative_round: records each step's start and end (CUDA events on a GPU, so no
-    extra synchronisation; perf_counter on the CPU). Read ``seconds()`` after the round has finished."""
-
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.marks = []
-
-    def _now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    @contextmanager
-    def __call__(self, name):
-        start = self._now()
-        yield
-        self.marks.append((name, start, self._now()))
-
-    def seconds(self) -> dict:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return {name: s.elapsed_time(e) / 1e3 for name, s, e in self.marks}
-        return {name: e - s for name, s, e in self.marks}
 
 
 def build(args, dev, dtype):
@@ -122,7 +93,7 @@ class Bench:
         check_target(target, context + tree["total_tokens"] + 8)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, target.config.vocab_size, (1, context), generator=g).to(dev)
-        self.state = prefill(target, draft, ids, GREEDY)
+        self.state = initial_state(target, draft, ids, GREEDY)
         s = self.state
         self.start = (s.length, s.root, s.root_hidden)
         self.root = torch.tensor([s.root], device=dev)

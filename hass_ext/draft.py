@@ -351,7 +351,7 @@ class DraftModel(nn.Module):
     """The EAGLE-1/2 draft head used by EAGLE-2 and HASS (see the module docstring)."""
 
     # On CPUs the hot-vocabulary rows of a float32 head are kept in this dtype (None: the head's own): the tree
-    # streams them once per level, and bf16 halves that (~1 ms per round with SmolLM2's 8192 rows). It changes the
+    # streams them once per level, and bf16 halves that traffic (bench/bench_draft_vocab.py). It changes the
     # draft's proposals only by bf16 rounding; the target verifies with its own head, so outputs are unchanged.
     tree_head_dtype: Optional[torch.dtype] = torch.bfloat16
 

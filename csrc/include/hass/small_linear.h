@@ -37,8 +37,8 @@ namespace hass {
 constexpr int kSgLanes = 16;
 // Weight rows are adjacent, so the blocks read one long stream: prefetching 16 KiB ahead keeps memory busy while
 // the FMAs run. Into L2, not L1 (locality hint 2, prefetcht1 on x86): 256 lines in flight to L1 crowd out the
-// lines being used, and on a 2-core AMD EPYC the L1 hint streamed at ~20 GB/s with M = 6 costing 1.15x M = 1,
-// the L2 hint at ~28 GB/s with M = 6 costing ~1.05x M = 1 (405 MB of weights, 2 threads; no prefetch: M = 6 1.5x).
+// lines being used, so a call of a few rows would cost measurably more than a one-row call (the measurements:
+// bench/bench_small_linear.py, bench/results/small_linear_cpu.md).
 constexpr int64_t kSgPrefetchBytes = 16384;
 constexpr int kSgPrefetchLocality = 2;
 typedef float sg_vec __attribute__((vector_size(kSgLanes * sizeof(float))));
