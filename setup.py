@@ -120,12 +120,13 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hass_ext", "hass_ext.*"]),
+    py_modules=["hass_ext_cli"],  # the console script: answers --help without importing torch
     package_data={"hass_ext": ["drafts/**/*", "data/eval/*"]},
     ext_modules=extensions(torch, BUILD_CUDA),
     cmdclass=cmdclass(),
     # the exact torch the extension was compiled against (2.13.0 also matches 2.13.0+cpu)
     install_requires=[f"torch=={torch_release(torch)}", "transformers>=4.45", "safetensors", "tqdm", "gguf",
                       "accelerate", "numpy"],
-    entry_points={"console_scripts": ["hass-ext=hass_ext.cli:main"]},
+    entry_points={"console_scripts": ["hass-ext=hass_ext_cli:main"]},
     zip_safe=False,
 )
