@@ -8,7 +8,7 @@ import torch
 from common import interleaved, parser, write
 
 from hass_ext import ops
-from hass_ext.oracles import compact_kv_oracle as compact_kv_reference
+from hass_ext.oracles import compact_kv_oracle
 
 
 def main():
@@ -28,7 +28,7 @@ def main():
         t = interleaved({
             "op_stacked": lambda: ops.compact_kv(stacked, src, dst),
             "op_list": lambda: ops.compact_kv(per_layer, src, dst),
-            "oracle": lambda: compact_kv_reference(per_layer, src, dst),
+            "oracle": lambda: compact_kv_oracle(per_layer, src, dst),
         }, dev, repeats=5 if args.quick else 30)
         rows.append({"shape": name, "layers": layers, "kv_heads": heads, "head_dim": d, "moved": 7,
                      "op_stacked_us": t["op_stacked"] * 1e6, "op_list_us": t["op_list"] * 1e6,

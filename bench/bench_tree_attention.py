@@ -38,8 +38,8 @@ sys.path.insert(0, ROOT)
 import hass_ext  # noqa: E402
 from hass_ext.speed_eval import machine_info  # noqa: E402
 from hass_ext import ops  # noqa: E402
-from hass_ext.oracles import align_attention_oracle as reference_align_attention  # noqa: E402
-from hass_ext.oracles import tree_attention_mask, tree_attention_oracle as reference_tree_attention  # noqa: E402
+from hass_ext.oracles import align_attention_oracle  # noqa: E402
+from hass_ext.oracles import tree_attention_mask, tree_attention_oracle  # noqa: E402
 
 FULL = dict(Hq=32, Hkv=8, d=128, n=60, prefixes=(1024, 4096), T=2048, F=3, align_Hq=32, align_Hkv=8)
 # On the CPU the oracle's fp32 [F, B, H, T, T] score tensors would need ~10 GiB at 32 heads: the alignment case
@@ -110,7 +110,7 @@ def bench_tree(cfg, device, dtype, reps):
             "SDPA + bool mask, enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=visible,
                                                                                    enable_gqa=True),
             CEILING: lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True),
-            "oracle": lambda: reference_tree_attention(q, k, v, mask),
+            "oracle": lambda: tree_attention_oracle(q, k, v, mask),
         }
         t = time_side_by_side(fns, device, reps)
         ours = t["hass tree_attention"]
@@ -188,7 +188,7 @@ def align_fns(cfg, device, dtype):
         ops.align_attention(q, k, v).backward(go)
 
     def oracle():
-        reference_align_attention(q, k, v).backward(go)
+        align_attention_oracle(q, k, v).backward(go)
 
     def causal():
         F.scaled_dot_product_attention(q, kc, vc, is_causal=True, enable_gqa=True).backward(go)

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hass_ext  # noqa: E402
 from hass_ext.speed_eval import machine_info  # noqa: E402
 from hass_ext.ops import verify_tree  # noqa: E402
-from hass_ext.oracles import verify_tree_oracle as verify_tree_reference  # noqa: E402
+from hass_ext.oracles import verify_tree_oracle  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODES = [("greedy", 0.0, 1.0, 0), ("T=1", 1.0, 1.0, 0), ("T=1 p=.9", 1.0, 0.9, 0), ("T=1 p=.9 k=50", 1.0, 0.9, 50)]
@@ -141,7 +141,7 @@ def main(argv=None):
                         if device == "cuda":
                             torch.cuda.manual_seed(0)
                         op = lambda: verify_tree(logits, tokens, parents, T, top_p, top_k, generator=gen)  # noqa
-                        ref = lambda: verify_tree_reference(logits, tokens, parents, T, top_p, top_k,  # noqa
+                        ref = lambda: verify_tree_oracle(logits, tokens, parents, T, top_p, top_k,  # noqa
                                                             generator=gen)
                         alen = float(op()[1].float().mean())
                         row = dict(device=device, n=n, V=V, B=B, dtype=str(dtype).replace("torch.", ""),

@@ -18,8 +18,6 @@ from .speculative import decode_step, speculative_decode, vanilla_decode  # noqa
 from .target import resolve_target
 from .tree_choice import TREE_OPTIONS, given_tree, resolve_tree
 
-# Below this, logits / T overflow float32 while the sampled token is the argmax all the same: use 0 (greedy).
-MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -72,11 +70,7 @@ def check_generation_args(max_new_tokens, temperature, top_p, top_k, draft, tree
     """ValueError naming the first bad argument, before anything is loaded."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be an int > 0, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or isinstance(top_p, bool):
-        raise ValueError(f"temperature and top_p must be numbers, got {temperature!r} and {top_p!r}")
-    check_sampling_args(temperature, top_p, top_k)
-    if 0 < temperature < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {temperature!r}")
+    check_sampling_args(temperature, top_p, top_k)  # the one rule for sampling arguments
     unknown = sorted(set(tree_options) - set(TREE_OPTIONS))
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown}; generate takes target, draft, max_new_tokens, "

@@ -20,8 +20,8 @@ def target():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temprature=0.5), r"unknown argument\(s\) \['temprature'\]"),
-    (dict(temperature=True), "temperature and top_p must be numbers"),
-    (dict(temperature=1e-40), r"temperature must be 0 \(greedy\) or >= 1e-05, got 1e-40"),
+    (dict(temperature=True), "temperature must be a finite number >= 0"),
+    (dict(temperature=1e-40), r"temperature must be 0 \(greedy\) or at least 1e-06, got 1e-40"),
     (dict(recalibrate=True), "need a draft"),
 ])
 def test_bad_generation_arguments(target, kwargs, match):
@@ -79,14 +79,14 @@ def nothing_loads(monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens must be an int > 0"),
     (["generate", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
-    (["generate", "hi", "--temperature", "1e-40"], "temperature must be 0 (greedy) or >= 1e-05"),
+    (["generate", "hi", "--temperature", "1e-40"], "temperature must be 0 (greedy) or at least 1e-06"),
     (["generate", "hi", "--total-tokens", "8"], "need --draft"),
     (["chat", "--depth", "3"], "need --draft"),
     (["generate", "hi", "--draft", "default", "--total-tokens", "4", "--tree-topk", "10"],
      "tree_topk (10) must be <= total_tokens (4)"),
     (["generate", "hi", "--device", "tpu"], "device must be 'cpu' or 'cuda'"),
     (["tree-profile", "--draft", "x", "--num-prompts", "0"], "--num-prompts must be > 0"),
-    (["eval", "--temperatures", "-1"], "temperature must be a number >= 0"),
+    (["eval", "--temperatures", "-1"], "temperature must be a finite number >= 0"),
 ])
 def test_cli_checks_arguments_before_loading(argv, message, nothing_loads, capsys):
     assert cli.main(argv) == 2

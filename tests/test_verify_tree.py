@@ -560,7 +560,7 @@ def test_filters_on_ties_and_boundaries_match_oracle(kind, V, top_p, top_k):
     tokens = torch.zeros(B, 1, dtype=torch.long)
     parents = torch.full((B, 1), -1, dtype=torch.long)
     u = _filter_stress_uniforms(B, g)
-    want = verify_tree_reference(logits, tokens, parents, 1.0, top_p, top_k, uniforms=u)
+    want = verify_tree_oracle(logits, tokens, parents, 1.0, top_p, top_k, uniforms=u)
     got = verify_tree(logits, tokens, parents, 1.0, top_p, top_k, uniforms=u)
     for a, b in zip(got, want):
         assert torch.equal(a, b)

@@ -69,11 +69,11 @@ def _fresh_venv(kind, wheel, extra=()):
 
 _PROBE = """
 import importlib.metadata as md, json, torch, hass_ext
-from hass_ext.oracles import compact_kv_oracle as compact_kv_reference
+from hass_ext.oracles import compact_kv_oracle
 cache = torch.randn(2, 3, 9, 4)
 expected = cache.clone()
 src, dst = torch.tensor([[4, 6], [8, -1]]), torch.tensor([1, 2])
-compact_kv_reference([expected], src, dst)
+compact_kv_oracle([expected], src, dst)
 torch.ops.hass.compact_kv([cache], src, dst)  # the raw op, registered by `import hass_ext` alone
 print(json.dumps({
     "file": hass_ext.__file__, "version": md.version("hass_ext"), "requires": md.requires("hass_ext"),
