@@ -357,12 +357,12 @@ def test_bad_input():
     with pytest.raises(ValueError, match="prompt has 40 tokens; .* accepts at most 32"):
         hass_ext.generate(list(range(40)), target=target, draft=draft)
     with pytest.raises(ValueError, match=r"tree_topk \(10\) must be <= total_tokens \(8\)"):
-        hass_ext.generate([1, 2], target=target, draft=draft, total_tokens=8)
+        hass_ext.generate([1, 2], target=target, draft=draft, total_tokens=8, tree_topk=10)
     with pytest.raises(ValueError, match="depth must be an int >= 1, got 0"):
         hass_ext.generate([1, 2], target=target, draft=draft, depth=0)
     with pytest.raises(ValueError, match="total_tokens must be an int >= 1 or 'auto'"):
         hass_ext.generate([1, 2], target=target, draft=draft, total_tokens="big")
-    with pytest.raises(ValueError, match=r"unknown tree options \['top_k_tree'\]"):
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['top_k_tree'\]"):
         hass_ext.generate([1, 2], target=target, draft=draft, top_k_tree=3)
     with pytest.raises(ValueError, match="tree options .* need a draft"):
         hass_ext.generate([1, 2], target=target, total_tokens=8)
