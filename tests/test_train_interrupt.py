@@ -33,15 +33,14 @@ if os.environ.get("SLOW_STEPS"):
     trainer.Trainer.train_step = slow_step
 if os.environ.get("KILL_AT_SAVE"):
     import signal
-    from hass_ext import checkpoint
-    real_save, calls = checkpoint.save_draft, []
+    real_save, calls = trainer.save_draft, []
     def save_then_die(draft, path, *a, **k):
         out = real_save(draft, path, *a, **k)
         calls.append(path)
         if len(calls) == int(os.environ["KILL_AT_SAVE"]):
             os.kill(os.getpid(), signal.SIGKILL)
         return out
-    checkpoint.save_draft = save_then_die
+    trainer.save_draft = save_then_die
 from hass_ext.train.cli import main
 sys.exit(main(sys.argv[1:]))
 """
