@@ -1,4 +1,4 @@
-// Argument checks of hass::small_linear (a CPU-only op; the checks still name a wrong device).
+// Argument checks of hass::small_linear, shared by the CPU and the CUDA binding (each also requires its device).
 #pragma once
 #include <ATen/core/grad_mode.h>
 
@@ -8,22 +8,22 @@
 
 namespace hass_check {
 
-// x float32 [..., K] (at least one dim); weight float32 or bfloat16 [N, K]; bias float32 [N] or None; all on
-// the CPU; no autograd (no input requiring grad while grad mode is on: the op has no backward).
+// x float32/bfloat16/float16 [..., K] (at least one dim); weight float32/bfloat16/float16 [N, K]; bias [N] of any of
+// those dtypes or None; all on one device; no autograd (no input requiring grad while grad mode is on: the op has
+// no backward). The result has x's dtype.
 inline void small_linear_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const Op op{"small_linear"};
   dense(op, "x", x);
   require(op, x.dim() >= 1, "x must be [..., K], got ", describe(x));
-  dtype_is(op, "x", x, at::kFloat);
-  require(op, x.device().is_cpu(), "x must be on the CPU (small_linear is a CPU kernel), got ", describe(x));
+  dtype_in(op, "x", x, {at::kFloat, at::kBFloat16, at::kHalf});
   dims(op, "weight", weight, 2, "[N, K]");
-  dtype_in(op, "weight", weight, {at::kFloat, at::kBFloat16});
+  dtype_in(op, "weight", weight, {at::kFloat, at::kBFloat16, at::kHalf});
   same_device(op, "weight", weight, x, "x");
   require(op, x.size(-1) == weight.size(1), "x must be [..., K] with K = weight.shape[1] = ", weight.size(1),
           ", got ", describe(x));
   if (bias.has_value() && bias->defined()) {
-    dims(op, "bias", *bias, 1, "float32 [N]");
-    dtype_is(op, "bias", *bias, at::kFloat);
+    dims(op, "bias", *bias, 1, "[N]");
+    dtype_in(op, "bias", *bias, {at::kFloat, at::kBFloat16, at::kHalf});
     same_device(op, "bias", *bias, x, "x");
     shape_is(op, "bias", *bias, {weight.size(0)}, "[N] (one entry per weight row)");
   }
