@@ -29,11 +29,13 @@ from . import ops
 from .draft import DraftCache, DraftModel, context_pass
 from .draft_io import resolve_draft as _resolve_draft
 from .hf_attention import ATTN_IMPLEMENTATION
+from .ops.small_linear import row_invariant
 from .sampling import sample_token
 from .tree import DEFAULT_DEPTH, DEFAULT_TOTAL_TOKENS, DEFAULT_TREE_TOPK, Tree, check_tree_options, draft_tree
 
 TREE_ATTENTION = ATTN_IMPLEMENTATION  # the tree-attention kernel: the ancestor mask is passed as tree_mask
 _SUPPORTED_ATTENTION = ("eager", "sdpa", TREE_ATTENTION)  # eager/sdpa honour a custom 4D float mask
+_ONE_NODE = torch.ones(1, 1, 1, dtype=torch.bool)  # a decode step's token as a one-node tree
 
 
 @dataclass
@@ -69,8 +71,13 @@ def vanilla_decode(target, input_ids: torch.Tensor, max_new_tokens: int, tempera
 
 @torch.no_grad()
 def decode_step(target, token: torch.Tensor, cache) -> torch.Tensor:
-    """One vanilla step: the target over one token, appending to its KV cache; the next logits ``[1, V]``."""
-    return target.model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True).logits[:, -1]
+    """One vanilla step: the target over one token, appending to its KV cache; the next logits ``[1, V]``.
+
+    It runs on the kernels of a tree verification (row-invariant linear layers; with the hass_tree attention, the
+    tree-attention kernel over a one-node tree), so a tree node's logits are bit-identical to this step's."""
+    extra = {"tree_mask": _ONE_NODE.to(token.device)} if _attention_impl(target) == TREE_ATTENTION else {}
+    with row_invariant():
+        return target.model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True, **extra).logits[:, -1]
 
 
 # ---- the decode loop --------------------------------------------------------------------------------------
@@ -142,6 +149,11 @@ def initial_state(target, draft: DraftModel, input_ids: torch.Tensor, sampling: 
 def verify(target, state: State, tree: Tree):
     """One target forward over the tree: node i at position ``length + depth_i``, attending to the whole cache and
     to its ancestors in the tree. Returns logits ``[1, n, V]`` and final-norm features ``[n, H]``."""
+    with row_invariant():
+        return _verify_forward(target, state, tree)
+
+
+def _verify_forward(target, state: State, tree: Tree):
     n, P = tree.size, state.length
     positions = (P + tree.depths)[None]
     if _attention_impl(target) == TREE_ATTENTION:  # hass_ext's tree-attention kernel takes the ancestor mask

@@ -218,9 +218,10 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
         or a hub id ``org/name`` (from the Hugging Face cache, ``HF_HUB_CACHE`` / ``HF_HOME``, or downloaded;
         ``HF_HUB_OFFLINE=1`` keeps it to the cache).
     dtype: default float32 on CPU, bfloat16 on CUDA.  device: default "cuda" when available, else "cpu".
-    small_batch_linear: run the linear layers' decode-sized calls through hass_ext.ops.small_linear
-        (hass_ext.ops.small_linear); default: for float32 targets on the CPU, where it makes a one-token step and a
-        tree verification cheaper. Vanilla and speculative decoding with this target both use it.
+    small_batch_linear: run the linear layers' decode-sized calls through hass_ext.ops.small_linear; default: on
+        the CPU, in every dtype. A row's result then does not depend on the other rows of the call, which is what
+        makes a tree node's logits bit-identical to a one-token step's; vanilla and speculative decoding with this
+        target both use it.
     attn_implementation: the transformers attention implementation; default "hass_tree" on the CPU (trees are
         verified with hass_ext's tree-attention kernel; everything else, prefill and vanilla decoding included, is
         transformers' sdpa unchanged; model classes that cannot take it keep their own) and transformers' own
@@ -271,7 +272,7 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
         finally:
             hf_logging.enable_progress_bar()
     if small_batch_linear is None:
-        small_batch_linear = device.type == "cpu" and dtype == torch.float32
+        small_batch_linear = device.type == "cpu"
     if small_batch_linear:
         use_small_linear(model)
     return Target(model.to(device), tok, name)

@@ -30,7 +30,7 @@ import torch
 from .calibration import Calibration, calibrated, calibration_key, fingerprint
 from .draft import DraftModel, context_pass
 from .draft_io import PROFILE_FORMAT, PROFILE_NAME, resolve_draft  # noqa: F401  (PROFILE_NAME: where it goes)
-from .speculative import Sampling, initial_state, vanilla_decode, verify
+from .speculative import Sampling, decode_step, initial_state, vanilla_decode, verify
 from .timing import time_call
 from .tree import DEFAULT_DEPTH, DEFAULT_TREE_TOPK, check_tree_options, draft_tree
 
@@ -224,8 +224,7 @@ def measure_costs(target, draft, shapes, taus: Optional[Dict[tuple, float]] = No
         cache.length -= m  # timed only: the context stays as it was
 
     def step():
-        out = target.model(input_ids=ids[:, :1], past_key_values=state.cache, use_cache=True)
-        out.logits[:, -1].argmax(-1)
+        decode_step(target, ids[:, :1], state.cache).argmax(-1)
         state.cache.crop(-1)
 
     times = {s: [] for s in shapes}

@@ -1,12 +1,13 @@
 // CPU kernels of hass::tree_attention and hass::align_attention (+ backward); semantics in
 // csrc/include/hass/attention.h.
 //
-// Flash-style on the CPU: a work item (batch, kv head, block of query rows) walks the visible keys in tiles,
-// converting each tile to fp32 once for all query rows of the heads sharing that kv head. The tile products
-// (scores, P*V and the backward's gradient products) run as small fp32 GEMMs through ATen's BLAS; the masking
-// and online softmax between them are plain vectorisable loops. Nothing of size rows x all-keys is formed.
-// A decode-time tree gives a kv head only a few dozen query rows: there the products run as register-blocked
-// loops (hass/small_linear.h) on the cache rows in place, since a BLAS call and a tile copy cost more than the work.
+// Flash-style on the CPU: a work item (batch, kv head, block of query rows) walks the visible keys in tiles with an
+// online softmax; nothing of size rows x all-keys is formed.
+// Tree attention (decode time: a few dozen query rows per kv head) runs register-blocked products
+// (hass/small_linear.h) on the cache rows in place, in every cache dtype, and folds each row's keys in a fixed
+// order of ranks, so a row's result does not depend on the tree around it (see tree_attention_impl).
+// The alignment attention (training: thousands of rows) converts each key tile to fp32 once for all query rows and
+// runs the tile products (scores, P*V, the backward's gradient products) as small fp32 GEMMs through ATen's BLAS.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -171,16 +172,14 @@ struct RowState {
   float lse(int64_t r) const { return hass::row_lse(m[r], l[r]); }
 };
 
-// ---- small row blocks: register-blocked products instead of BLAS calls -------------------------------
-constexpr int64_t kSmallRows = 32;  // work items with at most this many query rows take these
+// ---- tree attention's register-blocked products -----------------------------------------------------
+constexpr int64_t kSmallRows = 32;  // query rows per work item at most
 
-// W: float, or uint16_t holding bf16 (widened exactly as loaded). Key/value rows are ld elements apart.
+// W: float, uint16_t holding bf16 or sg_f16 (widened exactly as loaded). Key/value rows are ld elements apart.
 template <typename W>
 struct SmallProducts {
   // s[R, nk] = q[R, d] k[nk, d]^T
   void (*scores)(const float* q, int64_t R, int64_t d, const W* k, int64_t ldk, int64_t nk, float* s);
-  // acc[R, d] += p[R, nk] v[nk, d]
-  void (*accumulate)(const float* p, int64_t R, int64_t nk, const W* v, int64_t ldv, int64_t d, float* acc);
 };
 
 // Register blocking per level as in small_linear.cpp (a 16-lane vector: 1 zmm, 2 ymm or 4 xmm registers).
@@ -189,54 +188,97 @@ HASS_CPU_V4 void scores_v4(const float* q, int64_t R, int64_t d, const W* k, int
   hass::sg_rows<4, 4>(q, R, d, k, ldk, d, nullptr, s, nk, 0, nk);
 }
 template <typename W>
-HASS_CPU_V4 void accumulate_v4(const float* p, int64_t R, int64_t nk, const W* v, int64_t ldv, int64_t d, float* acc) {
-  hass::sg_acc_rows<8>(p, R, nk, v, ldv, nk, acc, d, d);
-}
-template <typename W>
 HASS_CPU_V3 void scores_v3(const float* q, int64_t R, int64_t d, const W* k, int64_t ldk, int64_t nk, float* s) {
   hass::sg_rows<2, 2>(q, R, d, k, ldk, d, nullptr, s, nk, 0, nk);
-}
-template <typename W>
-HASS_CPU_V3 void accumulate_v3(const float* p, int64_t R, int64_t nk, const W* v, int64_t ldv, int64_t d, float* acc) {
-  hass::sg_acc_rows<4>(p, R, nk, v, ldv, nk, acc, d, d);
 }
 template <typename W>
 void scores_baseline(const float* q, int64_t R, int64_t d, const W* k, int64_t ldk, int64_t nk, float* s) {
   hass::sg_rows<1, 2>(q, R, d, k, ldk, d, nullptr, s, nk, 0, nk);
 }
+
+// One tile of a query row's visible keys folded into its online-softmax state (m, l, acc [d]): scores s[0, nk)
+// (turned into probabilities in place), value rows by pointer. Sequential sums, the same code for every tile, so
+// the result depends on the scores and value rows of the tile only.
 template <typename W>
-void accumulate_baseline(const float* p, int64_t R, int64_t nk, const W* v, int64_t ldv, int64_t d, float* acc) {
-  hass::sg_acc_rows<2>(p, R, nk, v, ldv, nk, acc, d, d);
+using FoldFn = void (*)(float* s, int64_t nk, const W* const* vrows, int64_t d, float* acc, float* m, float* l);
+
+template <typename W>
+HASS_SG_INLINE void fold_tile(float* s, int64_t nk, const W* const* vrows, int64_t d, float* acc, float* m,
+                              float* l) {
+  float bmax = -INFINITY;
+  for (int64_t j = 0; j < nk; ++j) bmax = s[j] > bmax ? s[j] : bmax;
+  if (bmax == -INFINITY) return;  // only -inf scores: nothing to add
+  const float mn = hass::online_max(*m, bmax);
+  const float alpha = hass::rescale_factor(*m, mn);
+  if (alpha != 1.f)
+    for (int64_t i = 0; i < d; ++i) acc[i] *= alpha;
+  for (int64_t j = 0; j < nk; ++j) s[j] = hass::fast_exp(s[j] - mn);  // 0 for a -inf score
+  float sum = 0.f;
+  for (int64_t j = 0; j < nk; ++j) sum += s[j];  // in key order (no reassociation without -ffast-math)
+  *l = *l * alpha + sum;
+  *m = mn;
+  hass::sg_acc_gather(s, nk, vrows, acc, d);
 }
 
 template <typename W>
-const SmallProducts<W>& small_products() {
-  static const SmallProducts<W> p = hass_cpu::pick(SmallProducts<W>{scores_v4<W>, accumulate_v4<W>},
-                                                   SmallProducts<W>{scores_v3<W>, accumulate_v3<W>},
-                                                   SmallProducts<W>{scores_baseline<W>, accumulate_baseline<W>});
+HASS_CPU_V4 void fold_v4(float* s, int64_t nk, const W* const* vrows, int64_t d, float* acc, float* m, float* l) {
+  fold_tile(s, nk, vrows, d, acc, m, l);
+}
+template <typename W>
+HASS_CPU_V3 void fold_v3(float* s, int64_t nk, const W* const* vrows, int64_t d, float* acc, float* m, float* l) {
+  fold_tile(s, nk, vrows, d, acc, m, l);
+}
+template <typename W>
+void fold_baseline(float* s, int64_t nk, const W* const* vrows, int64_t d, float* acc, float* m, float* l) {
+  fold_tile(s, nk, vrows, d, acc, m, l);
+}
+
+template <typename W>
+struct RankProducts {
+  SmallProducts<W> products;
+  FoldFn<W> fold;
+};
+
+template <typename W>
+const RankProducts<W>& rank_products() {
+  static const RankProducts<W> p =
+      hass_cpu::pick(RankProducts<W>{{scores_v4<W>}, fold_v4<W>},
+                     RankProducts<W>{{scores_v3<W>}, fold_v3<W>},
+                     RankProducts<W>{{scores_baseline<W>}, fold_baseline<W>});
   return p;
 }
 
-// How the small path reads a cache of element type T: fp32 and bf16 rows in place, fp16 through an fp32 tile.
+// The element type the register-blocked products read a cache of type T as: every cache dtype in place.
 template <typename T>
 struct SmallSource {
   using W = float;
-  static constexpr bool in_place = std::is_same_v<T, float>;
 };
 template <>
 struct SmallSource<at::BFloat16> {
   using W = uint16_t;
-  static constexpr bool in_place = true;
+};
+template <>
+struct SmallSource<at::Half> {
+  using W = hass::sg_f16;
 };
 
 // ---- tree_attention ---------------------------------------------------------------------------------
+// Row invariance. A query row's result is a function of its visible keys in rank order only: the prefix keys
+// 0 .. prefix-1, then the tree keys its mask row shows, in node order (a node's ancestors, shallowest first, then
+// itself). The ranks are cut into tiles of kRankTile; each tile is folded into the row's online softmax with
+// fold_tile, and every score is the same dot product (sg_rows) wherever it is computed. So a tree node at depth d
+// over a prefix of P keys gets bit for bit what a one-token decode step gets over the P + d committed keys plus
+// itself, whatever the tree's size, the node's index and the rows computed beside it: the decode loop runs its
+// vanilla steps through this kernel too (a one-node tree), and that is what its losslessness rests on.
+constexpr int64_t kRankTile = 128;
+
 // Rows of a work item: r -> (head hk * g + r / n, node r % n).
 
-// Query rows per work item: kRowBlock, or fewer when that leaves threads idle (a small tree over few kv heads).
+// Query rows per work item: at most kSmallRows, fewer when that leaves threads idle (a small tree, few kv heads).
 inline int64_t tree_row_block(int64_t rows, int64_t groups) {
   const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());  // work items wanted
-  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
-  if (groups * blocks >= want) return kRowBlock;
+  const int64_t blocks = (rows + kSmallRows - 1) / kSmallRows;
+  if (groups * blocks >= want) return kSmallRows;
   const int64_t per_group = std::min(rows, (want + groups - 1) / groups);
   return std::max<int64_t>(1, (rows + per_group - 1) / per_group);
 }
@@ -244,67 +286,62 @@ inline int64_t tree_row_block(int64_t rows, int64_t groups) {
 template <typename T>
 void tree_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                          const int64_t* prefix_lens, at::Tensor& out, double scale) {
-  using Src = SmallSource<T>;
-  using W = typename Src::W;
+  using W = typename SmallSource<T>::W;
   const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), d = q.size(3);
   const int64_t Hkv = k.size(1), L = k.size(2), g = Hq / Hkv;
   const int64_t rows = g * n, rb = tree_row_block(rows, B * Hkv), blocks = (rows + rb - 1) / rb;
-  const int W_ = hass::mask_words(static_cast<int>(n));
   const auto qv = view4<const T>(q), kv = view4<const T>(k), vv = view4<const T>(v);
   const auto ov = view4<T>(out);
   const bool* mp = mask.data_ptr<bool>();
-  const SmallProducts<W>& small = small_products<W>();
-  // Every work item has at most rb rows: with rb <= kSmallRows over an fp32/bf16 cache none needs fp32 tiles.
-  const bool tiles = !(Src::in_place && rb <= kSmallRows);
+  const RankProducts<W>& fn = rank_products<W>();
   at::parallel_for(0, B * Hkv * blocks, 1, [&](int64_t w0, int64_t w1) {
     RowState st(rb, d);
-    std::vector<uint64_t> words(rb * W_);
-    std::vector<float> kt(tiles ? kKeyTile * d : 0), vt(tiles ? kKeyTile * d : 0), s(rb * kKeyTile);
+    std::vector<float> s(rb * kRankTile), s_tail(rb * kRankTile), s_tree(rb * n), sb(kRankTile);
+    std::vector<const W*> vrows(kRankTile);
+    std::vector<int64_t> visible(rb * n), n_visible(rb);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t blk = w % blocks, hk = (w / blocks) % Hkv, b = w / (blocks * Hkv);
       const int64_t r0 = blk * rb, R = std::min(rb, rows - r0);
       const int64_t prefix = prefix_lens ? prefix_lens[b] : L - n;
-      const bool in_place = Src::in_place && R <= kSmallRows;  // always so when !tiles
+      const auto key = [&](int64_t c) { return reinterpret_cast<const W*>(kv.row(b, hk, c)); };
+      const auto value = [&](int64_t c) { return reinterpret_cast<const W*>(vv.row(b, hk, c)); };
       for (int64_t r = 0; r < R; ++r) {
         const int64_t h = hk * g + (r0 + r) / n, i = (r0 + r) % n;
         load_row(qv.row(b, h, i), d, static_cast<float>(scale), st.q.data() + r * d);
-        hass::mask_pack_row(mp + (b * n + i) * n, static_cast<int>(n), words.data() + r * W_);
+        const bool* row = mp + (b * n + i) * n;
+        n_visible[r] = 0;
+        for (int64_t j = 0; j < n; ++j)
+          if (row[j]) visible[r * n + n_visible[r]++] = j;
         st.reset(r, -INFINITY, 0.f);
       }
-      // The prefix (no mask) and then the tree block; the padding gap between them is never read.
-      for (int part = 0; part < 2; ++part) {
-        const int64_t lo = part == 0 ? 0 : L - n, hi = part == 0 ? prefix : L;
-        for (int64_t c0 = lo; c0 < hi; c0 += kKeyTile) {
-          const int64_t nk = std::min(kKeyTile, hi - c0);
-          // the small products read W rows (in place, or the fp32 tile when W is float); BLAS reads the tile
-          const W* kp;
-          const W* vp;
-          int64_t ldk = d, ldv = d;
-          if (in_place) {
-            kp = reinterpret_cast<const W*>(kv.row(b, hk, c0));
-            vp = reinterpret_cast<const W*>(vv.row(b, hk, c0));
-            ldk = kv.ss;
-            ldv = vv.ss;
-          } else {
-            load_tile(kv, b, hk, c0, nk, d, kt.data());
-            load_tile(vv, b, hk, c0, nk, d, vt.data());
-            kp = reinterpret_cast<const W*>(kt.data());  // read by the small products only when W is float
-            vp = reinterpret_cast<const W*>(vt.data());  // (a bf16 cache goes through tiles only for BLAS)
+      // Whole prefix tiles: the same keys at the same ranks for every row.
+      const int64_t full = prefix / kRankTile * kRankTile, tail = prefix - full;
+      for (int64_t c0 = 0; c0 < full; c0 += kRankTile) {
+        fn.products.scores(st.q.data(), R, d, key(c0), kv.ss, kRankTile, s.data());
+        for (int64_t j = 0; j < kRankTile; ++j) vrows[j] = value(c0 + j);
+        for (int64_t r = 0; r < R; ++r)
+          fn.fold(s.data() + r * kRankTile, kRankTile, vrows.data(), d, st.acc.data() + r * d, &st.m[r], &st.l[r]);
+      }
+      // The last, partial prefix tile continues with each row's own visible tree keys.
+      if (tail > 0) fn.products.scores(st.q.data(), R, d, key(full), kv.ss, tail, s_tail.data());
+      fn.products.scores(st.q.data(), R, d, key(L - n), kv.ss, n, s_tree.data());
+      for (int64_t r = 0; r < R; ++r) {
+        float* acc = st.acc.data() + r * d;
+        int64_t cnt = 0;
+        const auto push = [&](float score, const W* vrow) {
+          sb[cnt] = score;
+          vrows[cnt] = vrow;
+          if (++cnt == kRankTile) {
+            fn.fold(sb.data(), cnt, vrows.data(), d, acc, &st.m[r], &st.l[r]);
+            cnt = 0;
           }
-          if (R <= kSmallRows) small.scores(st.q.data(), R, d, kp, ldk, nk, s.data());
-          else mm_abt(s.data(), st.q.data(), kt.data(), R, nk, d, false);
-          for (int64_t r = 0; r < R; ++r) {
-            float* sr = s.data() + r * nk;
-            if (part == 1) {
-              const uint64_t* wr = words.data() + r * W_;
-              for (int64_t j = 0; j < nk; ++j)
-                if (!hass::mask_bit(wr, static_cast<int>(c0 + j - lo))) sr[j] = -INFINITY;
-            }
-            st.softmax_row(r, sr, nk);
-          }
-          if (R <= kSmallRows) small.accumulate(s.data(), R, nk, vp, ldv, d, st.acc.data());
-          else mm_ab_acc(st.acc.data(), s.data(), vt.data(), R, d, nk);
+        };
+        for (int64_t j = 0; j < tail; ++j) push(s_tail[r * tail + j], value(full + j));
+        for (int64_t t = 0; t < n_visible[r]; ++t) {
+          const int64_t j = visible[r * n + t];
+          push(s_tree[r * n + j], value(L - n + j));
         }
+        if (cnt > 0) fn.fold(sb.data(), cnt, vrows.data(), d, acc, &st.m[r], &st.l[r]);
       }
       for (int64_t r = 0; r < R; ++r) {
         const int64_t h = hk * g + (r0 + r) / n, i = (r0 + r) % n;

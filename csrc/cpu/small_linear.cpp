@@ -16,7 +16,8 @@ using RowsFn = void (*)(const float*, int64_t, int64_t, const W*, int64_t, int64
                         int64_t, int64_t);
 
 // Register blocking per level: 4 x 4 accumulators fill 16 of the 32 zmm registers (v4); a 16-lane vector is two
-// ymm (v3) or four xmm (baseline) registers, so those take fewer input rows per block. W: float or uint16_t (bf16).
+// ymm (v3) or four xmm (baseline) registers, so those take fewer input rows per block.
+// W: float, uint16_t (bf16) or sg_f16.
 template <typename W>
 HASS_CPU_V4 void rows_v4(const float* x, int64_t M, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                          const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
@@ -45,26 +46,33 @@ void run_rows(const float* xp, int64_t M, const W* wp, int64_t ldw, int64_t N, i
 
 at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   hass_check::small_linear_args(x, weight, bias);
+  TORCH_CHECK(x.device().is_cpu(), "hass::small_linear: x must be on the CPU for the CPU kernel, got ", x.device());
   const int64_t N = weight.size(0), K = weight.size(1);
   const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
   const int64_t M = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
-  const at::Tensor x2 = x.reshape({M, K}).contiguous();
+  // The kernel reads fp32 rows and writes fp32 sums; 16-bit inputs are widened exactly and the sums rounded to
+  // x's dtype once at the end, so a row's result is still independent of the other rows.
+  const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
   at::Tensor b;
-  if (bias.has_value() && bias->defined()) b = bias->contiguous();
+  if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y.view(out_shape);
-  if (K == 0) return (b.defined() ? y.copy_(b.expand({M, N})) : y.zero_()).view(out_shape);  // an empty sum
-  const float* xp = x2.data_ptr<float>();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  if (w.scalar_type() == at::kBFloat16) {
-    run_rows(xp, M, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), w.stride(0), N, K, bp, yp);
-  } else {
-    run_rows(xp, M, w.data_ptr<float>(), w.stride(0), N, K, bp, yp);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M != 0 && N != 0 && K == 0) {
+    b.defined() ? y.copy_(b.expand({M, N})) : y.zero_();  // an empty sum
+  } else if (M != 0 && N != 0) {
+    const float* xp = x2.data_ptr<float>();
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    if (w.scalar_type() == at::kBFloat16) {
+      run_rows(xp, M, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), w.stride(0), N, K, bp, yp);
+    } else if (w.scalar_type() == at::kHalf) {
+      run_rows(xp, M, reinterpret_cast<const hass::sg_f16*>(w.data_ptr<at::Half>()), w.stride(0), N, K, bp, yp);
+    } else {
+      run_rows(xp, M, w.data_ptr<float>(), w.stride(0), N, K, bp, yp);
+    }
   }
-  return y.view(out_shape);
+  return y.to(x.scalar_type()).view(out_shape);
 }
 
 }  // namespace

@@ -1,5 +1,10 @@
 """small_linear: ``x @ weight.T + bias`` for the few rows of a decode step or a tree verification on a CPU.
 
+Row invariance: every output is the same fp32 sum in the same order whatever the number of rows, and 16-bit
+inputs are widened exactly and the sums rounded once to x's dtype, so a tree node's result is bit-identical to a
+one-token step's in float32, bfloat16 and float16 alike. That is what makes speculative decoding lossless bit for
+bit (BLAS picks other blockings for other row counts).
+
 On a CPU a decode step is memory bound. BLAS takes a GEMV path for one row but repacks the weight on every call
 for 2+ rows, so verifying a few tree tokens costs noticeably more than a one-token step with a small model; and its
 GEMV does not reach the memory bandwidth on every CPU. The ``small_linear`` kernel streams each weight row once for
@@ -7,17 +12,22 @@ all rows (bench/bench_small_linear.py measures both).
 
 - ``small_linear(x, weight, bias)``: the op, with its argument checks.
 - ``linear(x, weight, bias)``: ``F.linear``, through the op when the call is small enough to gain from it.
-- ``SmallLinear``: an ``nn.Linear`` whose small float32 CPU inference calls (up to ``MAX_ROWS`` rows) take the op;
-  everything else (prefill, training, other dtypes and devices) still goes to ``torch.nn.functional.linear``.
+- ``SmallLinear``: an ``nn.Linear`` whose small CPU inference calls (up to ``MAX_ROWS`` rows, any number inside
+  ``row_invariant()``) take the op; everything else (prefill, training, other devices) still goes to
+  ``torch.nn.functional.linear``.
+- ``row_invariant()``: a context in which SmallLinear layers take every CPU inference call, whatever its row count
+  (the decode loops run their verification forwards and decode steps in it).
 - ``use_small_linear(model)`` / ``use_blas_linear(model)``: switch a model's ``nn.Linear`` layers to SmallLinear
   and back.
 
-``hass_ext.load_target`` applies it to float32 CPU targets, so vanilla decoding and speculative decoding with the
+``hass_ext.load_target`` applies it to CPU targets of every dtype, so vanilla decoding and speculative decoding with the
 same target run on the same kernels; draft models use it too, with ``exact_bf16=True``: a draft saved in bf16
 and loaded in fp32 holds only bf16 values, so its layers stream a bf16 copy of each weight (half the bytes, and
 the draft layer then stays in the L3 cache between tree levels) with bit-identical results.
 """
+import threading
 import warnings
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -29,6 +39,8 @@ from ._checks import check_tensor, describe, wants_grad
 
 MAX_ROWS = 64  # up to here the kernel beats the BLAS GEMM on the CPUs measured (bench/bench_small_linear.py)
 _CPU = torch.device("cpu")
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_STATE = threading.local()  # row_invariant() depth, per thread
 
 
 @torch.library.register_fake("hass::small_linear")
@@ -37,23 +49,23 @@ def _small_linear_fake(x, weight, bias):
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for a few rows on a CPU, as memory-bound as one row (float32; inference only).
+    """``x @ weight.T + bias`` for a few rows on a CPU, as memory-bound as one row (inference only).
 
-    x: ``[..., K]`` float32 on the CPU, a handful of rows (a decode step, a tree verification; past ``MAX_ROWS``
-    rows a BLAS GEMM is faster: see ``linear``). weight: ``[N, K]`` float32 or bfloat16 (nn.Linear layout); a
-    bfloat16 weight is widened exactly, so the result equals the float32 product with ``weight.float()`` bit for
-    bit, for half the bytes read. bias: ``[N]`` float32 or None. Returns ``[..., N]`` float32.
+    x: ``[..., K]`` float32, bfloat16 or float16 on the CPU, a handful of rows (a decode step, a tree verification;
+    past ``MAX_ROWS`` rows a BLAS GEMM is faster: see ``linear``). weight: ``[N, K]`` float32, bfloat16 or float16
+    (nn.Linear layout); 16-bit weights are widened exactly, for half the bytes read. bias: ``[N]`` (any of the three
+    dtypes) or None. Returns ``[..., N]`` in x's dtype: the fp32 sum rounded once.
 
     Each weight row is read once for all rows of x, and each output is summed in a fixed order whatever the
     number of rows, so a tree node's result is bit-identical to a one-token step over the same input. No autograd:
     use torch.nn.functional.linear for training.
     """
-    check_tensor("x", x, dtypes=(torch.float32,), device=_CPU)
-    check_tensor("weight", weight, dims=(2,), dtypes=(torch.float32, torch.bfloat16), device=_CPU)
+    check_tensor("x", x, dtypes=_FLOATS, device=_CPU)
+    check_tensor("weight", weight, dims=(2,), dtypes=_FLOATS, device=_CPU)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must be [..., {weight.shape[1]}] to match weight {tuple(weight.shape)}, got {describe(x)}")
     if bias is not None:
-        check_tensor("bias", bias, dims=(1,), dtypes=(torch.float32,), device=_CPU)
+        check_tensor("bias", bias, dims=(1,), dtypes=_FLOATS, device=_CPU)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have {weight.shape[0]} entries (weight rows), got {describe(bias)}")
     if wants_grad(x, weight, bias):
@@ -62,20 +74,31 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return torch.ops.hass.small_linear(x, weight, bias)
 
 
+@contextmanager
+def row_invariant():
+    """Inside this context, SmallLinear layers send every CPU inference call to ``small_linear``, whatever its
+    number of rows, so a forward's rows do not depend on each other (a tree larger than ``MAX_ROWS`` too)."""
+    _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
+
+
 def _small(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
-    """Whether the op takes this call: a small float32 CPU inference call (no checks needed past this test)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype in (torch.float32, torch.bfloat16)
-            and x.dim() >= 1 and x.numel() <= MAX_ROWS * x.shape[-1]
-            and (bias is None or bias.dtype == torch.float32)
+    """Whether the op takes this call: a small CPU inference call in the op's dtypes (no checks needed past this)."""
+    return (x.device.type == "cpu" and x.dtype in _FLOATS and weight.dtype in _FLOATS and x.dim() >= 1
+            and (x.numel() <= MAX_ROWS * x.shape[-1] or getattr(_STATE, "depth", 0) > 0)
+            and (bias is None or bias.dtype in _FLOATS)
             and not wants_grad(x, weight, bias))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through ``small_linear`` when it is a small float32 CPU inference call
-    (``weight`` float32, or bfloat16 with float32 ``x``: widened exactly)."""
+    """``F.linear(x, weight, bias)``, through ``small_linear`` when it is a small CPU inference call (a 16-bit
+    weight with float32 ``x`` is widened exactly)."""
     if _small(x, weight, bias):
         return torch.ops.hass.small_linear(x, weight, bias)
-    if weight.dtype == torch.bfloat16 and x.dtype == torch.float32:  # a bf16 copy of float32 weights
+    if weight.dtype != x.dtype and weight.dtype in _FLOATS and x.dtype == torch.float32:  # a 16-bit copy
         weight = weight.float()
     return F.linear(x, weight, bias)
 
@@ -126,8 +149,9 @@ class SmallLinear(nn.Linear):
 def use_small_linear(model: nn.Module, exact_bf16: bool = False) -> int:
     """Switch every plain nn.Linear in ``model`` to SmallLinear, in place; returns how many were switched.
 
-    Parameters, state dict, hooks and outputs on other devices/dtypes are unchanged; on float32 CPU inference
-    calls of up to MAX_ROWS rows the outputs differ from BLAS only by summation order (~1e-6 relative).
+    Parameters, state dict, hooks and outputs on other devices are unchanged; on CPU inference calls of up to
+    MAX_ROWS rows (any number inside ``row_invariant()``) the outputs differ from BLAS only by summation order
+    (and, in 16-bit dtypes, by rounding once instead of BLAS's own way).
     exact_bf16: also stream bf16 copies of weights that hold only bf16 values (same outputs, half the bytes).
     ``use_blas_linear`` undoes it.
     """

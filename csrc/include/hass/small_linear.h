@@ -11,9 +11,9 @@
 // So a row's result does not depend on which other rows were multiplied with it: the logits of a tree node
 // are bit-identical to those of a one-token step over the same hidden state.
 //
-// The weight may be float32 or bfloat16 (its raw 16-bit patterns, uint16_t): a bf16 weight is widened to fp32
-// exactly as it is loaded, so the result is bit-identical to the fp32 product with the widened weight, for half
-// the bytes streamed (a draft head's weights are bf16 values, and its whole layer then fits in the L3 cache).
+// The weight may be float32, bfloat16 (its raw 16-bit patterns, uint16_t) or float16 (sg_f16): a 16-bit weight is
+// widened to fp32 exactly as it is loaded, so the result is bit-identical to the fp32 product with the widened
+// weight, for half the bytes streamed (a draft head's weights are bf16 values, and its whole layer then fits in the L3 cache).
 //
 // Host-only (GCC/Clang vector extensions). The caller compiles sg_rows inside functions with target attributes
 // (the levels of csrc/cpu/cpu_dispatch.h) and picks one at run time; the arithmetic is the same, the register
@@ -75,6 +75,41 @@ HASS_SG_INLINE sg_vec sg_load_tail(const uint16_t* p, int64_t count) {
   sg_vec_u16 h = {};
   std::memcpy(&h, p, count * sizeof(uint16_t));
   return sg_widen_bf16(h);
+}
+
+// IEEE half weights: a distinct element type so sg_load can tell them from bf16 (both are 16-bit patterns).
+struct sg_f16 {
+  uint16_t bits;
+};
+typedef int32_t sg_vec_i32 __attribute__((vector_size(kSgLanes * sizeof(int32_t))));
+
+// fp16 -> fp32 is exact too. Integer arithmetic only, so denormal modes (FTZ/DAZ) cannot change it: normal values
+// get their exponent rebiased, subnormal ones (|h| < 2^-14) are their 10-bit integer times 2^-24, inf/NaN keep
+// their payload under an all-ones exponent.
+HASS_SG_INLINE sg_vec sg_widen_f16(sg_vec_u16 h) {
+  const sg_vec_u32 u = __builtin_convertvector(h, sg_vec_u32);
+  const sg_vec_u32 sign = (u & 0x8000u) << 16, mag = u & 0x7fffu;
+  const sg_vec_u32 normal = (mag << 13) + ((127u - 15u) << 23);
+  const sg_vec_u32 special = (mag << 13) | 0x7f800000u;
+  sg_vec sub = __builtin_convertvector(__builtin_convertvector(mag, sg_vec_i32), sg_vec) * 0x1p-24f;
+  sg_vec_u32 sub_bits;
+  std::memcpy(&sub_bits, &sub, sizeof sub_bits);
+  const sg_vec_u32 bits = (mag < 0x400u ? sub_bits : (mag >= 0x7c00u ? special : normal)) | sign;
+  sg_vec v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+HASS_SG_INLINE sg_vec sg_load(const sg_f16* p) {  // 16 fp16 values
+  sg_vec_u16 h;
+  std::memcpy(&h, p, sizeof h);
+  return sg_widen_f16(h);
+}
+
+HASS_SG_INLINE sg_vec sg_load_tail(const sg_f16* p, int64_t count) {
+  sg_vec_u16 h = {};
+  std::memcpy(&h, p, count * sizeof(uint16_t));
+  return sg_widen_f16(h);
 }
 
 typedef float sg_vec8 __attribute__((vector_size(8 * sizeof(float))));
@@ -168,7 +203,7 @@ HASS_SG_INLINE void sg_row_block(const float* x, int64_t M, int64_t ldx, const W
 
 // All M rows of x against weight rows [n0, n1): blocks of NR weight rows, each multiplied with the input rows in
 // groups of MR while the block is still in L1. x [M, K] (row stride ldx), w [N, K] (row stride ldw; float, or
-// uint16_t holding bf16), y [M, N] (row stride ldy); bias [N] or null. (No lambdas: they would not inherit the
+// uint16_t holding bf16, or sg_f16), y [M, N] (row stride ldy); bias [N] or null. (No lambdas: they would not inherit the
 // caller's target attributes.)
 template <int MR, int NR, typename W>
 HASS_SG_INLINE void sg_rows(const float* x, int64_t M, int64_t ldx, const W* w, int64_t ldw, int64_t K,
@@ -212,7 +247,7 @@ HASS_SG_INLINE void sg_acc_tail(const float* x, int64_t rows, int64_t ldx, const
   }
 }
 
-// x [M, K] (row stride ldx), w [K, N] (row stride ldw; float, or uint16_t holding bf16), y [M, N] (row stride ldy).
+// x [M, K] (row stride ldx), w [K, N] (row stride ldw; float, uint16_t holding bf16, or sg_f16), y [M, N] (row stride ldy).
 template <int MR, typename W>
 HASS_SG_INLINE void sg_acc_rows(const float* x, int64_t M, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                                 float* y, int64_t ldy, int64_t N) {
@@ -223,6 +258,23 @@ HASS_SG_INLINE void sg_acc_rows(const float* x, int64_t M, int64_t ldx, const W*
     if constexpr (MR > 1) {
       if (m < M) sg_acc_tail<MR - 1, W>(x + m * ldx, M - m, ldx, w + c, ldw, K, y + m * ldy + c, ldy, width);
     }
+  }
+}
+
+// y[0, N) += sum_k x[k] * rows[k][0, N) for one output row, with the K rows given by pointers: attention's P * V
+// over a gathered list of value rows (the keys a tree query sees). Each output adds its k terms in increasing k
+// with the arithmetic of sg_acc_block, so the result depends on the list only, not on where the rows are.
+template <typename W>
+HASS_SG_INLINE void sg_acc_gather(const float* x, int64_t K, const W* const* rows, float* y, int64_t N) {
+  for (int64_t c = 0; c < N; c += kSgLanes) {
+    const int64_t width = N - c < kSgLanes ? N - c : kSgLanes;
+    sg_vec acc = width == kSgLanes ? sg_load(y + c) : sg_load_tail(y + c, width);
+    if (width == kSgLanes) {
+      for (int64_t k = 0; k < K; ++k) acc += x[k] * sg_load(rows[k] + c);
+    } else {
+      for (int64_t k = 0; k < K; ++k) acc += x[k] * sg_load_tail(rows[k] + c, width);
+    }
+    std::memcpy(y + c, &acc, width * sizeof(float));
   }
 }
 
