@@ -9,9 +9,9 @@
 // M-tile computed the output, nor on whether the chunks were read with 16-byte or with scalar loads: the tile
 // sizes below only decide how many accumulators a warp keeps at once. No atomics, no split-K across warps.
 //
-// Streaming: a warp owns kRows weight rows and one tile of MT input rows; each lane reads its weight chunks with
-// 16-byte loads that bypass L1 (the weight is read once), the next step's chunks in flight while the current
-// ones are multiplied. The x rows are small and shared by every CTA: plain 16-byte loads through L1. The CTAs of
+// Streaming: a warp owns a few weight rows and one tile of MT input rows; each lane reads its weight chunks with
+// 16-byte loads that bypass L1 (the weight is read once), the next steps' chunks in flight while the current
+// ones are multiplied (Tile<MT> below). The x rows are small and shared by every CTA: plain 16-byte loads through L1. The CTAs of
 // one weight slab and its M-tiles are adjacent in the grid, so for M > MT the slab is read from HBM about once
 // and served to the other tiles by L2.
 #include <cuda_bf16.h>
@@ -28,11 +28,19 @@ namespace {
 
 using hass::cuda::Io;
 
-constexpr int kWarps = 4;                   // warps per CTA
+constexpr int kWarps = 4;  // per CTA
 constexpr int kThreads = kWarps * 32;
-constexpr int kRows = 2;                    // weight rows per warp
-constexpr int kChunk = 8;                   // k per chunk: 16 bytes of a 16-bit dtype, 32 of fp32
-constexpr int kRowsPerCta = kWarps * kRows;
+constexpr int kChunk = 8;  // k per chunk: 16 bytes of a 16-bit dtype, 32 of fp32
+
+// A warp's tile: MT input rows x kRows weight rows, with kDepth steps (32 chunks each) of its weight in flight.
+// A small M has few accumulators and little arithmetic per byte, so it keeps more weight loads in flight; a
+// larger M shares each x chunk (loaded and widened once) among more weight rows.
+template <int MT>
+struct Tile {
+  static constexpr int kRows = MT <= 2 ? 2 : 4;
+  static constexpr int kDepth = MT <= 2 ? 4 : 2;
+  static constexpr int kRowsPerCta = kWarps * kRows;
+};
 
 // 8 consecutive elements of T as raw 16-byte words (one for a 16-bit dtype, two for fp32).
 template <typename T>
@@ -99,6 +107,8 @@ __global__ void __launch_bounds__(kThreads) small_linear_kernel(const TX* __rest
                                                                const TW* __restrict__ w, int64_t ldw,
                                                                const float* __restrict__ bias, TX* __restrict__ y,
                                                                int64_t M, int64_t N, int64_t K, int64_t tiles) {
+  constexpr int kRows = Tile<MT>::kRows;
+  constexpr int kDepth = Tile<MT>::kDepth;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const int64_t tile = blockIdx.x % tiles;
@@ -120,38 +130,46 @@ __global__ void __launch_bounds__(kThreads) small_linear_kernel(const TX* __rest
 #pragma unroll
     for (int r = 0; r < kRows; ++r) acc[i][r] = 0.0f;
 
-  int64_t c = lane;  // this lane's chunks: c, c + 32, c + 64, ...
+  int64_t c = lane;  // this lane's chunks: c, c + 32, c + 64, ... (one per step)
   if constexpr (kVec) {
     const int64_t whole = K / kChunk;
-    Chunk<TW> cur[kRows];
-    if (c < whole) {
+    // A ring of kDepth steps: step s of each group of kDepth uses slot s, which is refilled with the chunk
+    // kDepth steps later as soon as it has been multiplied.
+    Chunk<TW> ring[kDepth][kRows];
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) cur[r] = load_weight_chunk(wr[r] + c * kChunk);
+    for (int s = 0; s < kDepth; ++s) {
+      if (c + 32 * s < whole) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) ring[s][r] = load_weight_chunk(wr[r] + (c + 32 * s) * kChunk);
+      }
     }
 #pragma unroll 1
-    for (; c < whole; c += 32) {
-      Chunk<TW> next[kRows];
+    for (; c < whole; c += 32 * kDepth) {
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) next[r] = cur[r];
-      if (c + 32 < whole) {  // the next step's weight in flight while this one is multiplied
+      for (int s = 0; s < kDepth; ++s) {
+        const int64_t cs = c + 32 * s;
+        if (cs < whole) {
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) next[r] = load_weight_chunk(wr[r] + (c + 32) * kChunk);
-      }
+          for (int i = 0; i < MT; ++i) {
+            const Chunk<TX> xc = load_x_chunk(xr[i] + cs * kChunk);
 #pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        const Chunk<TX> xc = load_x_chunk(xr[i] + c * kChunk);
+            for (int j = 0; j < kChunk; ++j) {
+              const float xv = element(xc, j);
 #pragma unroll
-        for (int j = 0; j < kChunk; ++j) {
-          const float xv = element(xc, j);
+              for (int r = 0; r < kRows; ++r) acc[i][r] = fmaf(xv, element(ring[s][r], j), acc[i][r]);
+            }
+          }
+          const int64_t ahead = cs + 32 * kDepth;
+          if (ahead < whole) {
 #pragma unroll
-          for (int r = 0; r < kRows; ++r) acc[i][r] = fmaf(xv, element(cur[r], j), acc[i][r]);
+            for (int r = 0; r < kRows; ++r) ring[s][r] = load_weight_chunk(wr[r] + ahead * kChunk);
+          }
         }
       }
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) cur[r] = next[r];
     }
+    c = whole + ((lane - whole) % 32 + 32) % 32;  // this lane's first chunk at or past `whole`
   }
-  // Scalar loads: every chunk when !kVec; the partial last chunk otherwise (c == K / 8 here when K % 8 != 0).
+  // Scalar loads: every chunk when !kVec; the partial last chunk otherwise (chunk K / 8 when K % 8 != 0).
 #pragma unroll 1
   for (; c * kChunk < K; c += 32) {
     const int64_t k0 = c * kChunk;
@@ -188,9 +206,9 @@ bool aligned16(const void* p, int64_t row_stride_bytes, int64_t rows) {
 template <typename TX, typename TW, int MT>
 cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, const float* bias, void* y, int64_t M,
                    int64_t N, int64_t K, cudaStream_t stream) {
-  static_assert(MT * kRows <= 32, "one lane writes each output of a warp");
+  static_assert(MT * Tile<MT>::kRows <= 32, "one lane writes each output of a warp");
   const int64_t tiles = (M + MT - 1) / MT;
-  const int64_t blocks = (N + kRowsPerCta - 1) / kRowsPerCta * tiles;
+  const int64_t blocks = (N + Tile<MT>::kRowsPerCta - 1) / Tile<MT>::kRowsPerCta * tiles;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   const bool vec = aligned16(x, ldx * static_cast<int64_t>(sizeof(TX)), M) &&
                    aligned16(w, ldw * static_cast<int64_t>(sizeof(TW)), N);
@@ -206,7 +224,7 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, const
   return cudaGetLastError();
 }
 
-// The M-tile: as many rows as a warp can keep accumulators for (8 x kRows), fewer for a small M so that no
+// The M-tile: as many rows as a warp can keep accumulators for (8 x 4), fewer for a small M so that no
 // launch multiplies many repeated rows. It changes which outputs a warp computes together, never their order.
 template <typename TX, typename TW>
 cudaError_t launch_tiles(const void* x, int64_t ldx, const void* w, int64_t ldw, const float* bias, void* y,
