@@ -117,10 +117,16 @@ __global__ void __launch_bounds__(kThreads) small_linear_kernel(const TX* __rest
   if (n0 >= N) return;  // the whole warp: nothing below synchronizes across warps
   const int64_t m0 = tile * MT;
 
-  const TX* xr[MT];
+  // x rows as 32-bit offsets from the tile's first row (the launcher checks MT * ldx fits): one multiply-add per row
+  // and step for the address, instead of a 64-bit pointer per row that the compiler would recompute each step.
+  const TX* xt = x + m0 * ldx;
+  int xoff[MT];
   const TW* wr[kRows];
 #pragma unroll
-  for (int i = 0; i < MT; ++i) xr[i] = x + (m0 + i < M ? m0 + i : M - 1) * ldx;
+  for (int i = 0; i < MT; ++i) {
+    xoff[i] = static_cast<int>((m0 + i < M ? i : M - 1 - m0) * ldx);
+    asm("" : "+r"(xoff[i]));  // opaque: kept in a register, not recomputed from the clamp every step
+  }
 #pragma unroll
   for (int r = 0; r < kRows; ++r) wr[r] = w + (n0 + r < N ? n0 + r : N - 1) * ldw;
 
@@ -151,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) small_linear_kernel(const TX* __rest
         if (cs < whole) {
 #pragma unroll
           for (int i = 0; i < MT; ++i) {
-            const Chunk<TX> xc = load_x_chunk(xr[i] + cs * kChunk);
+            const Chunk<TX> xc = load_x_chunk(xt + cs * kChunk + xoff[i]);
 #pragma unroll
             for (int j = 0; j < kChunk; ++j) {
               const float xv = element(xc, j);
@@ -181,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) small_linear_kernel(const TX* __rest
       for (int r = 0; r < kRows; ++r) wv[r] = scalar(wr[r] + k0 + j);
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        const float xv = scalar(xr[i] + k0 + j);
+        const float xv = scalar(xt + k0 + j + xoff[i]);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) acc[i][r] = fmaf(xv, wv[r], acc[i][r]);
       }
@@ -207,6 +213,7 @@ template <typename TX, typename TW, int MT>
 cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, const float* bias, void* y, int64_t M,
                    int64_t N, int64_t K, cudaStream_t stream) {
   static_assert(MT * Tile<MT>::kRows <= 32, "one lane writes each output of a warp");
+  if (ldx > INT_MAX / MT) return cudaErrorInvalidValue;  // the kernel's 32-bit row offsets within a tile
   const int64_t tiles = (M + MT - 1) / MT;
   const int64_t blocks = (N + Tile<MT>::kRowsPerCta - 1) / Tile<MT>::kRowsPerCta * tiles;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
