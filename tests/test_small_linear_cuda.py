@@ -158,5 +158,8 @@ def test_cuda_bad_inputs():
         small_linear(rand(2, 15, dtype=torch.float32, gen=gen), w)
     with pytest.raises(RuntimeError, match="small_linear: bias must be"):
         small_linear(x, w, rand(5, dtype=torch.float32, gen=gen))
+    big_k = 2 ** 31 // 8  # zero rows: no memory, only the shape check
+    with pytest.raises(RuntimeError, match="small_linear: the CUDA kernel takes K <= "):
+        small_linear(torch.empty(0, big_k, device="cuda"), torch.empty(0, big_k, device="cuda"))
     with pytest.raises(RuntimeError, match="small_linear has no backward"):
         torch.ops.hass.small_linear(x.requires_grad_(), w, None)

@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -32,8 +34,13 @@ at::Tensor small_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
   const int64_t N = weight.size(0), K = weight.size(1);
   const int64_t M = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
   // Rows with a unit last stride are read in place (x as a view when reshape allows it, weight with its row stride).
+  // The kernel addresses the x rows of a tile with 32-bit offsets (8 rows of ldx elements).
+  constexpr int64_t kMaxRowStride = std::numeric_limits<int32_t>::max() / 8;
+  hass_check::require(hass_check::Op{"small_linear"}, K <= kMaxRowStride, "the CUDA kernel takes K <= ",
+                      kMaxRowStride, ", got K = ", K);
   at::Tensor x2 = x.reshape({M, K});
-  if (K > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  if ((K > 1 && x2.stride(1) != 1) || (M > 1 && x2.stride(0) > kMaxRowStride)) x2 = x2.contiguous();
+  const int64_t ldx = M > 1 ? x2.stride(0) : K;  // one row: its stride is meaningless
   const at::Tensor w = (K > 1 && weight.stride(1) != 1) ? weight.contiguous() : weight;
   at::Tensor b;  // widened once: bf16/fp16 -> fp32 is exact
   if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
@@ -42,7 +49,7 @@ at::Tensor small_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y.view(out_shape);
   if (K == 0) return (b.defined() ? y.copy_(b.expand({M, N})) : y.zero_()).view(out_shape);  // an empty sum
-  HASS_CUDA_CHECK(hass_small_linear_cuda(x2.data_ptr(), dtype_code(x2), x2.stride(0), w.data_ptr(), dtype_code(w),
+  HASS_CUDA_CHECK(hass_small_linear_cuda(x2.data_ptr(), dtype_code(x2), ldx, w.data_ptr(), dtype_code(w),
                                          w.stride(0), b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr(), M,
                                          N, K, c10::cuda::getCurrentCUDAStream()),
                   "small_linear kernel launch");
