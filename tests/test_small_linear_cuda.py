@@ -43,7 +43,8 @@ def small_linear(x, w, b=None):
 def test_cuda_rows_do_not_depend_on_m_or_position(dtype, K):
     gen = torch.Generator().manual_seed(K)
     N, M = 77, 64  # N not a multiple of the rows per CTA
-    x, w, b = rand(M, K, dtype=dtype, gen=gen), rand(N, K, dtype=dtype, gen=gen, scale=0.05), rand(N, dtype=dtype, gen=gen)
+    x, w = rand(M, K, dtype=dtype, gen=gen), rand(N, K, dtype=dtype, gen=gen, scale=0.05)
+    b = rand(N, dtype=dtype, gen=gen)
     full = small_linear(x, w, b)
     assert_matches_reference(full, x, w, b)
     for m in (1, 2, 3, 4, 5, 7, 8, 9, 16, 31, 33, 60, 63):  # every M-tile size and partial tiles
@@ -110,7 +111,7 @@ def test_cuda_empty_sizes(dtype):
     w, b = rand(6, 16, dtype=dtype, gen=gen), rand(6, dtype=dtype, gen=gen)
     y = small_linear(rand(0, 16, dtype=dtype, gen=gen), w, b)
     assert y.shape == (0, 6) and y.dtype == dtype and y.is_cuda
-    y = small_linear(rand(3, 16, dtype=dtype, gen=gen), rand(0, 16, dtype=dtype, gen=gen), rand(0, dtype=dtype, gen=gen))
+    y = small_linear(rand(3, 16, dtype=dtype, gen=gen), w[:0], b[:0])
     assert y.shape == (3, 0)
     x0, w0 = rand(3, 0, dtype=dtype, gen=gen), rand(6, 0, dtype=dtype, gen=gen)
     assert torch.equal(small_linear(x0, w0, b), b.expand(3, 6))  # an empty sum: the bias
@@ -122,14 +123,16 @@ def test_cuda_empty_sizes(dtype):
 @pytest.mark.parametrize("K", [1, 5, 8, 9, 255, 257, 263])
 def test_cuda_k_tails(dtype, K):
     gen = torch.Generator().manual_seed(K)
-    x, w, b = rand(11, K, dtype=dtype, gen=gen), rand(19, K, dtype=dtype, gen=gen, scale=0.3), rand(19, dtype=dtype, gen=gen)
+    x, w = rand(11, K, dtype=dtype, gen=gen), rand(19, K, dtype=dtype, gen=gen, scale=0.3)
+    b = rand(19, dtype=dtype, gen=gen)
     y = small_linear(x, w, b)
     assert_matches_reference(y, x, w, b)
     for m in (1, 2, 5):
         assert torch.equal(small_linear(x[m:m + 1], w, b), y[m:m + 1])
     # rows padded to a multiple of 16 bytes: whole chunks with vector loads, the tail with scalar ones; the same bits
     pad = -K % 8
-    xw, ww = torch.zeros(11, K + pad, dtype=dtype, device="cuda"), torch.zeros(19, K + pad, dtype=dtype, device="cuda")
+    xw = torch.zeros(11, K + pad, dtype=dtype, device="cuda")
+    ww = torch.zeros(19, K + pad, dtype=dtype, device="cuda")
     xw[:, :K], ww[:, :K] = x, w
     assert torch.equal(small_linear(xw[:, :K], ww[:, :K], b), y)
 
