@@ -210,6 +210,7 @@ bench bench_round 90 "--device cuda --shape llama3-8b --attn hass_tree sdpa --re
   "--device cpu --tiny --repeats 1 --attn hass_tree sdpa --out-dir $BENCH"
 bench bench_distill_loss 60 "--device cuda --reps 10 --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"
 bench bench_compact_kv 20 "--device cuda --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"
+bench bench_small_linear 45 "--device cuda --shape-budget 6 --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"
 
 pack_bench
 write_summary

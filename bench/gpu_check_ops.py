@@ -3,7 +3,9 @@ bench/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck), small eno
 
 The cases hit the kernels' edge paths: tree attention with a ragged prefix and key splits (the merge kernel),
 alignment attention with T < F (no level-0 key: the case of the fixed missing barrier) and over several tiles,
-verify_tree greedy and with top-p / top-k filters, compact_kv, distill_loss forward and backward.
+verify_tree greedy and with top-p / top-k filters, compact_kv, distill_loss forward and backward, small_linear
+with whole 16-byte chunks and with a K tail, and its row invariance (60 rows at once give each row the bits of a
+one-row call).
 
     python bench/gpu_check_ops.py [--device cuda|cpu]
 --device cpu runs the same cases with the CPU kernels against themselves (checks this script, not the kernels).
@@ -82,7 +84,29 @@ def distill_loss(dev, gen):
         yield f"distill_loss {name}", got, want, 1e-4
 
 
-CASES = (tree_attention, align_attention, verify_tree, compact_kv, distill_loss)
+def small_linear(dev, gen):
+    # The CPU kernel is the reference on widened operands (x float32; weight float32 or bfloat16; bias float32):
+    # widening is exact, so only the summation order and the final rounding to x's dtype differ.
+    pairs = [(torch.float32, torch.bfloat16), (torch.float32, torch.float32)]
+    if dev != "cpu":  # the CPU kernel takes float32 x only
+        pairs += [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
+    for xdtype, wdtype in pairs:
+        for K in (256, 203):  # 16-byte loads; a partial last chunk (scalar loads)
+            N = 37
+            x = torch.randn(60, K, generator=gen).to(xdtype)
+            w = (torch.randn(N, K, generator=gen) * 0.1).to(wdtype)
+            b = torch.randn(N, generator=gen).to(xdtype)
+            with torch.inference_mode():
+                want = ops.small_linear(x.float(), w if wdtype == torch.bfloat16 else w.float(), b.float())
+                xd, wd, bd = x.to(dev), w.to(dev), b.to(dev)
+                got = torch.ops.hass.small_linear(xd, wd, bd)
+                rows = torch.cat([torch.ops.hass.small_linear(xd[m:m + 1], wd, bd) for m in range(60)])
+            name = f"small_linear x {xdtype} w {wdtype} K={K}"
+            yield name, got, want.to(xdtype), 1e-5 if xdtype == torch.float32 else 1e-2
+            yield f"{name} rows M=1 vs M=60", rows, got, 0.0
+
+
+CASES = (tree_attention, align_attention, verify_tree, compact_kv, distill_loss, small_linear)
 
 
 def main(argv=None):

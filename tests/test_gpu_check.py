@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 STEPS = ["env", "build", "tests", "bench_tree_attention", "bench_verify_tree", "sanitizer memcheck",
-         "sanitizer racecheck", "bench_round", "bench_distill_loss", "bench_compact_kv"]
+         "sanitizer racecheck", "bench_round", "bench_distill_loss", "bench_compact_kv", "bench_small_linear"]
 FILES = {"summary.md", "env.txt", "build.log", "tests.log", "tests.xml", "bench.tar.gz", "sanitizer.log"}
 
 
@@ -51,7 +51,7 @@ def test_dry_run_walks_every_step(tmp_path):
     with tarfile.open(out / "bench.tar.gz") as tar:
         names = set(tar.getnames())
     for stem in ("attention_cpu_quick", "verify_tree_quick", "round_cpu_hass_tree-quick", "round_cpu_sdpa-quick",
-                 "bench_loss_quick"):
+                 "bench_loss_quick", "small_linear_cpu-quick"):
         assert f"bench/{stem}.json" in names, names
     assert any(n.startswith("bench/compact_kv") and n.endswith(".json") for n in names), names
     for step in STEPS[3:]:
