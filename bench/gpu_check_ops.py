@@ -85,11 +85,10 @@ def distill_loss(dev, gen):
 
 
 def small_linear(dev, gen):
-    # The CPU kernel is the reference on widened operands (x float32; weight float32 or bfloat16; bias float32):
-    # widening is exact, so only the summation order and the final rounding to x's dtype differ.
-    pairs = [(torch.float32, torch.bfloat16), (torch.float32, torch.float32)]
-    if dev != "cpu":  # the CPU kernel takes float32 x only
-        pairs += [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
+    # The CPU kernel is the reference: both widen exactly, so only the summation order and the final rounding to
+    # x's dtype differ.
+    pairs = [(torch.float32, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+             (torch.float16, torch.float16), (torch.bfloat16, torch.float16)]
     for xdtype, wdtype in pairs:
         for K in (256, 203):  # 16-byte loads; a partial last chunk (scalar loads)
             N = 37
@@ -97,12 +96,12 @@ def small_linear(dev, gen):
             w = (torch.randn(N, K, generator=gen) * 0.1).to(wdtype)
             b = torch.randn(N, generator=gen).to(xdtype)
             with torch.inference_mode():
-                want = ops.small_linear(x.float(), w if wdtype == torch.bfloat16 else w.float(), b.float())
+                want = ops.small_linear(x, w, b)
                 xd, wd, bd = x.to(dev), w.to(dev), b.to(dev)
                 got = torch.ops.hass.small_linear(xd, wd, bd)
                 rows = torch.cat([torch.ops.hass.small_linear(xd[m:m + 1], wd, bd) for m in range(60)])
             name = f"small_linear x {xdtype} w {wdtype} K={K}"
-            yield name, got, want.to(xdtype), 1e-5 if xdtype == torch.float32 else 1e-2
+            yield name, got, want, 1e-5 if xdtype == torch.float32 else 1e-2
             yield f"{name} rows M=1 vs M=60", rows, got, 0.0
 
 

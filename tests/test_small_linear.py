@@ -6,7 +6,7 @@ from torch import nn
 
 import hass_ext
 from hass_ext import ops
-from hass_ext.ops.small_linear import MAX_ROWS, SmallLinear, as_exact_bf16, linear, use_blas_linear
+from hass_ext.ops.small_linear import MAX_ROWS, SmallLinear, as_exact_bf16, linear, row_invariant, use_blas_linear
 
 from tiny_models import tiny_target
 
@@ -74,7 +74,7 @@ def test_large_logits_stay_exact():
 def test_bad_input_names_the_argument():
     w = torch.randn(8, 16)
     with pytest.raises(ValueError, match="x must have dtype"):
-        ops.small_linear(torch.randn(2, 16, dtype=torch.bfloat16), w)
+        ops.small_linear(torch.randn(2, 16, dtype=torch.float64), w)
     with pytest.raises(ValueError, match="weight must have dtype"):
         ops.small_linear(torch.randn(2, 16), w.double())
     with pytest.raises(ValueError, match=r"x must be \[\.\.\., 16\]"):
@@ -95,7 +95,10 @@ def test_linear_dispatch():
         assert torch.equal(linear(small, w), ops.small_linear(small, w))
         assert torch.equal(linear(big, w), F.linear(big, w))  # prefill-sized: BLAS
         xb, wb = small.bfloat16(), w.bfloat16()
-        assert torch.equal(linear(xb, wb), F.linear(xb, wb))  # other dtypes: torch
+        assert torch.equal(linear(xb, wb), ops.small_linear(xb, wb))  # 16-bit: the op too
+        assert torch.equal(linear(small.double(), w.double()), F.linear(small.double(), w.double()))  # float64
+        with row_invariant():  # any number of rows
+            assert torch.equal(linear(big, w), ops.small_linear(big, w))
     x = torch.randn(3, 16, requires_grad=True)  # training: torch's linear, with its backward
     linear(x, w).sum().backward()
     torch.testing.assert_close(x.grad, w.sum(0).expand(3, -1))
@@ -164,3 +167,50 @@ def test_draft_layers_stream_bf16_copies():
         use_blas_linear(draft)  # plain fp32 nn.Linear
         hass_ext.use_small_linear(draft)
         torch.testing.assert_close(draft(ids, feats), got, rtol=0, atol=0)
+
+
+# ---- 16-bit inputs: the same row-invariant sums, rounded once --------------------------------------------------
+
+DTYPES16 = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("xdtype", DTYPES16 + [torch.float32])
+@pytest.mark.parametrize("wdtype", DTYPES16 + [torch.float32])
+def test_16bit_rows_are_independent_and_rounded_once(xdtype, wdtype):
+    """y = round_to(x.dtype)(fp32 sum of the widened operands + bias): a row's bits are the same for M = 1 and at
+    any position of M = 2..64, and equal the fp32 kernel on the widened operands, rounded."""
+    gen = torch.Generator().manual_seed(7)
+    K, N = 203, 70  # a K tail past the 16-lane blocks
+    w = (torch.randn(N, K, generator=gen) * 0.2).to(wdtype)
+    b = torch.randn(N, generator=gen).to(xdtype)
+    x = torch.randn(64, K, generator=gen).to(xdtype)
+    y = ops.small_linear(x, w, b)
+    assert y.dtype == xdtype and y.shape == (64, N)
+    assert torch.equal(y, ops.small_linear(x.float(), w.float(), b.float()).to(xdtype))
+    torch.testing.assert_close(y.float(), _oracle(x.float(), w.float(), b.float()),
+                               rtol=2e-2 if xdtype != torch.float32 else 1e-5, atol=1e-2)
+    for M in (1, 2, 7, 60, 64):
+        part = ops.small_linear(x[64 - M:], w, b)
+        assert torch.equal(part, y[64 - M:]), f"rows depend on M={M}"
+    alone = torch.cat([ops.small_linear(x[i:i + 1], w, b) for i in range(64)])
+    assert torch.equal(alone, y)
+
+
+def test_fp16_weight_is_widened_exactly():
+    """Every finite float16 bit pattern, subnormals included, enters the sum as its exact fp32 value."""
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(-1, 16)
+    w = bits[torch.isfinite(bits).all(1)]
+    y = ops.small_linear(torch.eye(16), w)  # y[i, n] = w[n, i] (plus exact zeros)
+    assert torch.equal(y, w.float().t())
+    assert (w.float().abs() < 6.2e-5).sum() > 1000  # the subnormal range was covered
+
+
+def test_default_cpu_targets_of_every_dtype_use_it():
+    for dtype in (torch.bfloat16, torch.float16):
+        target = hass_ext.load_target(dtype=dtype)
+        layers = [m for m in target.model.modules() if isinstance(m, nn.Linear)]
+        assert layers and all(type(m) is SmallLinear for m in layers)
+        with torch.inference_mode():
+            x = torch.randn(3, target.config.hidden_size, dtype=dtype)
+            lm = target.model.lm_head
+            assert torch.equal(lm(x), ops.small_linear(x, lm.weight))

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 import hass_ext
+from hass_ext.ops.small_linear import SmallLinear
 from hass_ext.sampling import filtered_probs
 from hass_ext.speed_eval import first_turns
-from hass_ext.speculative import speculative_decode
+from hass_ext.speculative import State, decode_step, speculative_decode, verify
+from hass_ext.tree import tree_from_parents
 from hass_ext.tree_choice import auto_total_tokens
 from tiny_models import tiny_target
 
@@ -29,13 +31,24 @@ def tie_at_divergence(target, prompt, vanilla_ids, spec_ids):
     return i, float(top2[0] - top2[1])
 
 
+def bit_exact(target) -> bool:
+    """Whether the target decodes on the row-invariant kernels (hass_tree attention, small_linear layers), where
+    greedy speculative output must equal vanilla's bit for bit, ties included."""
+    return (target.model.config._attn_implementation == "hass_tree"
+            and all(type(m) is SmallLinear for m in target.model.modules() if isinstance(m, torch.nn.Linear)))
+
+
 def assert_lossless(target, prompts, vanilla, draft, max_new_tokens, **tree):
-    """Greedy speculative output == vanilla output for every prompt, except at a numerical tie (reported)."""
+    """Greedy speculative output == vanilla output for every prompt: exactly on the row-invariant kernels;
+    elsewhere (a 4D-mask sdpa/eager target) except at a numerical tie (reported)."""
     ties, rounds, tokens = [], 0, 0
+    exact = bit_exact(target)
     for name, prompt in prompts:
         spec = hass_ext.generate(prompt, target=target, draft=draft, max_new_tokens=max_new_tokens, **tree)
         rounds, tokens = rounds + spec.num_rounds, tokens + spec.num_new_tokens
-        if spec.token_ids != vanilla[name]:
+        if exact:
+            assert spec.token_ids == vanilla[name], f"{name}: speculative output differs from vanilla ({tree})"
+        elif spec.token_ids != vanilla[name]:
             i, gap = tie_at_divergence(target, prompt, vanilla[name], spec.token_ids)
             assert gap < TIE, (f"{name}: speculative output differs from vanilla at token {i} with no tie "
                                f"(top-2 logit gap {gap:.3g}); tree {tree}")
@@ -146,13 +159,84 @@ def test_default_cpu_target_verifies_with_the_tree_attention_kernel(smollm2):
         ids = target.encode(prompt)
         assert torch.equal(target.prefill(ids).logits, plain.prefill(ids).logits)
     vanilla, calls = kernel_calls(lambda: hass_ext.generate(prompt, target=target, max_new_tokens=16))
-    assert calls == 0 and vanilla.token_ids == hass_ext.generate(prompt, target=plain, max_new_tokens=16).token_ids
+    # every decode step runs as a one-node tree on the same kernel (the first token comes from the prefill)
+    assert calls >= (vanilla.num_new_tokens - 1) * target.config.num_hidden_layers
+    assert vanilla.token_ids == hass_ext.generate(prompt, target=plain, max_new_tokens=16).token_ids
     opts = dict(max_new_tokens=16, total_tokens=6, depth=3, tree_topk=2)
     b, calls = kernel_calls(lambda: hass_ext.generate(prompt, target=plain, draft=draft, **opts))
     assert calls == 0  # sdpa verifies with the 4D mask
     a, calls = kernel_calls(lambda: hass_ext.generate(prompt, target=target, draft=draft, **opts))
     assert a.token_ids == b.token_ids == vanilla.token_ids
     assert calls == a.num_rounds * target.config.num_hidden_layers
+
+
+# ---- bit for bit in every dtype ------------------------------------------------------------------------------
+
+def exact_tiny(dtype, seed=3, **kw):
+    """A tiny llama on the row-invariant kernels, as load_target sets up CPU targets."""
+    target = tiny_target("llama", seed=seed, dtype=dtype, vocab=64, hidden=64, heads=4, kv_heads=2, **kw)
+    hass_ext.register_hass_tree()
+    target.model.config._attn_implementation = "hass_tree"
+    for layer in target.model.model.layers:
+        layer.self_attn.config._attn_implementation = "hass_tree"
+    hass_ext.use_small_linear(target.model)
+    assert bit_exact(target)
+    return target
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tree_node_logits_equal_decode_step_logits_bitwise(dtype):
+    """Model level: the verify forward's logits of every node of a 60-node tree are the bits of the vanilla decode
+    steps along the node's path (M = 60 rows vs one; any position in the tree)."""
+    import copy
+
+    target = exact_tiny(dtype)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 64, (1, 150), generator=g)  # crosses a 128-key tile with the tree
+    pre = target.prefill(prompt)
+    parents = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, 60)])
+    tree = tree_from_parents(torch.randint(0, 64, (60,), generator=g), parents)
+    state = State(cache=copy.deepcopy(pre.past_key_values), draft_cache=None, length=150, root=0, root_hidden=None)
+    logits, _ = verify(target, state, tree)
+    for i in range(60):
+        path = tree.mask[i].nonzero().flatten().tolist()
+        cache = copy.deepcopy(pre.past_key_values)
+        for j in path:
+            step = decode_step(target, tree.tokens[j].view(1), cache)
+        assert torch.equal(step[0], logits[0, i]), f"{dtype}: node {i} (depth {len(path) - 1})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lossless_greedy_tiny_bitwise_in_every_dtype(dtype):
+    """Unscaled logits (near-ties are frequent in 16-bit dtypes): identical tokens, no tie tolerated."""
+    target = exact_tiny(dtype, seed=5)
+    draft = hass_ext.init_draft(target, seed=1)
+    g = torch.Generator().manual_seed(1)
+    prompts = [(f"p{i}", torch.randint(0, 64, (int(torch.randint(1, 140, (1,), generator=g)),), generator=g))
+               for i in range(3)]
+    vanilla = {n: hass_ext.generate(p, target=target, max_new_tokens=40).token_ids for n, p in prompts}
+    for tree in (dict(total_tokens=8, depth=3, tree_topk=3), dict(total_tokens=60, depth=6, tree_topk=10),
+                 dict(total_tokens=80, depth=7, tree_topk=10)):  # past small_linear's MAX_ROWS: row_invariant()
+        assert_lossless(target, prompts, vanilla, draft, 40, **tree)
+
+
+@pytest.fixture(scope="module", params=[torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def smollm2_16bit(request):
+    return hass_ext.load_target(dtype=request.param, device="cpu"), None, {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tree", [dict(total_tokens=8, depth=3, tree_topk=3), dict(total_tokens=60, depth=6,
+                                                                                   tree_topk=10)],
+                         ids=["8-3-3", "60-6-10"])
+def test_lossless_greedy_smollm2_16bit(smollm2_16bit, tree):
+    """The default target in bf16 and fp16 with its shipped draft: one prompt per evaluation file, bit for bit
+    (bench/lossless_greedy.py --dtype records the 80-prompt runs)."""
+    target, _, cache = smollm2_16bit
+    assert bit_exact(target)
+    prompts = first_turns(per_file=1)
+    vanilla = _vanilla(smollm2_16bit, prompts, 32)
+    assert_lossless(target, prompts, vanilla, "default", 32, **tree)
 
 
 # ---- a draft trained to agree with its target ---------------------------------------------------------------

@@ -125,6 +125,65 @@ def test_small_trees_do_not_depend_on_threads():
     assert_close(outs[0], oracle(q, k, v, mask[None]), torch.float32)
 
 
+# ---- row invariance: what losslessness in every dtype rests on ------------------------------------------------
+
+def _one_token_step(q, k, v, prefix, keys, row):
+    """The decode step that produces tree node ``row``'s attention: its query over the prefix and its visible tree
+    keys laid out as a committed cache (the last key, the node itself, as a one-node tree)."""
+    idx = list(range(prefix)) + [prefix + j for j in keys]
+    return ops.tree_attention(q[:, :, row:row + 1].contiguous(), k[:, :, idx].contiguous(),
+                              v[:, :, idx].contiguous(), torch.ones(1, 1, 1, dtype=torch.bool))[:, :, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("prefix", [0, 5, 127, 128, 130, 300])
+def test_tree_node_equals_its_decode_step_bitwise(dtype, prefix):
+    """A node at depth d over P prefix keys gives the bits of a one-token step over P + d cached keys, whatever
+    the tree's size and shape (tiles of ranks cross the prefix/tree border at 127/128/130)."""
+    gen = torch.Generator().manual_seed(prefix)
+    parents = [-1, 0, 0, 1, 1, 2, 3, 5, 6, 7] + [8] * 50  # 60 nodes, depths up to 8
+    mask = ancestor_mask(parents)
+    q, k, v = rand_inputs(1, 9, 3, len(parents), prefix, 64, dtype, gen)
+    out = ops.tree_attention(q, k, v, mask[None])
+    assert_close(out, oracle(q, k, v, mask[None]), dtype)
+    for i in range(len(parents)):
+        keys = mask[i].nonzero().flatten().tolist()
+        assert torch.equal(out[:, :, i], _one_token_step(q, k, v, prefix, keys, i)), f"node {i}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_row_does_not_depend_on_tree_size_position_or_threads(dtype):
+    """The same node (same query, same ancestors) inside trees of 1..60 nodes, at other indices, with other
+    siblings, computed with 1 or 2 threads: the same bits."""
+    gen = torch.Generator().manual_seed(1)
+    prefix, d = 200, 64
+    k0, v0 = (torch.randn(1, 2, prefix + 3, d, generator=gen).to(dtype) for _ in range(2))
+    qa = torch.randn(1, 4, 1, d, generator=gen).to(dtype)  # the node: depth 2, ancestors = the first 2 chain nodes
+    want = None
+    for extra, threads in ((0, 2), (10, 1), (57, 2)):
+        n = 3 + extra
+        parents = [-1, 0, 1] + [int(torch.randint(0, 3 + j, (1,), generator=gen)) for j in range(extra)]
+        # place the node at the end, the others between: keys of the node's ancestors stay 0 and 1
+        order = [0, 1] + list(range(3, n)) + [2]
+        remap = {old: new for new, old in enumerate(order)}
+        parents = [-1 if parents[old] < 0 else remap[parents[old]] for old in order]
+        mask = ancestor_mask(parents)
+        q = torch.randn(1, 4, n, d, generator=gen).to(dtype)
+        q[:, :, n - 1:] = qa
+        kt, vt = (torch.randn(1, 2, n, d, generator=gen).to(dtype) for _ in range(2))
+        kt[:, :, [0, 1, n - 1]] = k0[:, :, prefix:]
+        vt[:, :, [0, 1, n - 1]] = v0[:, :, prefix:]
+        k, v = torch.cat([k0[:, :, :prefix], kt], 2), torch.cat([v0[:, :, :prefix], vt], 2)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = ops.tree_attention(q, k, v, mask[None])[:, :, n - 1]
+        finally:
+            torch.set_num_threads(before)
+        want = got if want is None else want
+        assert torch.equal(got, want), f"tree of {n} nodes, {threads} threads"
+
+
 def test_too_many_nodes_raises():
     n = ops.MAX_TREE_NODES + 1
     q = torch.zeros(1, 1, n, 4)

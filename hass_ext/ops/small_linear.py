@@ -38,7 +38,6 @@ from .. import _library  # noqa: F401  (registers torch.ops.hass.*)
 from ._checks import check_tensor, describe, wants_grad
 
 MAX_ROWS = 64  # up to here the kernel beats the BLAS GEMM on the CPUs measured (bench/bench_small_linear.py)
-_CPU = torch.device("cpu")
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _STATE = threading.local()  # row_invariant() depth, per thread
 
@@ -49,9 +48,10 @@ def _small_linear_fake(x, weight, bias):
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for a few rows on a CPU, as memory-bound as one row (inference only).
+    """``x @ weight.T + bias`` for a few rows, as memory-bound as one row (inference only).
 
-    x: ``[..., K]`` float32, bfloat16 or float16 on the CPU, a handful of rows (a decode step, a tree verification;
+    x: ``[..., K]`` float32, bfloat16 or float16 on the CPU or a CUDA device (the CUDA kernel: each output summed
+    in a fixed per-lane order of k and a fixed warp reduction, docs/kernels.md), a handful of rows (a decode step, a tree verification;
     past ``MAX_ROWS`` rows a BLAS GEMM is faster: see ``linear``). weight: ``[N, K]`` float32, bfloat16 or float16
     (nn.Linear layout); 16-bit weights are widened exactly, for half the bytes read. bias: ``[N]`` (any of the three
     dtypes) or None. Returns ``[..., N]`` in x's dtype: the fp32 sum rounded once.
@@ -60,12 +60,14 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     number of rows, so a tree node's result is bit-identical to a one-token step over the same input. No autograd:
     use torch.nn.functional.linear for training.
     """
-    check_tensor("x", x, dtypes=_FLOATS, device=_CPU)
-    check_tensor("weight", weight, dims=(2,), dtypes=_FLOATS, device=_CPU)
+    check_tensor("x", x, dtypes=_FLOATS)
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"x must be on the CPU or a CUDA device, got {describe(x)}")
+    check_tensor("weight", weight, dims=(2,), dtypes=_FLOATS, device=x.device)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must be [..., {weight.shape[1]}] to match weight {tuple(weight.shape)}, got {describe(x)}")
     if bias is not None:
-        check_tensor("bias", bias, dims=(1,), dtypes=_FLOATS, device=_CPU)
+        check_tensor("bias", bias, dims=(1,), dtypes=_FLOATS, device=x.device)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have {weight.shape[0]} entries (weight rows), got {describe(bias)}")
     if wants_grad(x, weight, bias):
@@ -86,8 +88,9 @@ def row_invariant():
 
 
 def _small(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
-    """Whether the op takes this call: a small CPU inference call in the op's dtypes (no checks needed past this)."""
-    return (x.device.type == "cpu" and x.dtype in _FLOATS and weight.dtype in _FLOATS and x.dim() >= 1
+    """Whether the op takes this call: a small CPU or CUDA inference call in the op's dtypes (no checks needed past
+    this). SmallLinear layers exist only where use_small_linear put them: on CPUs by default (load_target)."""
+    return (x.device.type in ("cpu", "cuda") and x.dtype in _FLOATS and weight.dtype in _FLOATS and x.dim() >= 1
             and (x.numel() <= MAX_ROWS * x.shape[-1] or getattr(_STATE, "depth", 0) > 0)
             and (bias is None or bias.dtype in _FLOATS)
             and not wants_grad(x, weight, bias))

@@ -81,23 +81,14 @@ HASS_SG_INLINE sg_vec sg_load_tail(const uint16_t* p, int64_t count) {
 struct sg_f16 {
   uint16_t bits;
 };
-typedef int32_t sg_vec_i32 __attribute__((vector_size(kSgLanes * sizeof(int32_t))));
 
-// fp16 -> fp32 is exact too. Integer arithmetic only, so denormal modes (FTZ/DAZ) cannot change it: normal values
-// get their exponent rebiased, subnormal ones (|h| < 2^-14) are their 10-bit integer times 2^-24, inf/NaN keep
-// their payload under an all-ones exponent.
+// fp16 -> fp32 is exact too; the compiler emits the hardware conversion (vcvtph2ps) where the level has it
+// (x86-64-v3: F16C, v4: AVX-512F), which ignores the denormal modes, and an exact software one elsewhere.
+typedef _Float16 sg_vec_f16 __attribute__((vector_size(kSgLanes * sizeof(_Float16))));
 HASS_SG_INLINE sg_vec sg_widen_f16(sg_vec_u16 h) {
-  const sg_vec_u32 u = __builtin_convertvector(h, sg_vec_u32);
-  const sg_vec_u32 sign = (u & 0x8000u) << 16, mag = u & 0x7fffu;
-  const sg_vec_u32 normal = (mag << 13) + ((127u - 15u) << 23);
-  const sg_vec_u32 special = (mag << 13) | 0x7f800000u;
-  sg_vec sub = __builtin_convertvector(__builtin_convertvector(mag, sg_vec_i32), sg_vec) * 0x1p-24f;
-  sg_vec_u32 sub_bits;
-  std::memcpy(&sub_bits, &sub, sizeof sub_bits);
-  const sg_vec_u32 bits = (mag < 0x400u ? sub_bits : (mag >= 0x7c00u ? special : normal)) | sign;
-  sg_vec v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
+  sg_vec_f16 f;
+  std::memcpy(&f, &h, sizeof f);
+  return __builtin_convertvector(f, sg_vec);
 }
 
 HASS_SG_INLINE sg_vec sg_load(const sg_f16* p) {  // 16 fp16 values
