@@ -133,9 +133,9 @@ def _lossless(doc):
     summ, meta = doc["summary"], doc["meta"]
     ok = all(v["identical"] == v["prompts"] for v in summ.values())
     n = {v["prompts"] for v in summ.values()}
-    return ("greedy losslessness",
-            f"{meta.get('prompts')} prompts x {meta.get('max_new_tokens')} tokens, {len(summ)} tree shapes, random "
-            f"draft",
+    draft = "shipped draft" if meta.get("draft") == "default" else "random draft"
+    return (f"greedy losslessness, {meta.get('dtype', 'float32')}" + (", bit for bit" if meta.get("exact") else ""),
+            f"{meta.get('prompts')} prompts x {meta.get('max_new_tokens')} tokens, {len(summ)} tree shapes, {draft}",
             ("every output token-identical to vanilla" if ok else "divergences recorded: see the file")
             + f" ({'/'.join(str(x) for x in sorted(n))} per shape)")
 
@@ -216,7 +216,8 @@ def _draft_vocab(doc):
             f"{r['step_speedup']:.2f}x faster, {r['coverage']:.0%} of assistant tokens covered")
 
 
-HEADLINES = (("speedup_cpu", _speedup), ("lossless_greedy", _lossless), ("draft_tau", _draft_tau),
+HEADLINES = (("speedup_cpu", _speedup), ("lossless_greedy", _lossless), ("lossless_greedy_bfloat16", _lossless),
+             ("lossless_greedy_float16", _lossless), ("draft_tau", _draft_tau),
              ("verify_tree", _verify), ("compact_kv", _compact), ("attention_decode_cpu", _attention_decode),
              ("attention_cpu", _attention), ("bench_loss_cpu_large", _loss_large),
              ("small_linear_cpu", _small_linear), ("draft_vocab_cpu", _draft_vocab))

@@ -17,6 +17,7 @@ from .draft_io import CheckpointError, load_draft, save_draft  # noqa: F401
 from .draft import DraftConfig, DraftModel, init_draft  # noqa: F401
 from .generate import GenerationResult, generate, stream  # noqa: F401
 from .target import Target, load_target  # noqa: F401
+from .lossless import LosslessReport, check_lossless  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -621,6 +621,15 @@ def _():
                                torch.nn.functional.linear(x[None], w.bfloat16().float()))
 
 
+@good("small_linear/valid_16bit")
+def _():
+    x, w, b = linear_args()
+    y = ops.small_linear(x.bfloat16(), w.half(), b.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), torch.nn.functional.linear(x.bfloat16().float(), w.half().float(),
+                                                                     b.bfloat16().float()), atol=0.05, rtol=0.02)
+
+
 @good("small_linear/valid_empty")
 def _():
     x, w, b = linear_args(K=0)
@@ -632,19 +641,19 @@ bad("small_linear/x_0dim", r"x must be \[..., K\]")(
     lambda: ops.small_linear(*with_(linear_args(), 0, torch.tensor(1.0))))
 bad("small_linear/x_float64", "x must have dtype")(
     lambda: ops.small_linear(*with_(linear_args(), 0, linear_args()[0].double())))
-bad("small_linear/x_bf16", "x must have dtype")(
-    lambda: ops.small_linear(*with_(linear_args(), 0, linear_args()[0].bfloat16())))
+bad("small_linear/x_int32", "x must have dtype")(
+    lambda: ops.small_linear(*with_(linear_args(), 0, linear_args()[0].int())))
 bad("small_linear/weight_1d", r"weight must be \[N, K\]")(
     lambda: ops.small_linear(*with_(linear_args(), 1, linear_args()[1][0])))
-bad("small_linear/weight_fp16", "weight must have dtype")(
-    lambda: ops.small_linear(*with_(linear_args(), 1, linear_args()[1].half())))
+bad("small_linear/weight_float64", "weight must have dtype")(
+    lambda: ops.small_linear(*with_(linear_args(), 1, linear_args()[1].double())))
 bad("small_linear/K_mismatch", r"x must be \[..., K\] with K = weight.shape\[1\] = 8")(
     lambda: ops.small_linear(*with_(linear_args(), 0, torch.randn(3, 7))))
 bad("small_linear/bias_short", r"bias must be \[N\]")(
     lambda: ops.small_linear(*with_(linear_args(), 2, torch.randn(4))))
-bad("small_linear/bias_bf16", "bias must have dtype")(
-    lambda: ops.small_linear(*with_(linear_args(), 2, linear_args()[2].bfloat16())))
-bad("small_linear/bias_2d", r"bias must be float32 \[N\]")(
+bad("small_linear/bias_float64", "bias must have dtype")(
+    lambda: ops.small_linear(*with_(linear_args(), 2, linear_args()[2].double())))
+bad("small_linear/bias_2d", r"bias must be \[N\]")(
     lambda: ops.small_linear(*with_(linear_args(), 2, linear_args()[2][None])))
 bad("small_linear/weight_requires_grad", "small_linear has no backward")(
     lambda: ops.small_linear(*with_(linear_args(), 1, linear_args()[1].requires_grad_())))
@@ -660,7 +669,7 @@ def _():
 bad("small_linear/weight_on_other_device", "weight must be on x's device")(
     lambda: cpu_kernel(ops.small_linear, *with_(linear_args(), 1, linear_args()[1].to("meta"))))
 bad("small_linear/x_on_other_device", "x must be on the CPU")(
-    lambda: cpu_kernel(ops.small_linear, *with_(linear_args(), 0, linear_args()[0].to("meta"))))
+    lambda: cpu_kernel(ops.small_linear, *[t.to("meta") for t in linear_args()]))
 
 
 # ---- generated matrix: every tensor argument of every op, mutated one at a time ------------------------------

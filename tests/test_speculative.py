@@ -505,3 +505,17 @@ def test_cuda_greedy_lossless_and_sampling_runs(dtype):
     a = hass_ext.generate([1, 2, 3], target=target, draft=draft, max_new_tokens=16, temperature=1.0, seed=5)
     b = hass_ext.generate([1, 2, 3], target=target, draft=draft, max_new_tokens=16, temperature=1.0, seed=5)
     assert a.token_ids == b.token_ids
+
+
+def test_check_lossless_reports_routing_and_outputs():
+    target = exact_tiny(torch.bfloat16, seed=5)
+    prompts = [torch.tensor([3, 4, 5]), torch.tensor([9] * 30)]
+    report = hass_ext.check_lossless(prompts, target=target, draft=hass_ext.init_draft(target, seed=1),
+                                     max_new_tokens=12, total_tokens=8, depth=3, tree_topk=3)
+    assert report.ok and report.row_invariant and report.identical == 2 and "2/2" in str(report)
+    hass_ext.use_blas_linear(target.model)
+    report = hass_ext.check_lossless(prompts[:1], target=target, draft=hass_ext.init_draft(target, seed=1),
+                                     max_new_tokens=4)
+    assert not report.ok and "not SmallLinear" in str(report)
+    with pytest.raises(ValueError, match="non-empty list"):
+        hass_ext.check_lossless("one prompt", target=target)

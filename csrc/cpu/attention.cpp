@@ -182,14 +182,14 @@ struct SmallProducts {
   void (*scores)(const float* q, int64_t R, int64_t d, const W* k, int64_t ldk, int64_t nk, float* s);
 };
 
-// Register blocking per level as in small_linear.cpp (a 16-lane vector: 1 zmm, 2 ymm or 4 xmm registers).
+// Register blocking per level as in small_linear.cpp (fp16 keys and values through sg_hw_ptr at v3/v4).
 template <typename W>
 HASS_CPU_V4 void scores_v4(const float* q, int64_t R, int64_t d, const W* k, int64_t ldk, int64_t nk, float* s) {
-  hass::sg_rows<4, 4>(q, R, d, k, ldk, d, nullptr, s, nk, 0, nk);
+  hass::sg_rows<2, 4>(q, R, d, hass::sg_hw_ptr(k), ldk, d, nullptr, s, nk, 0, nk);
 }
 template <typename W>
 HASS_CPU_V3 void scores_v3(const float* q, int64_t R, int64_t d, const W* k, int64_t ldk, int64_t nk, float* s) {
-  hass::sg_rows<2, 2>(q, R, d, k, ldk, d, nullptr, s, nk, 0, nk);
+  hass::sg_rows<2, 2>(q, R, d, hass::sg_hw_ptr(k), ldk, d, nullptr, s, nk, 0, nk);
 }
 template <typename W>
 void scores_baseline(const float* q, int64_t R, int64_t d, const W* k, int64_t ldk, int64_t nk, float* s) {
@@ -222,11 +222,11 @@ HASS_SG_INLINE void fold_tile(float* s, int64_t nk, const W* const* vrows, int64
 
 template <typename W>
 HASS_CPU_V4 void fold_v4(float* s, int64_t nk, const W* const* vrows, int64_t d, float* acc, float* m, float* l) {
-  fold_tile(s, nk, vrows, d, acc, m, l);
+  fold_tile(s, nk, hass::sg_hw_ptr(vrows), d, acc, m, l);
 }
 template <typename W>
 HASS_CPU_V3 void fold_v3(float* s, int64_t nk, const W* const* vrows, int64_t d, float* acc, float* m, float* l) {
-  fold_tile(s, nk, vrows, d, acc, m, l);
+  fold_tile(s, nk, hass::sg_hw_ptr(vrows), d, acc, m, l);
 }
 template <typename W>
 void fold_baseline(float* s, int64_t nk, const W* const* vrows, int64_t d, float* acc, float* m, float* l) {

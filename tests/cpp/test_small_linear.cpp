@@ -1,6 +1,8 @@
 // Unit tests of csrc/include/hass/small_linear.h: values against a double-precision loop, the lane rule (a row's
 // result is the same whatever rows it is blocked with), tails of K below and past a multiple of 16, bias; and the
-// row-major product sg_acc_rows (y += x w, attention's P * V) with its column tails, strides and bf16 rows.
+// row-major product sg_acc_rows (y += x w, attention's P * V) with its column tails, strides and bf16 rows; the
+// exact widening of every fp16 bit pattern, in software and by the hardware conversion.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -104,9 +106,46 @@ void check_acc(int64_t M, int64_t N, int64_t K, std::mt19937& rng) {
   for (int64_t i = 0; i < M * ldy; ++i) CHECK(y16[i] == y[i]);
 }
 
+// Every fp16 bit pattern widens to its exact fp32 value (a double conversion tells; NaNs stay NaNs), in software
+// (sg_f16) and, where the CPU has F16C, through the hardware conversion (sg_f16_hw), which must give the same bits.
+double half_value(uint16_t h) {
+  const int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  const double mag = e == 0 ? std::ldexp(m, -24) : e == 31 ? (m ? NAN : INFINITY) : std::ldexp(1024 + m, e - 25);
+  return (h & 0x8000) ? -mag : mag;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target("arch=x86-64-v3"))) hass::sg_vec load_hw(const uint16_t* p) {
+  return hass::sg_load(reinterpret_cast<const hass::sg_f16_hw*>(p));
+}
+#endif
+
+void check_f16_widening() {
+  for (uint32_t base = 0; base < 65536; base += 16) {
+    uint16_t h[16];
+    for (int i = 0; i < 16; ++i) h[i] = uint16_t(base + i);
+    const hass::sg_vec v = hass::sg_load(reinterpret_cast<const hass::sg_f16*>(h));
+    float sw[16];
+    hass::sg_store(sw, v, 16);
+    for (int i = 0; i < 16; ++i) {
+      const double want = half_value(h[i]);
+      CHECK(std::isnan(want) ? std::isnan(sw[i]) : (double(sw[i]) == want && std::signbit(sw[i]) == std::signbit(want)));
+    }
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v3")) {
+      float hw[16];
+      hass::sg_store(hw, load_hw(h), 16);
+      for (int i = 0; i < 16; ++i) CHECK(std::isnan(sw[i]) ? std::isnan(hw[i]) : std::memcmp(&hw[i], &sw[i], 4) == 0);
+    }
+#endif
+  }
+}
+
 }  // namespace
 
 int main() {
+  check_f16_widening();
   std::mt19937 rng(7);
   for (int64_t K : {1, 15, 16, 17, 48, 576, 1001})
     for (int64_t M : {1, 2, 3, 4, 5, 9})

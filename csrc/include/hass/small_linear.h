@@ -41,40 +41,67 @@ constexpr int kSgLanes = 16;
 // bench/bench_small_linear.py, bench/results/small_linear_cpu.md).
 constexpr int64_t kSgPrefetchBytes = 16384;
 constexpr int kSgPrefetchLocality = 2;
-typedef float sg_vec __attribute__((vector_size(kSgLanes * sizeof(float))));
-typedef uint16_t sg_vec_u16 __attribute__((vector_size(kSgLanes * sizeof(uint16_t))));
-typedef uint32_t sg_vec_u32 __attribute__((vector_size(kSgLanes * sizeof(uint32_t))));
+// A 16-lane vector as two 8-lane halves (lanes 0-7, 8-15). GCC lowers a generic 64-byte vector badly where there
+// is no 64-byte register (AVX2: accumulators spilled, halves moved through general registers); two 32-byte halves
+// are a pair of ymm registers there, and of ymm/zmm-half operations with AVX-512. The arithmetic is lane-wise either
+// way, so the lane rule and the results are the same.
+typedef float sg_vec8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float sg_vec4 __attribute__((vector_size(4 * sizeof(float))));
+typedef uint16_t sg_vec8_u16 __attribute__((vector_size(8 * sizeof(uint16_t))));
+typedef uint32_t sg_vec8_u32 __attribute__((vector_size(8 * sizeof(uint32_t))));
+
+struct sg_vec {
+  sg_vec8 lo, hi;
+};
+HASS_SG_INLINE sg_vec operator+(sg_vec a, sg_vec b) { return {a.lo + b.lo, a.hi + b.hi}; }
+HASS_SG_INLINE sg_vec operator*(sg_vec a, sg_vec b) { return {a.lo * b.lo, a.hi * b.hi}; }
+HASS_SG_INLINE sg_vec operator*(float a, sg_vec b) { return {a * b.lo, a * b.hi}; }
+HASS_SG_INLINE sg_vec& operator+=(sg_vec& a, sg_vec b) {
+  a.lo += b.lo;
+  a.hi += b.hi;
+  return a;
+}
 
 HASS_SG_INLINE sg_vec sg_load(const float* p) {
   sg_vec v;
-  std::memcpy(&v, p, sizeof v);  // unaligned load
+  std::memcpy(&v.lo, p, sizeof v.lo);  // unaligned loads
+  std::memcpy(&v.hi, p + 8, sizeof v.hi);
   return v;
 }
 
 HASS_SG_INLINE sg_vec sg_load_tail(const float* p, int64_t count) {  // count < 16 elements, the rest 0
-  sg_vec v = {};
-  std::memcpy(&v, p, count * sizeof(float));
-  return v;
+  float buf[kSgLanes] = {};
+  std::memcpy(buf, p, count * sizeof(float));
+  return sg_load(buf);
 }
 
-// bf16 -> fp32 is exact: the 16 bits become the high half of the fp32 pattern.
-HASS_SG_INLINE sg_vec sg_widen_bf16(sg_vec_u16 h) {
-  const sg_vec_u32 u = __builtin_convertvector(h, sg_vec_u32) << 16;
-  sg_vec v;
+HASS_SG_INLINE sg_vec8 sg_as_float(sg_vec8_u32 u) {
+  sg_vec8 v;
   std::memcpy(&v, &u, sizeof v);
   return v;
 }
+HASS_SG_INLINE sg_vec8_u32 sg_bits(sg_vec8 v) {
+  sg_vec8_u32 u;
+  std::memcpy(&u, &v, sizeof u);
+  return u;
+}
+
+// bf16 -> fp32 is exact: the 16 bits become the high half of the fp32 pattern.
+HASS_SG_INLINE sg_vec8 sg_widen_bf16(sg_vec8_u16 h) {
+  return sg_as_float(__builtin_convertvector(h, sg_vec8_u32) << 16);
+}
 
 HASS_SG_INLINE sg_vec sg_load(const uint16_t* p) {  // 16 bf16 values
-  sg_vec_u16 h;
-  std::memcpy(&h, p, sizeof h);
-  return sg_widen_bf16(h);
+  sg_vec8_u16 lo, hi;
+  std::memcpy(&lo, p, sizeof lo);
+  std::memcpy(&hi, p + 8, sizeof hi);
+  return {sg_widen_bf16(lo), sg_widen_bf16(hi)};
 }
 
 HASS_SG_INLINE sg_vec sg_load_tail(const uint16_t* p, int64_t count) {
-  sg_vec_u16 h = {};
-  std::memcpy(&h, p, count * sizeof(uint16_t));
-  return sg_widen_bf16(h);
+  uint16_t buf[kSgLanes] = {};
+  std::memcpy(buf, p, count * sizeof(uint16_t));
+  return sg_load(static_cast<const uint16_t*>(buf));
 }
 
 // IEEE half weights: a distinct element type so sg_load can tell them from bf16 (both are 16-bit patterns).
@@ -82,53 +109,98 @@ struct sg_f16 {
   uint16_t bits;
 };
 
-// fp16 -> fp32 is exact too; the compiler emits the hardware conversion (vcvtph2ps) where the level has it
-// (x86-64-v3: F16C, v4: AVX-512F), which ignores the denormal modes, and an exact software one elsewhere.
-typedef _Float16 sg_vec_f16 __attribute__((vector_size(kSgLanes * sizeof(_Float16))));
-HASS_SG_INLINE sg_vec sg_widen_f16(sg_vec_u16 h) {
-  sg_vec_f16 f;
-  std::memcpy(&f, &h, sizeof f);
-  return __builtin_convertvector(f, sg_vec);
+// fp16 -> fp32 is exact too. Here (the baseline level; v3/v4 read through sg_f16_hw below) in integer operations on
+// the bit patterns: GCC 12 turns a vector conversion from _Float16 into one scalar conversion per lane. The exponent is rebiased (15 -> 127); Inf/NaN keep an all-ones exponent; a subnormal m * 2^-24 is made as the normal
+// 2^-14 (1 + m/1024) minus 2^-14, an exact subtraction of normal numbers (so no denormal mode can touch it).
+HASS_SG_INLINE sg_vec8 sg_widen_f16(sg_vec8_u16 bits) {
+  const sg_vec8_u32 h = __builtin_convertvector(bits, sg_vec8_u32);
+  const sg_vec8_u32 exp_ones = sg_vec8_u32{} + (0x1fu << 23), exp = (h << 13) & exp_ones;
+  const sg_vec8_u32 inf_nan = (sg_vec8_u32)(exp == exp_ones), small = (sg_vec8_u32)(exp == 0);
+  const sg_vec8_u32 normal = ((h & 0x7fffu) << 13) + ((127u - 15u) << 23) + (inf_nan & ((128u - 16u) << 23));
+  const sg_vec8_u32 subnormal = sg_bits(sg_as_float(normal + (1u << 23)) - 6.103515625e-05f);  // - 2^-14
+  return sg_as_float(((small & subnormal) | (~small & normal)) | ((h & 0x8000u) << 16));
 }
 
-HASS_SG_INLINE sg_vec sg_load(const sg_f16* p) {  // 16 fp16 values
-  sg_vec_u16 h;
+HASS_SG_INLINE sg_vec8 sg_widen_f16(const uint16_t* p) {
+  sg_vec8_u16 h;
   std::memcpy(&h, p, sizeof h);
   return sg_widen_f16(h);
 }
 
-HASS_SG_INLINE sg_vec sg_load_tail(const sg_f16* p, int64_t count) {
-  sg_vec_u16 h = {};
-  std::memcpy(&h, p, count * sizeof(uint16_t));
-  return sg_widen_f16(h);
+HASS_SG_INLINE sg_vec sg_load(const sg_f16* p) {  // 16 fp16 values
+  const uint16_t* u = &p->bits;
+  return {sg_widen_f16(u), sg_widen_f16(u + 8)};
 }
 
-typedef float sg_vec8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float sg_vec4 __attribute__((vector_size(4 * sizeof(float))));
+HASS_SG_INLINE sg_vec sg_load_tail(const sg_f16* p, int64_t count) {
+  uint16_t buf[kSgLanes] = {};
+  std::memcpy(buf, p, count * sizeof(uint16_t));
+  return {sg_widen_f16(buf), sg_widen_f16(buf + 8)};
+}
 
-// Pairwise: lane i += lane i + 8, then i += i + 4, i += i + 2, and lane 0 + lane 1 (vector halves, no stores).
+// The same fp16 weights read by a level that has F16C (x86-64-v3 and v4): widened by the hardware conversion
+// (vcvtph2ps), which is exact and ignores the denormal modes too, so it gives the bits of sg_load(const sg_f16*) at a
+// fraction of the instructions. Written as inline asm because an intrinsic would have to inline through the helpers
+// here, which carry no target attribute. Only code compiled for such a level may use it (the callers in csrc/cpu/
+// reinterpret their sg_f16 pointers with sg_hw_ptr there); elsewhere the mapping is the identity.
+template <typename W>
+struct sg_hw {
+  using type = W;
+};
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+struct sg_f16_hw {
+  uint16_t bits;
+};
+template <>
+struct sg_hw<sg_f16> {
+  using type = sg_f16_hw;
+};
+HASS_SG_INLINE sg_vec8 sg_cvtph(const uint16_t* p) {
+  sg_vec8_u16 h;
+  std::memcpy(&h, p, sizeof h);
+  sg_vec8 f;
+  asm("vcvtph2ps %1, %0" : "=x"(f) : "x"(h));
+  return f;
+}
+HASS_SG_INLINE sg_vec sg_load(const sg_f16_hw* p) { return {sg_cvtph(&p->bits), sg_cvtph(&p->bits + 8)}; }
+HASS_SG_INLINE sg_vec sg_load_tail(const sg_f16_hw* p, int64_t count) {
+  uint16_t buf[kSgLanes] = {};
+  std::memcpy(buf, p, count * sizeof(uint16_t));
+  return {sg_cvtph(buf), sg_cvtph(buf + 8)};
+}
+#endif
+template <typename W>
+HASS_SG_INLINE const typename sg_hw<W>::type* sg_hw_ptr(const W* p) {
+  return reinterpret_cast<const typename sg_hw<W>::type*>(p);
+}
+template <typename W>
+HASS_SG_INLINE const typename sg_hw<W>::type* const* sg_hw_ptr(const W* const* p) {
+  return reinterpret_cast<const typename sg_hw<W>::type* const*>(p);
+}
+
+HASS_SG_INLINE void sg_store(float* p, sg_vec v, int64_t count) {  // the first count <= 16 lanes
+  if (count == kSgLanes) {
+    std::memcpy(p, &v.lo, sizeof v.lo);
+    std::memcpy(p + 8, &v.hi, sizeof v.hi);
+  } else {
+    float buf[kSgLanes];
+    std::memcpy(buf, &v.lo, sizeof v.lo);
+    std::memcpy(buf + 8, &v.hi, sizeof v.hi);
+    std::memcpy(p, buf, count * sizeof(float));
+  }
+}
+
+// Pairwise: lane i += lane i + 8, then i += i + 4, i += i + 2, and lane 0 + lane 1.
 HASS_SG_INLINE float sg_reduce(sg_vec v) {
-  const sg_vec8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const sg_vec8 h = v.lo + v.hi;
   const sg_vec4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
   const float a = q[0] + q[2], b = q[1] + q[3];
   return a + b;
 }
 
-// sg_reduce of four vectors at once, the same additions in the same order: returns the four sums.
+// sg_reduce of four vectors: returns the four sums.
 HASS_SG_INLINE sg_vec4 sg_reduce4(sg_vec a, sg_vec b, sg_vec c, sg_vec d) {
-  // [a_lo+a_hi | b_lo+b_hi] and [c_lo+c_hi | d_lo+d_hi]: lane i + lane i+8 of each
-  const sg_vec ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                    __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  const sg_vec cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                    __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  // lane i + lane i+4 of each 8-lane half: [a4 | b4 | c4 | d4]
-  const sg_vec q = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-                   __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  // lane i + lane i+2 of each 4-lane quarter, then lane 0 + lane 1
-  const sg_vec8 h = __builtin_shufflevector(q, q, 0, 1, 4, 5, 8, 9, 12, 13) +
-                    __builtin_shufflevector(q, q, 2, 3, 6, 7, 10, 11, 14, 15);
-  return __builtin_shufflevector(h, h, 0, 2, 4, 6) + __builtin_shufflevector(h, h, 1, 3, 5, 7);
+  return sg_vec4{sg_reduce(a), sg_reduce(b), sg_reduce(c), sg_reduce(d)};
 }
 
 // MR input rows x NR weight rows: x rows at x + i*ldx, weight rows at w + r*ldw, outputs at y + i*ldy + r.
@@ -225,7 +297,7 @@ HASS_SG_INLINE void sg_acc_block(const float* x, int64_t ldx, const W* w, int64_
       for (int i = 0; i < MR; ++i) acc[i] += x[i * ldx + k] * wv;
     }
   }
-  for (int i = 0; i < MR; ++i) std::memcpy(y + i * ldy, &acc[i], width * sizeof(float));
+  for (int i = 0; i < MR; ++i) sg_store(y + i * ldy, acc[i], width);
 }
 
 template <int MR, typename W>
@@ -265,7 +337,7 @@ HASS_SG_INLINE void sg_acc_gather(const float* x, int64_t K, const W* const* row
     } else {
       for (int64_t k = 0; k < K; ++k) acc += x[k] * sg_load_tail(rows[k] + c, width);
     }
-    std::memcpy(y + c, &acc, width * sizeof(float));
+    sg_store(y + c, acc, width);
   }
 }
 
