@@ -130,9 +130,10 @@ def test_small_trees_do_not_depend_on_threads():
 def _one_token_step(q, k, v, prefix, keys, row):
     """The decode step that produces tree node ``row``'s attention: its query over the prefix and its visible tree
     keys laid out as a committed cache (the last key, the node itself, as a one-node tree)."""
-    idx = list(range(prefix)) + [prefix + j for j in keys]
+    idx = torch.tensor(list(range(prefix)) + [prefix + j for j in keys], device=k.device)
     return ops.tree_attention(q[:, :, row:row + 1].contiguous(), k[:, :, idx].contiguous(),
-                              v[:, :, idx].contiguous(), torch.ones(1, 1, 1, dtype=torch.bool))[:, :, 0]
+                              v[:, :, idx].contiguous(),
+                              torch.ones(1, 1, 1, dtype=torch.bool, device=q.device))[:, :, 0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -447,3 +448,22 @@ def test_cuda_large_trees_and_batches(dtype, shape):
     pl[0] = P
     out = ops.tree_attention(q.cuda(), k.cuda(), v.cuda(), masks.cuda(), prefix_lens=pl.cuda())
     assert_close(out.cpu(), oracle(q, k, v, masks, prefix_lens=pl), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device and hass_ext's CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("prefix", [0, 5, 255, 256, 300, 1000])
+def test_cuda_tree_node_equals_its_decode_step_bitwise(dtype, d, prefix):
+    # The rank-order kernel (trees of up to 128 nodes): chunks of 256 ranks and tiles of 32 cross the prefix/tree
+    # border at 255/256/300; 32 query heads over 8 KV heads, a 60-node tree of depth up to 8.
+    gen = torch.Generator().manual_seed(prefix + d)
+    parents = [-1, 0, 0, 1, 1, 2, 3, 5, 6, 7] + [8] * 50
+    mask = ancestor_mask(parents).cuda()
+    q, k, v = rand_inputs(1, 32, 8, len(parents), prefix, d, dtype, gen, device="cuda")
+    out = ops.tree_attention(q, k, v, mask[None])
+    assert_close(out.cpu(), oracle(q.cpu(), k.cpu(), v.cpu(), mask[None].cpu()), dtype)
+    for i in range(len(parents)):
+        keys = mask[i].nonzero().flatten().tolist()
+        assert torch.equal(out[:, :, i], _one_token_step(q, k, v, prefix, keys, i)), f"node {i}"

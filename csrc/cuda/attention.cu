@@ -283,6 +283,139 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(hass::TreeAttn
   }
 }
 
+// ---- rank-order tree attention (the row-invariant path; the rule in hass/attention.h) -------------------
+//
+// A CTA: kRankRows query rows of one (batch, KV head) group (row r = head-in-group * n + node), kRankRows / 4 per
+// warp, over one chunk of ranks (blockIdx.z). Per tile of 32 ranks the CTA stages the prefix keys and values of the
+// tile in shared memory as fp32 (every row of the group sees them at the same ranks); a row's tree keys are read from
+// global memory. For one row, lane j computes the score of the tile's key j as one fma chain over d = 0 .. D-1; the
+// tile's max and sum are xor butterflies over the lanes; then each lane adds the tile's keys in rank order into its
+// output dims (d = 32 e + lane). Every step is a function of the row's rank list, so the row's bits are too.
+constexpr int kRankRows = 16;
+constexpr int kRankRowsPerWarp = kRankRows / kWarps;
+
+template <int D>
+struct RankSmem {
+  float k[hass::kRankTile][D + 1];  // +1: lane j reads row j, column d: 32 distinct banks
+  float v[hass::kRankTile][D];
+  float q[kRankRows][D];
+  int16_t nodes[kRankRows][hass::kRankMaxNodes];  // each row's visible tree nodes, in node order
+  int ranks[kRankRows];                           // each row's rank count (0: no row)
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) tree_attention_rank_kernel(hass::TreeAttnParams p) {
+  constexpr int DL = D / 32;
+  __shared__ RankSmem<D> sm;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int grp = p.Hq / p.Hkv, rows = grp * p.n;
+  const int b = blockIdx.y / p.Hkv, hk = blockIdx.y % p.Hkv;
+  const int tree_start = p.L - p.n;
+  int prefix = p.prefix_lens ? static_cast<int>(p.prefix_lens[b]) : tree_start;
+  prefix = prefix < 0 ? 0 : (prefix > tree_start ? tree_start : prefix);
+
+  // Each warp: its rows' q (fp32) and visible tree nodes.
+  for (int i = 0; i < kRankRowsPerWarp; ++i) {
+    const int r = warp * kRankRowsPerWarp + i, rr = blockIdx.x * kRankRows + r;
+    if (rr >= rows) {
+      if (lane == 0) sm.ranks[r] = 0;
+      continue;
+    }
+    const int head = hk * grp + rr / p.n, node = rr % p.n;
+    const T* qr = row_ptr<T>(p.q, b, head, node);
+    for (int d = lane; d < D; d += 32) sm.q[r][d] = Io<T>::to(qr[d]);
+    const bool* mrow = p.mask + (static_cast<int64_t>(b) * p.n + node) * p.n;
+    int nv = 0;
+    for (int j0 = 0; j0 < p.n; j0 += 32) {
+      const bool vis = j0 + lane < p.n && mrow[j0 + lane];
+      const unsigned bal = __ballot_sync(hass::cuda::kFullMask, vis);
+      if (vis) sm.nodes[r][nv + __popc(bal & ((1u << lane) - 1u))] = static_cast<int16_t>(j0 + lane);
+      nv += __popc(bal);
+    }
+    if (lane == 0) sm.ranks[r] = prefix + nv;
+  }
+  __syncthreads();
+  int most = 0;
+  for (int r = 0; r < kRankRows; ++r) most = max(most, sm.ranks[r]);
+  const int c_begin = blockIdx.z * hass::kRankChunk, c_end = min(most, c_begin + hass::kRankChunk);
+
+  float acc[kRankRowsPerWarp][DL], m[kRankRowsPerWarp], l[kRankRowsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kRankRowsPerWarp; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+#pragma unroll
+    for (int e = 0; e < DL; ++e) acc[i][e] = 0.f;
+  }
+  for (int r0 = c_begin; r0 < c_end; r0 += hass::kRankTile) {
+    const int staged = max(0, min(hass::kRankTile, prefix - r0));  // prefix keys of this tile
+    __syncthreads();  // the previous tile is no longer read
+    for (int x = threadIdx.x; x < staged * D; x += kThreads) {
+      const int j = x / D, d = x % D;
+      sm.k[j][d] = Io<T>::to(row_ptr<T>(p.k, b, hk, r0 + j)[d]);
+      sm.v[j][d] = Io<T>::to(row_ptr<T>(p.v, b, hk, r0 + j)[d]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kRankRowsPerWarp; ++i) {
+      const int r = warp * kRankRowsPerWarp + i;
+      const int cnt = min(hass::kRankTile, min(sm.ranks[r], c_begin + hass::kRankChunk) - r0);
+      if (cnt <= 0) continue;  // warp-uniform
+      float sc = -INFINITY;  // lane j: the score of rank r0 + j
+      if (lane < cnt) {
+        float dot = 0.f;
+        if (lane < staged) {
+#pragma unroll 8
+          for (int d = 0; d < D; ++d) dot = fmaf(sm.q[r][d], sm.k[lane][d], dot);
+        } else {
+          const T* kr = row_ptr<T>(p.k, b, hk, tree_start + sm.nodes[r][r0 + lane - prefix]);
+#pragma unroll 8
+          for (int d = 0; d < D; ++d) dot = fmaf(sm.q[r][d], Io<T>::to(kr[d]), dot);
+        }
+        sc = dot * p.scale;
+      }
+      const float mn = hass::online_max(m[i], hass::cuda::warp_max(sc));
+      if (mn == -INFINITY) continue;  // only -inf scores so far: nothing to add
+      const float alpha = hass::rescale_factor(m[i], mn), pr = hass::softmax_weight(sc, mn);
+      l[i] = l[i] * alpha + warp_sum(pr);
+      m[i] = mn;
+#pragma unroll
+      for (int e = 0; e < DL; ++e) acc[i][e] *= alpha;
+      for (int j = 0; j < cnt; ++j) {
+        const float pj = __shfl_sync(hass::cuda::kFullMask, pr, j);
+        if (j < staged) {
+#pragma unroll
+          for (int e = 0; e < DL; ++e) acc[i][e] = fmaf(pj, sm.v[j][32 * e + lane], acc[i][e]);
+        } else {
+          const T* vr = row_ptr<T>(p.v, b, hk, tree_start + sm.nodes[r][r0 + j - prefix]);
+#pragma unroll
+          for (int e = 0; e < DL; ++e) acc[i][e] = fmaf(pj, Io<T>::to(vr[32 * e + lane]), acc[i][e]);
+        }
+      }
+    }
+  }
+
+  const int64_t total_rows = static_cast<int64_t>(p.B) * p.Hq * p.n;
+#pragma unroll
+  for (int i = 0; i < kRankRowsPerWarp; ++i) {
+    const int rr = blockIdx.x * kRankRows + warp * kRankRowsPerWarp + i;
+    if (rr >= rows) continue;
+    const int head = hk * grp + rr / p.n, node = rr % p.n;
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    if (gridDim.z == 1) {
+      T* dst = row_ptr_w<T>(p.out, b, head, node);
+#pragma unroll
+      for (int e = 0; e < DL; ++e) dst[32 * e + lane] = Io<T>::from(acc[i][e] * inv);
+    } else {
+      const int64_t row_id = (static_cast<int64_t>(b) * p.Hq + head) * p.n + node;
+      float* dst = p.o_part + (blockIdx.z * total_rows + row_id) * D;
+#pragma unroll
+      for (int e = 0; e < DL; ++e) dst[32 * e + lane] = acc[i][e] * inv;
+      if (lane == 0) p.lse_part[blockIdx.z * total_rows + row_id] = hass::row_lse(m[i], l[i]);
+    }
+  }
+}
+
 // Merges the per-split partial outputs of each row by their log-sum-exp; one warp per row.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) tree_combine_kernel(hass::TreeAttnParams p) {
@@ -295,13 +428,15 @@ __global__ void __launch_bounds__(kThreads) tree_combine_kernel(hass::TreeAttnPa
   float acc[D / 32];
 #pragma unroll
   for (int j = 0; j < D / 32; ++j) acc[j] = 0.f;
+  bool first = true;  // the first contributing split sets acc (no 0 + x): one split alone passes through exactly
   if (total != -INFINITY)
     for (int s = 0; s < p.splits; ++s) {
       const float w = hass::lse_weight(p.lse_part[s * total_rows + row], total);
       if (w == 0.f) continue;
       const float* src = p.o_part + (s * total_rows + row) * D;
 #pragma unroll
-      for (int j = 0; j < D / 32; ++j) acc[j] += w * src[j * 32 + lane];
+      for (int j = 0; j < D / 32; ++j) acc[j] = first ? w * src[j * 32 + lane] : acc[j] + w * src[j * 32 + lane];
+      first = false;
     }
   const int node = static_cast<int>(row % p.n), head = static_cast<int>((row / p.n) % p.Hq);
   const int b = static_cast<int>(row / (static_cast<int64_t>(p.n) * p.Hq));
@@ -694,6 +829,19 @@ cudaError_t tree_launch(const hass::TreeAttnParams& p, cudaStream_t stream) {
   return tree_combine_launch<T, D>(p, stream);
 }
 
+// The rank-order kernel: kRankRows rows of a (batch, KV head) group per CTA, one split per chunk of ranks
+// (p.splits = rank_chunks(L)).
+template <typename T, int D>
+cudaError_t tree_rank_launch(const hass::TreeAttnParams& p, cudaStream_t stream) {
+  const int rows = (p.Hq / p.Hkv) * p.n;
+  const dim3 grid((rows + kRankRows - 1) / kRankRows, p.B * p.Hkv, p.splits);
+  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+  tree_attention_rank_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || p.splits == 1) return err;
+  return tree_combine_launch<T, D>(p, stream);
+}
+
 template <typename T, int D>
 cudaError_t align_fwd_launch(const hass::AlignParams& p, cudaStream_t stream) {
   const dim3 grid((p.T + kBM - 1) / kBM, p.B * p.Hq);
@@ -764,17 +912,25 @@ int tree_chunk(const hass::TreeAttnParams& p) {
 
 }  // namespace
 
-// Number of splits of a tree-attention launch: the prefix chunks of the plan in hass/attention.h plus the tree
-// split. The partial outputs need p->o_part [splits, B*Hq*n, D] and p->lse_part [splits, B*Hq*n] (fp32) when it
+// Number of splits of a tree-attention launch: for trees of up to kRankMaxNodes nodes the rank chunks of the
+// rank-order kernel; above, the prefix chunks of the split plan in hass/attention.h plus the tree split. The
+// partial outputs need p->o_part [splits, B*Hq*n, D] and p->lse_part [splits, B*Hq*n] (fp32) when it
 // is above 1.
 extern "C" int hass_tree_attention_splits_cuda(const hass::TreeAttnParams* p) {
+  if (p->n <= hass::kRankMaxNodes) return hass::rank_chunks(p->L);
   return hass::tree_prefix_chunks(p->L - p->n, tree_chunk(*p)) + 1;
 }
 
-// bf16/fp16 on Hopper: the sm90 kernel (tree_attention_sm90.cu); otherwise the fallback kernel above, which takes
-// any p->splits.
+// Up to kRankMaxNodes tree nodes: the rank-order kernel (row-invariant). Larger trees (a prefill through the
+// kernel): bf16/fp16 on Hopper the sm90 kernel (tree_attention_sm90.cu); otherwise the fallback kernel above,
+// which takes any p->splits.
 extern "C" cudaError_t hass_tree_attention_cuda(const hass::TreeAttnParams* p, int dtype, cudaStream_t stream) {
   if (p->n > hass::kMaxTreeNodes || p->splits < 1) return cudaErrorInvalidValue;
+  // Trees of up to kRankMaxNodes nodes (decode steps, verification trees): the rank-order kernel, row-invariant.
+  if (p->n <= hass::kRankMaxNodes) {
+    if (p->splits != hass::rank_chunks(p->L)) return cudaErrorInvalidValue;
+    HASS_ATTN_DISPATCH(dtype, p->D, tree_rank_launch, *p, stream);
+  }
   if (hass::cuda::tree_attention_sm90_covers(dtype, p->D) && p->splits == hass_tree_attention_splits_cuda(p)) {
     const cudaError_t err = hass::cuda::tree_attention_sm90(*p, dtype, tree_chunk(*p), stream);
     if (err != cudaSuccess || p->splits == 1) return err;

@@ -131,6 +131,25 @@ HASS_HD int tree_prefix_chunks(int64_t prefix, int chunk) {
   return static_cast<int>((prefix + chunk - 1) / chunk);
 }
 
+// ---- rank-order tree attention (CUDA, trees of up to kRankMaxNodes nodes) ----------------------------
+//
+// The row-invariant path, as on the CPU: a query row's visible keys are numbered by rank (the prefix keys 0 ..
+// prefix-1, then the tree keys its mask row shows, in node order), cut into chunks of kRankChunk ranks (one split
+// each, merged through their log-sum-exp in chunk order) and, inside a chunk, tiles of kRankTile ranks folded into
+// the row's online softmax one after the other. Everything is a function of the row's rank list only, so a tree
+// node gets bit for bit what a one-node tree (a decode step) gets over the committed keys, whatever the tree's
+// size and the node's place in it.
+
+constexpr int kRankMaxNodes = 128;
+constexpr int kRankChunk = 256;
+constexpr int kRankTile = 32;  // one key per lane of a warp
+
+// Splits of a rank-order launch: enough chunks for the longest possible rank list (the whole key range L).
+HASS_HD int rank_chunks(int64_t L) {
+  const int64_t c = (L + kRankChunk - 1) / kRankChunk;
+  return static_cast<int>(c > 0 ? c : 1);
+}
+
 // ---- kernel parameters (CUDA launch interface) ------------------------------------------------------
 
 enum AttnDtype : int { kAttnF32 = 0, kAttnBF16 = 1, kAttnF16 = 2 };
