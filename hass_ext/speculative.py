@@ -48,7 +48,7 @@ class Sampling:
 
 @dataclass
 class State:
-    cache: object              # the target's transformers DynamicCache
+    cache: object              # the target's hass_ext.kv_cache.SlotCache (Target.new_cache)
     draft_cache: DraftCache
     length: int                # positions held by both caches
     root: int                  # the newest committed token (in neither cache yet)
@@ -61,8 +61,8 @@ def vanilla_decode(target, input_ids: torch.Tensor, max_new_tokens: int, tempera
                    top_k: int, generator: Optional[torch.Generator]) -> Iterator[tuple]:
     """Autoregressive decoding with a KV cache: the baseline every speedup is measured against. Yields
     ``([token], None)`` per step."""
-    pre = target.prefill(input_ids)
-    cache, logits = pre.past_key_values, pre.logits[:, -1]
+    cache = target.new_cache(input_ids.shape[1] + max_new_tokens)
+    logits = target.prefill(input_ids, past_key_values=cache).logits[:, -1]
     for _ in range(max_new_tokens):
         token = sample_token(logits, temperature, top_p, top_k, generator)
         yield [int(token)], None
@@ -94,7 +94,9 @@ def speculative_decode(target, draft: DraftModel, input_ids: torch.Tensor, max_n
     check_tree_options(total_tokens, depth, tree_topk)
     check_target(target, input_ids.shape[1] + max_new_tokens + total_tokens)
     sampling = Sampling(temperature, top_p, top_k, generator)
-    state = initial_state(target, draft, input_ids, sampling)
+    # the caches hold the prompt, every token produced and one tree (the draft's: depth levels of tree_topk)
+    room = max_new_tokens + max(total_tokens, depth * tree_topk)
+    state = initial_state(target, draft, input_ids, sampling, room=room)
     yield [state.root], None
     produced = 1
     while produced < max_new_tokens:
@@ -131,13 +133,16 @@ def speculative_round(target, draft, state: State, sampling: Sampling, total_tok
 
 
 @torch.inference_mode()
-def initial_state(target, draft: DraftModel, input_ids: torch.Tensor, sampling: Sampling) -> State:
+def initial_state(target, draft: DraftModel, input_ids: torch.Tensor, sampling: Sampling, room: int = 1024
+                  ) -> State:
     """The state before the first round: the target's prefill over the prompt, the first token, and the draft
-    context pass over the whole prompt."""
-    pre = target.prefill(input_ids)
+    context pass over the whole prompt. Both caches are allocated here for the prompt and ``room`` positions more
+    (the tokens to come and one tree)."""
+    capacity = input_ids.shape[1] + room
+    pre = target.prefill(input_ids, past_key_values=target.new_cache(capacity))
     first = int(sample_token(pre.logits[:, -1], sampling.temperature, sampling.top_p, sampling.top_k,
                              sampling.generator)[0])
-    cache = draft.new_cache(batch=1, capacity=input_ids.shape[1] + 64)
+    cache = draft.new_cache(batch=1, capacity=capacity)
     state = State(cache=pre.past_key_values, draft_cache=cache, length=input_ids.shape[1], root=first,
                   root_hidden=None)
     # pairs (f_t, x_{t+1}): the prompt's features with the prompt shifted by one plus the first token
@@ -195,14 +200,13 @@ def accept(logits: torch.Tensor, tree: Tree, sampling: Sampling):
 @torch.inference_mode()
 def compact(state: State, path: torch.Tensor, in_place: bool = False) -> None:
     """Keep the root and the accepted nodes in the target cache: move their K/V (written at ``length + node``
-    by the verify forward) to ``length, length + 1, ...`` in every layer at once, then drop the rest.
+    by the verify forward) to ``length, length + 1, ...`` in every layer at once (one compact_kv over the cache's
+    buffer), then drop the rest.
     in_place: the path is nodes ``0 .. n`` (nothing to move, only the rest to drop)."""
-    cache = state.cache
-    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-    tree_size = tensors[0].shape[2] - state.length
-    if not in_place:
-        ops.compact_kv(tensors, path + state.length, state.length)
-    cache.crop(-(tree_size - path.shape[0]))
+    if in_place:
+        state.cache.truncate(state.length + path.shape[0])
+    else:
+        state.cache.keep(path + state.length, state.length)
     state.length += path.shape[0]
 
 

@@ -122,6 +122,12 @@ class Target:
                              f"[{int(ids.min())}, {int(ids.max())}]")
         return ids.to(self.device)
 
+    def new_cache(self, capacity: int):
+        """A KV cache for ``capacity`` positions of this model, allocated once (hass_ext.kv_cache.SlotCache)."""
+        from .kv_cache import SlotCache  # start-up time of import hass_ext: kv_cache imports transformers
+
+        return SlotCache.for_model(self.config, capacity)
+
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, past_key_values=None, all_logits: bool = False) -> Prefill:
         """Run the target over ``input_ids [B, L]`` (appending to ``past_key_values`` when given).

@@ -8,6 +8,10 @@ Starting from the root (the last committed token, whose draft output ``root_hidd
    k best of those k*k children by score become the next frontier. Every child is a candidate;
 3. the ``total_tokens - 1`` best candidates by score become the tree, in level order (ascending candidate index).
 
+Every step runs on the device and nothing is read back, except for the exact early stop of step 2 (below), which
+reads one count per level: it runs where such a read is free (the CPU: ``EARLY_STOP_DEVICES``). Elsewhere every
+level is expanded, so every round has the same shapes and the host waits on nothing until verification's result.
+
 A child's score is never above its parent's (log-probs are <= 0), and candidates are ranked by a *stable* sort
 of the scores, where a parent always precedes its children in candidate order: so the selection is closed under
 parents even at ties (docs/algorithms.md#p5-tree-ties: the upstream selection could keep a child without its parent).
@@ -28,6 +32,10 @@ import torch
 DEFAULT_TOTAL_TOKENS = 60
 DEFAULT_DEPTH = 6          # draft levels: at most 6 accepted draft tokens + 1 bonus token per round
 DEFAULT_TREE_TOPK = 10
+
+# Device types where draft_tree stops expanding once no deeper node can be kept (the test reads a count from the
+# device per level: free on a CPU, a sync on a GPU, where fixed shapes also let a round be captured as a graph).
+EARLY_STOP_DEVICES = ("cpu",)
 
 
 @dataclass
@@ -80,17 +88,19 @@ def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor, max_depth: Op
 
 def root_only(root_token: int, device) -> Tree:
     return tree_from_parents(torch.tensor([int(root_token)], device=device),
-                             torch.tensor([-1], device=device))
+                             torch.tensor([-1], device=device), max_depth=0)
 
 
 @torch.inference_mode()
 def draft_tree(draft, cache, root_hidden: torch.Tensor, root_token: int, total_tokens: int, depth: int,
-               top_k: int) -> Tree:
+               top_k: int, early_stop: Optional[bool] = None) -> Tree:
     """Build the EAGLE-2 dynamic tree (module docstring) below ``root_token``.
 
     root_hidden: ``[H]`` the draft's output at the last context position (its logits rank level 1).
     cache: the draft's DraftCache holding the accepted context (``cache.length`` entries, positions
         ``0 .. length-1``); level-l nodes sit at draft position ``length + l - 1``.
+    early_stop: stop expanding once no deeper node can be kept (the same tree, one read per level); default: on
+        ``EARLY_STOP_DEVICES``.
     """
     dev = root_hidden.device
     k = min(top_k, draft.tree_vocab_size)
@@ -109,12 +119,15 @@ def draft_tree(draft, cache, root_hidden: torch.Tensor, root_token: int, total_t
     fmask = torch.eye(k, dtype=torch.bool, device=dev)         # frontier x fed-tree-nodes ancestry
     ctx_cols = torch.ones(k, ctx, dtype=torch.bool, device=dev)
     n_cand = k
+    if early_stop is None:
+        early_stop = dev.type in EARLY_STOP_DEVICES
     for step in range(depth - 1):
         # Exact early stop: a deeper candidate scores at most its frontier ancestor, and loses ties to every
         # earlier candidate; once n_draft candidates score >= the best frontier score, none deeper can be kept.
-        best_frontier = scores.max()
-        if int(sum((s >= best_frontier).sum() for s in cand_scores)) >= n_draft:  # one read per level
-            break
+        if early_stop:
+            best_frontier = scores.max()
+            if int(sum((s >= best_frontier).sum() for s in cand_scores)) >= n_draft:  # one read per level
+                break
         attn_mask = torch.cat([ctx_cols, fmask], dim=1)
         pos = torch.full((1, k), ctx + step, dtype=torch.long, device=dev)
         out = draft(ids[None], hidden[None], position_ids=pos, cache=cache, cache_pos=ctx + step * k,

@@ -102,6 +102,23 @@ def test_draft_tree_matches_brute_force(total_tokens, depth, k, seed, scale):
         assert parents == [-1] + list(range(depth))
 
 
+@pytest.mark.parametrize("total_tokens,depth,k,seed,scale", [(60, 6, 10, 0, 1.0), (8, 3, 2, 1, 1.0),
+                                                               (25, 6, 3, 8, 6.0), (40, 6, 4, 9, 0.2)])
+def test_early_stop_gives_the_same_tree(total_tokens, depth, k, seed, scale):
+    """The early stop (CPU) only skips levels none of whose nodes could be kept: the tree every level gives."""
+    draft = _draft(seed=seed, head_scale=scale)
+    trees = []
+    for early_stop in (True, False):
+        g = torch.Generator().manual_seed(seed)
+        ctx_ids, ctx_feats = torch.randint(0, 40, (1, 9), generator=g), torch.randn(1, 9, 32, generator=g)
+        cache = draft.new_cache(capacity=4)
+        with torch.no_grad():
+            root_hidden = draft(ctx_ids, ctx_feats, cache=cache)[0, -1]
+        trees.append(draft_tree(draft, cache, root_hidden, 7, total_tokens, depth, k, early_stop=early_stop))
+    assert torch.equal(trees[0].tokens, trees[1].tokens) and torch.equal(trees[0].parents, trees[1].parents)
+    assert torch.equal(trees[0].mask, trees[1].mask) and torch.equal(trees[0].depths, trees[1].depths)
+
+
 def test_selection_is_parent_closed_under_ties():
     """docs/algorithms.md#p5-tree-ties: with equal scores everywhere (a draft sure of every token), any selection size keeps parents."""
     g = torch.Generator().manual_seed(0)
