@@ -48,12 +48,6 @@ hass::Strided5 strided5(const at::Tensor& t) {
   return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-bool capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  HASS_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture), "tree_attention capture query");
-  return capture != cudaStreamCaptureStatusNone;
-}
-
 at::Tensor tree_attention_cuda(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                const at::Tensor& tree_mask, const std::optional<at::Tensor>& prefix_lens,
                                double scale) {
@@ -65,7 +59,7 @@ at::Tensor tree_attention_cuda(const at::Tensor& q_, const at::Tensor& k_, const
     pl = prefix_lens->contiguous();
     // prefix_lens values: a host check (one small read) unless a CUDA graph is being captured; under capture the
     // kernel clamps each value into [0, L - n], which keeps every read inside k and v.
-    if (!capturing(stream)) hass_check::tree_attention_prefix_values(hass_check::host_contiguous(pl), shape);
+    if (!hass_cuda_capturing(stream)) hass_check::tree_attention_prefix_values(hass_check::host_contiguous(pl), shape);
   }
   const auto q = rows_aligned(q_), k = rows_aligned(k_), v = rows_aligned(v_);
   const auto mask = tree_mask.contiguous();

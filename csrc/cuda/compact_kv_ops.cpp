@@ -25,13 +25,17 @@ void compact_kv_cuda(at::TensorList caches, const at::Tensor& src_slots, const a
                         "the CUDA kernel moves at most ", kMaxColumnBytes / caches[c].element_size(),
                         " entries per row for caches[", c, "] (", caches[c].scalar_type(), "), got m = ", m);
   const c10::cuda::CUDAGuard guard(src_slots.device());
-  // Host check of the slot values (one small copy): every row is validated before any cache is changed.
-  hass_check::compact_kv_values(hass_check::host_contiguous(src_slots), hass_check::host_contiguous(dst_start),
-                                geoms);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  // Outside graph capture: a host check of the slot values (one small copy) validates every row before any cache
+  // is changed, and the kernel's status is read after. Under capture nothing is read: the kernel still checks
+  // every row on the device and leaves a row whose plan is out of range unmoved.
+  const bool capturing = hass_cuda_capturing(stream);
+  if (!capturing)
+    hass_check::compact_kv_values(hass_check::host_contiguous(src_slots), hass_check::host_contiguous(dst_start),
+                                  geoms);
   const auto src = src_slots.contiguous();
   const auto dst = dst_start.contiguous();
   auto status = at::zeros({1}, src.options().dtype(at::kInt));
-  auto stream = c10::cuda::getCurrentCUDAStream();
   for (size_t c = 0; c < caches.size(); ++c) {
     HASS_CUDA_CHECK(hass_compact_kv_cuda(caches[c].data_ptr(), caches[c].element_size(), geoms[c],
                                          src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), m, status.data_ptr<int>(),
@@ -39,6 +43,7 @@ void compact_kv_cuda(at::TensorList caches, const at::Tensor& src_slots, const a
                     "compact_kv kernel launch");
   }
   // The kernel validates the plan again on the device; after the host check this guards the kernel itself.
+  if (capturing) return;
   TORCH_CHECK(status.item<int>() == hass::kOk,
               "compact_kv: src_slots/dst_start address slots outside the cache (no row was moved for them)");
 }

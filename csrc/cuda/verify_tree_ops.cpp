@@ -46,12 +46,6 @@ hass::Philox verify_tree_philox(std::optional<at::Generator> generator) {
   return r;
 }
 
-bool capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  HASS_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture), "verify_tree capture query");
-  return capture != cudaStreamCaptureStatusNone;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(const at::Tensor& target_logits,
                                                                 const at::Tensor& draft_tokens,
                                                                 const at::Tensor& parents, double temperature,
@@ -84,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(const at::Tensor
       u = uniforms->contiguous();
       // Caller-given uniforms (tests, reproducible draws): checked on the host (one read) unless a graph is
       // being captured.
-      if (!capturing(stream)) hass_check::verify_tree_uniform_values(hass_check::host_contiguous(u));
+      if (!hass_cuda_capturing(stream)) hass_check::verify_tree_uniform_values(hass_check::host_contiguous(u));
     } else {
       rng = verify_tree_philox(generator);
     }
@@ -105,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(const at::Tensor
                                         accepted.data_ptr<int64_t>(), accept_len.data_ptr<int64_t>(),
                                         next_token.data_ptr<int64_t>(), status, stream),
                   "verify_tree kernel launch");
-  if (!capturing(stream)) {  // one 4-byte read; under capture bad rows stay -1
+  if (!hass_cuda_capturing(stream)) {  // one 4-byte read; under capture bad rows stay -1
     const int st = scratch.narrow(0, 0, 1).item<int>();
     TORCH_CHECK_VALUE(st != hass::kBadTree, "verify_tree: parents is not a tree in node order in some batch row ",
                       "(need parents[:, 0] == -1 and 0 <= parents[:, i] < i); such rows were returned as -1");
