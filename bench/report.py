@@ -41,6 +41,9 @@ def _latest_docs(results_dir):
         if not isinstance(doc, dict) or _machine(doc) is None:
             continue
         name = doc.get("benchmark") or os.path.splitext(os.path.basename(path))[0].split("-2")[0]
+        settings = doc.get("settings") if isinstance(doc.get("settings"), dict) else {}
+        if name.startswith("speedup") and settings.get("dtype", "float32") != "float32":
+            name += "_" + settings["dtype"]  # one headline per dtype
         date = doc.get("date") or _machine(doc).get("date", "")
         if name not in docs or date > docs[name][0]:
             docs[name] = (date, path, doc)
@@ -216,7 +219,7 @@ def _draft_vocab(doc):
             f"{r['step_speedup']:.2f}x faster, {r['coverage']:.0%} of assistant tokens covered")
 
 
-HEADLINES = (("speedup_cpu", _speedup), ("lossless_greedy", _lossless), ("lossless_greedy_bfloat16", _lossless),
+HEADLINES = (("speedup_cpu", _speedup), ("speedup_cpu_bfloat16", _speedup), ("lossless_greedy", _lossless), ("lossless_greedy_bfloat16", _lossless),
              ("lossless_greedy_float16", _lossless), ("draft_tau", _draft_tau),
              ("verify_tree", _verify), ("compact_kv", _compact), ("attention_decode_cpu", _attention_decode),
              ("attention_cpu", _attention), ("bench_loss_cpu_large", _loss_large),
