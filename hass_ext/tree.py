@@ -34,7 +34,7 @@ DEFAULT_DEPTH = 6          # draft levels: at most 6 accepted draft tokens + 1 b
 DEFAULT_TREE_TOPK = 10
 
 # Device types where draft_tree stops expanding once no deeper node can be kept (the test reads a count from the
-# device per level: free on a CPU, a sync on a GPU, where fixed shapes also let a round be captured as a graph).
+# device per level: free on a CPU, a sync on a GPU, where fixed shapes are also what graph capture needs).
 EARLY_STOP_DEVICES = ("cpu",)
 
 
