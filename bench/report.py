@@ -219,7 +219,8 @@ def _draft_vocab(doc):
             f"{r['step_speedup']:.2f}x faster, {r['coverage']:.0%} of assistant tokens covered")
 
 
-HEADLINES = (("speedup_cpu", _speedup), ("speedup_cpu_bfloat16", _speedup), ("lossless_greedy", _lossless), ("lossless_greedy_bfloat16", _lossless),
+HEADLINES = (("speedup_cpu", _speedup), ("speedup_cpu_bfloat16", _speedup),
+             ("lossless_greedy", _lossless), ("lossless_greedy_bfloat16", _lossless),
              ("lossless_greedy_float16", _lossless), ("draft_tau", _draft_tau),
              ("verify_tree", _verify), ("compact_kv", _compact), ("attention_decode_cpu", _attention_decode),
              ("attention_cpu", _attention), ("bench_loss_cpu_large", _loss_large),
