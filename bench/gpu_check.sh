@@ -159,7 +159,22 @@ if [ -d "$WORK/site" ]; then  # tools installed from the carried wheels
 fi
 
 # ---- build ----------------------------------------------------------------------------------------------
-BUILD_CMD="HASS_BUILD_CUDA=1 MAX_JOBS=16 $PY setup.py build_ext --inplace"
+# The compiler: the system's g++ when there is one. A toolchain that links its own libstdc++ into _C (seen on one
+# GPU image, whose CC/CXX named /opt/gcc) puts a second C++ runtime in the process, and the first std::ostream use
+# (any error message) crashes; GPU_CHECK_CXX=keep keeps the environment's CC/CXX.
+if [ "$DRY" = 0 ] && [ "${GPU_CHECK_CXX:-system}" = system ] && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++
+fi
+BUILD_CMD="rm -rf build/temp.*; echo \"CC=\${CC:-} CXX=\${CXX:-}: \$(\${CXX:-c++} --version | head -n 1)\";
+  HASS_BUILD_CUDA=1 MAX_JOBS=16 $PY setup.py build_ext --inplace"
+# An op's error message (stream formatting in the extension) must come back as a Python error, not a crash.
+RUNTIME_CHECK="$PY -c 'import torch, hass_ext
+try:
+    torch.ops.hass.small_linear(torch.zeros(2, 3), torch.zeros(4, 5), None)
+except RuntimeError as e:
+    print(\"error message from the extension:\", str(e).splitlines()[0])
+else:
+    raise SystemExit(\"small_linear accepted a bad shape\")'"
 REPORT="$PY -c 'import hass_ext; print(hass_ext.kernel_report())'"
 if [ "$DRY" = 1 ]; then
   step build 60 "$OUT/build.log" "echo 'dry run: would run: $BUILD_CMD'; $REPORT" || BUILD_OK=0
@@ -167,6 +182,8 @@ else
   step build 240 "$OUT/build.log" "$BUILD_CMD && $REPORT && $PY -c 'import hass_ext, sys; sys.exit(\"cuda\" not in hass_ext.available_devices())'" \
     || BUILD_OK=0
 fi
+
+if [ "$BUILD_OK" = 1 ]; then step cxx_runtime 30 "$OUT/build.log" "$RUNTIME_CHECK"; fi  # reported, not a gate
 
 # ---- tests: exactly the CUDA tests, every failure reported (no -x) ---------------------------------------
 PYTEST="$PY -m pytest -p no:cacheprovider -q -rfE --junitxml=$OUT/tests.xml"

@@ -39,7 +39,7 @@ def align_attention(dev, gen):
         go = torch.randn(1, 4, T, d, generator=gen).to(dtype)
         outs = []
         for device in ("cpu", dev):
-            leaves = [x.to(device).requires_grad_() for x in (q, k, v)]
+            leaves = [x.detach().to(device).requires_grad_() for x in (q, k, v)]  # a fresh leaf per device
             out = ops.align_attention(*leaves)
             out.backward(go.to(device))
             outs.append([out] + [x.grad for x in leaves])
@@ -76,7 +76,7 @@ def distill_loss(dev, gen):
     mask = torch.tensor([[1.0] * 6, [1.0] * 3 + [0.0] * 3])
     outs = []
     for device in ("cpu", dev):
-        zz = z.to(device).requires_grad_()
+        zz = z.detach().to(device).requires_grad_()  # a fresh leaf per device
         ce, topk = ops.distill_loss(zz, t.to(device), mask.to(device))
         (ce + topk).backward()
         outs.append((ce, topk, zz.grad))

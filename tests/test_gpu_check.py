@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
-STEPS = ["env", "build", "tests", "bench_tree_attention", "bench_verify_tree", "sanitizer memcheck",
+STEPS = ["env", "build", "cxx_runtime", "tests", "bench_tree_attention", "bench_verify_tree", "sanitizer memcheck",
          "sanitizer racecheck", "bench_round", "bench_distill_loss", "bench_compact_kv", "bench_small_linear"]
 FILES = {"summary.md", "env.txt", "build.log", "tests.log", "tests.xml", "bench.tar.gz", "sanitizer.log"}
 
@@ -40,6 +40,8 @@ def test_dry_run_walks_every_step(tmp_path):
     assert summary_rows(out) == {s: "ok" for s in STEPS}
     build = (out / "build.log").read_text()
     assert "HASS_BUILD_CUDA=1 MAX_JOBS=16" in build and "setup.py build_ext --inplace" in build
+    # the extension's error messages (C++ stream formatting) come back as Python errors, not a crash
+    assert "error message from the extension: small_linear: x must be" in build
     assert "would run: " in (out / "tests.log").read_text() and "-k cuda" in (out / "tests.log").read_text()
     assert "-x" not in (out / "tests.log").read_text().split("would run: ")[1].splitlines()[0].split()
     cases = ET.parse(out / "tests.xml").getroot().iter("testcase")

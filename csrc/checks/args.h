@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <ostream>
 #include <string>
 
 namespace hass_check {
@@ -29,9 +30,15 @@ inline void require(const Op& op, bool ok, const Args&... args) {
   if (C10_UNLIKELY(!ok)) fail(op, c10::str(args...));
 }
 
-inline std::string describe(const at::Tensor& t) {
-  return c10::str("shape ", t.sizes(), ", dtype ", t.scalar_type(), ", device ", t.device());
+// describe(t): a tensor's shape, dtype and device for an error message. Formatted only when the message is built
+// (inside require's failure branch), so a passing check formats nothing: checks run on every op call.
+struct Described {
+  const at::Tensor& t;
+};
+inline std::ostream& operator<<(std::ostream& os, const Described& d) {
+  return os << "shape " << d.t.sizes() << ", dtype " << d.t.scalar_type() << ", device " << d.t.device();
 }
+inline Described describe(const at::Tensor& t) { return {t}; }
 
 // A defined, dense (strided) tensor: every kernel reads strides and raw data pointers.
 inline void dense(const Op& op, const char* name, const at::Tensor& t) {
@@ -46,13 +53,14 @@ inline void dims(const Op& op, const char* name, const at::Tensor& t, int64_t wa
 
 inline void dtype_in(const Op& op, const char* name, const at::Tensor& t, std::initializer_list<at::ScalarType> ok) {
   bool found = false;
+  for (const auto s : ok) found = found || t.scalar_type() == s;
+  if (C10_LIKELY(found)) return;
   std::string names;
   for (const auto s : ok) {
-    found = found || t.scalar_type() == s;
     names += names.empty() ? "" : " or ";
     names += c10::toString(s);
   }
-  require(op, found, name, " must have dtype ", names, ", got ", describe(t));
+  fail(op, c10::str(name, " must have dtype ", names, ", got ", describe(t)));
 }
 
 inline void dtype_is(const Op& op, const char* name, const at::Tensor& t, at::ScalarType want) {

@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/MemoryOverlap.h>
 
+#include <string>
 #include <vector>
 
 #include "checks/args.h"
@@ -39,7 +40,7 @@ inline std::vector<hass::CacheGeom> compact_kv_args(at::TensorList caches, const
   std::vector<hass::CacheGeom> geoms;
   for (size_t i = 0; i < caches.size(); ++i) {
     const at::Tensor& c = caches[i];
-    const std::string name = c10::str("caches[", i, "]");
+    const std::string name = "caches[" + std::to_string(i) + "]";  // no stream formatting on the hot path
     dense(op, name.c_str(), c);
     require(op, c.dim() == 4 || c.dim() == 5, name, " must be [B, H, S, D] or [lead, B, H, S, D], got ",
             describe(c));

@@ -141,47 +141,38 @@ hass::NodeDist node_dist(const float* x, int64_t V, const Params& p, Scratch& s)
   return d;
 }
 
-// Inverse-CDF draw from the residual of the last node: e holds its kept masses (the rejected tokens are zeroed
-// in place). Block sums first, so only one block of 256 is scanned token by token.
+// Inverse-CDF draw from the residual of the last node in fixed point (hass::draw_target): e holds its kept
+// masses (the rejected tokens are zeroed in place). Block sums first, so only one block of 256 is scanned token by
+// token.
 int64_t draw_residual(const hass::NodeDist& d, std::vector<float>& e, const int64_t* rej, int nrej, float u) {
   constexpr int64_t kBlock = 256;
   const int64_t V = static_cast<int64_t>(e.size());
   float* ep = e.data();
   for (int i = 0; i < nrej; ++i) ep[rej[i]] = 0.f;
-  std::vector<double> bsum((V + kBlock - 1) / kBlock);
-  double total = 0.0;
+  std::vector<uint64_t> bsum((V + kBlock - 1) / kBlock);
+  uint64_t total = 0;
   for (size_t k = 0; k < bsum.size(); ++k) {
     const int64_t lo = k * kBlock, hi = std::min(V, lo + kBlock);
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = lo; j < hi; ++j) s += ep[j];
+    uint64_t s = 0;
+    for (int64_t j = lo; j < hi; ++j) s += hass::mass_fixed(ep[j]);
     bsum[k] = s;
     total += s;
   }
-  if (!(total > 0.0)) return d.argmax;  // everything rejected through rounding: degenerate, keep a valid token
-  const double target = static_cast<double>(u) * total;
-  double cum = 0.0;
-  int64_t last = d.argmax;
+  if (total == 0) return d.argmax;  // no token with a fixed-point mass left: degenerate, keep a valid token
+  const uint64_t target = hass::draw_target(total, u);
+  uint64_t cum = 0;
   for (size_t k = 0; k < bsum.size(); ++k) {
-    if (bsum[k] <= 0.0) continue;
-    const int64_t lo = k * kBlock, hi = std::min(V, lo + kBlock);
-    if (cum + bsum[k] <= target) {  // not in this block (the last token with mass is kept for rounding)
+    if (cum + bsum[k] <= target) {  // not in this block
       cum += bsum[k];
-      for (int64_t j = hi - 1; j >= lo; --j)
-        if (ep[j] > 0.f) {
-          last = j;
-          break;
-        }
       continue;
     }
+    const int64_t lo = k * kBlock, hi = std::min(V, lo + kBlock);
     for (int64_t j = lo; j < hi; ++j) {
-      if (ep[j] <= 0.f) continue;
-      cum += ep[j];
-      last = j;
+      cum += hass::mass_fixed(ep[j]);
       if (cum > target) return j;
     }
   }
-  return last;  // rounding left the target unreached: the last token with mass
+  return d.argmax;  // not reached: target < total
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(const at::Tensor& target_logits,

@@ -347,6 +347,10 @@ __global__ void __launch_bounds__(kThreads) tree_attention_rank_kernel(hass::Tre
 #pragma unroll
     for (int e = 0; e < DL; ++e) acc[i][e] = 0.f;
   }
+  // The runtime-bounded loops here and in tree_combine_kernel are kept rolled: an unrolled body and its remainder
+  // copy may contract a * b + c differently, and which copy handles a tile would depend on the trip count, i.e. on
+  // the other rows of the CTA and on the split count (the tree size). One copy: a row's bits depend on it alone.
+#pragma unroll 1
   for (int r0 = c_begin; r0 < c_end; r0 += hass::kRankTile) {
     const int staged = max(0, min(hass::kRankTile, prefix - r0));  // prefix keys of this tile
     __syncthreads();  // the previous tile is no longer read
@@ -381,6 +385,7 @@ __global__ void __launch_bounds__(kThreads) tree_attention_rank_kernel(hass::Tre
       m[i] = mn;
 #pragma unroll
       for (int e = 0; e < DL; ++e) acc[i][e] *= alpha;
+#pragma unroll 1
       for (int j = 0; j < cnt; ++j) {
         const float pj = __shfl_sync(hass::cuda::kFullMask, pr, j);
         if (j < staged) {
@@ -424,12 +429,14 @@ __global__ void __launch_bounds__(kThreads) tree_combine_kernel(hass::TreeAttnPa
   const int lane = threadIdx.x & 31;
   if (row >= total_rows) return;
   float total = -INFINITY;
+#pragma unroll 1  // rolled, as in the rank kernel: the same instructions for every split whatever p.splits is
   for (int s = 0; s < p.splits; ++s) total = hass::lse_merge(total, p.lse_part[s * total_rows + row]);
   float acc[D / 32];
 #pragma unroll
   for (int j = 0; j < D / 32; ++j) acc[j] = 0.f;
   bool first = true;  // the first contributing split sets acc (no 0 + x): one split alone passes through exactly
   if (total != -INFINITY)
+#pragma unroll 1
     for (int s = 0; s < p.splits; ++s) {
       const float w = hass::lse_weight(p.lse_part[s * total_rows + row], total);
       if (w == 0.f) continue;

@@ -7,9 +7,10 @@
 //    probability matrix is ever written: the output is one 20-byte NodeDist per node.
 // 2. walk: one block per batch row. Thread 0 checks the tree and the token ids, then walks the tree on the
 //    NodeDists (a child costs one logit load and one uniform). At T > 0 the whole block then draws the final
-//    token from the last node's residual by inverse CDF in token-id order: every warp sums its contiguous
-//    chunk of the vocabulary, one warp locates the chunk that holds u * total and finds the token with
-//    warp scans. All reductions have a fixed order, so a seed gives the same result on every run.
+//    token from the last node's residual by inverse CDF in token-id order, over 2^-40 fixed-point masses
+//    (hass::draw_target): every warp sums its contiguous chunk of the vocabulary, one warp locates the chunk
+//    that holds the target and finds the token with warp scans. The sums are exact integers, so the token is
+//    the CPU kernel's for the same uniform, and a seed gives the same result on every run.
 // Uniforms come from the caller (tests) or from Philox4x32-10 keyed by the generator's seed/offset; under CUDA
 // graph capture seed and offset are read from device memory, so the launch is capturable.
 #include <cuda_bf16.h>
@@ -331,8 +332,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   float* unif = clogit + n;
   __shared__ int64_t s_last;
   __shared__ int s_bad, s_nrej, s_go, s_warp, s_pick;
-  __shared__ float s_before, s_target;
-  __shared__ float wsum[kMaxWarps];
+  __shared__ unsigned long long s_before, s_target;
+  __shared__ unsigned long long wsum[kMaxWarps];
   const int64_t b = blockIdx.x;
   int64_t* acc_row = accepted + b * n;
   const T* rows = logits + b * s_b;
@@ -398,7 +399,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const bool aligned = (reinterpret_cast<uintptr_t>(row) & 15u) == 0;
   const int w_lo = warp * chunk, w_hi = min(V, w_lo + chunk);
   {
-    float part = 0.f;
+    unsigned long long part = 0;
     int cur = 0;
     for (int base = w_lo; base < w_hi; base += 256) {
       const int j0 = base + 8 * lane;
@@ -406,88 +407,67 @@ __global__ void __launch_bounds__(kMaxThreads)
       load8(row, j0, w_hi, aligned, x);
 #pragma unroll
       for (int k = 0; k < 8; ++k)
-        if (j0 + k < w_hi) part += hass::residual_mass(d, x[k], inv_t, j0 + k, rejected, nrej, &cur);
+        if (j0 + k < w_hi) part += hass::mass_fixed(hass::residual_mass(d, x[k], inv_t, j0 + k, rejected, nrej, &cur));
     }
-    part = warp_sum(part);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(kFull, part, o);  // exact: any order
     if (lane == 0) wsum[warp] = part;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    float total = 0.f;
+    unsigned long long total = 0;
     for (int w = 0; w < nwarps; ++w) total += wsum[w];
     s_warp = -1;
-    s_pick = d.argmax;  // everything rejected through rounding: degenerate, keep a valid token
-    if (total > 0.f) {
-      const float target = u0 * total;
-      float before = 0.f;
-      int last_nonempty = -1;
-      float before_last = 0.f;
-      for (int w = 0; w < nwarps; ++w) {
-        if (wsum[w] > 0.f) {
-          if (before + wsum[w] > target) {
-            s_warp = w;
-            break;
-          }
-          last_nonempty = w;
-          before_last = before;
-        }
-        before += wsum[w];
-      }
-      if (s_warp < 0) {  // rounding left the target unreached: take the last token with mass
-        s_warp = last_nonempty;
-        before = before_last;
+    s_pick = d.argmax;  // no token with a fixed-point mass left: degenerate, keep a valid token
+    if (total > 0) {
+      const unsigned long long target = hass::draw_target(total, u0);
+      unsigned long long before = 0;
+      for (int w = 0; w < nwarps && s_warp < 0; ++w) {
+        if (before + wsum[w] > target) s_warp = w;
+        else before += wsum[w];
       }
       s_before = before;
       s_target = target;
     }
   }
   __syncthreads();
-  if (warp == s_warp) {
+  if (warp == s_warp) {  // the chunk that holds the target (target < total: one does)
     const int c_lo = warp * chunk, c_hi = min(V, c_lo + chunk);
-    float running = s_before;
-    const float target = s_target;
-    int cur = 0, found = -1, last_pos = -1;
-    for (int base = c_lo; base < c_hi && found < 0; base += 256) {
+    unsigned long long running = s_before;
+    const unsigned long long target = s_target;
+    int cur = 0;
+    for (int base = c_lo; base < c_hi; base += 256) {
       const int j0 = base + 8 * lane;
-      float x[8], e[8];
+      float x[8];
+      unsigned long long e[8];
       load8(row, j0, c_hi, aligned, x);
-      float lsum = 0.f;
+      unsigned long long lsum = 0;
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
-        e[k] = j0 + k < c_hi ? hass::residual_mass(d, x[k], inv_t, j0 + k, rejected, nrej, &cur) : 0.f;
+        e[k] = j0 + k < c_hi ? hass::mass_fixed(hass::residual_mass(d, x[k], inv_t, j0 + k, rejected, nrej, &cur)) : 0;
         lsum += e[k];
-        if (e[k] > 0.f) last_pos = j0 + k;
       }
-      float incl = lsum;
+      unsigned long long incl = lsum;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
-        const float v = __shfl_up_sync(kFull, incl, o);
+        const unsigned long long v = __shfl_up_sync(kFull, incl, o);
         if (lane >= o) incl += v;
       }
-      const unsigned cross = __ballot_sync(kFull, lsum > 0.f && running + incl > target);
+      const unsigned cross = __ballot_sync(kFull, running + incl > target);
       if (cross) {
         const int src = __ffs(cross) - 1;
         if (lane == src) {
-          float c = running + (incl - lsum);
-          int pick = -1, lastk = -1;
+          unsigned long long c = running + (incl - lsum);
+          int pick = -1;
           for (int k = 0; k < 8 && pick < 0; ++k) {
-            if (e[k] <= 0.f) continue;
             c += e[k];
-            lastk = j0 + k;
             if (c > target) pick = j0 + k;
           }
-          s_pick = pick >= 0 ? pick : lastk;
+          s_pick = pick;
         }
-        found = 1;
-      } else {
-        running += __shfl_sync(kFull, incl, 31);
+        break;  // warp-uniform
       }
-    }
-    if (found < 0) {  // rounding: the last token with mass in this chunk
-      int lp = last_pos;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) lp = max(lp, __shfl_xor_sync(kFull, lp, o));
-      if (lane == 0 && lp >= 0) s_pick = lp;
+      running += __shfl_sync(kFull, incl, 31);
     }
   }
   __syncthreads();

@@ -15,7 +15,8 @@
 //   T > 0: child token x is accepted when u_c * rem < mass(x), rem = sum - (mass of the tokens rejected so far
 //          at this node), i.e. with probability p(x) renormalised after every rejection; a token already
 //          rejected at this node is skipped. The final token is drawn from the last node's residual
-//          (rejected tokens excluded) by inverse CDF in token-id order with u_0.
+//          (rejected tokens excluded) by inverse CDF in token-id order with u_0, over the residual masses in
+//          the same 2^-40 fixed point (draw_target), so every summation order draws the same token.
 // Uniforms: u[c] (child node c) decides node c when it is tried, u[0] draws the final token; every node is
 // tried at most once, so one uniform per node index makes the random stream independent of the path.
 // Non-finite logits: a visited node whose row holds a NaN or +Inf, or no finite logit, ends the walk with
@@ -120,6 +121,15 @@ HASS_HD MaxSum maxsum_merge(const MaxSum& a, const MaxSum& b, float inv_t) {
 }
 
 HASS_HD uint64_t mass_fixed(float e) { return static_cast<uint64_t>(e * kMassScale); }
+
+// The final draw works on the same fixed-point masses: a token's share is mass_fixed(residual mass), the total
+// is an exact integer sum, and the token drawn is the first (in id order) whose cumulative fixed mass exceeds
+// draw_target(total, u). Integer sums do not depend on their order, so the CPU and CUDA kernels (and any
+// blocking of either) pick the same token for the same u. total > 0; the target is < total, so a token is found.
+HASS_HD uint64_t draw_target(uint64_t total, float u) {
+  const uint64_t t = static_cast<uint64_t>(static_cast<double>(u) * static_cast<double>(total));
+  return t < total ? t : total - 1;
+}
 
 // Fixed-point mass the kept top-p set must reach: ceil(top_p * total), at least 1.
 HASS_HD uint64_t top_p_target(uint64_t total, double top_p) {
