@@ -20,7 +20,11 @@ def test_compact_table_rows_and_links():
     text = report.compact_section(report.RESULTS, str(ROOT))
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| result")]
     expected = [name for name, _ in report.HEADLINES if name in docs]
-    assert len(rows) == len(expected), (expected, rows)
+    gpu = report._gpu_rows(report.RESULTS, str(ROOT))
+    assert len(rows) == len(expected) + len(gpu), (expected, rows)
+    if report._gpu_docs(report.RESULTS):  # a GPU check folder: its headlines, each naming the device
+        assert gpu and all("| GPU " in ln for ln in rows[len(expected):])
+        assert "No GPU result" not in text
     for link in re.findall(r"\]\(([^)]+)\)", text):
         if link.startswith("docs/"):
             continue
