@@ -60,6 +60,38 @@ def test_one_device_read_per_round(tree, temperature, monkeypatch):
                 f"{reads.count} reads in one round (early stop {early_stop}): {reads.calls}"
 
 
+def test_tree_and_verification_trace_without_graph_breaks():
+    """The device part of a round up to the accept read, as a GPU runs it (every draft level expanded): the draft
+    tree and the verification forward through the slot cache followed by verify_tree each trace into one graph
+    under torch.compile(fullgraph=True), which raises at any graph break, and give the eager results bit for bit.
+    (Compaction and the draft's context pass still take the accepted length on the host.)"""
+    from hass_ext import ops
+    from hass_ext.speculative import _verify_forward
+    from hass_ext.tree import Tree, draft_tree
+
+    target, draft, state, _ = _setup(dict(total_tokens=12, depth=4, tree_topk=3))
+
+    def tree_fn(root_hidden):
+        t = draft_tree(draft, state.draft_cache, root_hidden, state.root, 12, 4, 3, early_stop=False)
+        return t.tokens, t.parents, t.depths, t.mask
+
+    def verify_fn(tokens, parents, depths, mask):
+        logits, features = _verify_forward(target, state, Tree(tokens, parents, depths, mask))
+        return (*ops.verify_tree(logits, tokens[None], parents[None], 0.0, 1.0, 0, None), features)
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        want_tree = tree_fn(state.root_hidden)
+        got_tree = torch.compile(tree_fn, fullgraph=True, backend="eager")(state.root_hidden)
+        assert all(torch.equal(a, b) for a, b in zip(got_tree, want_tree))
+        want = verify_fn(*want_tree)
+        state.cache.truncate(state.length)  # the verification appended the tree's K/V: drop them again
+        got = torch.compile(verify_fn, fullgraph=True, backend="eager")(*want_tree)
+        state.cache.truncate(state.length)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert int(want[1]) >= 0 and state.cache.length == state.length
+
+
 def test_caches_keep_their_storage_across_rounds():
     """Both caches are allocated once, for the prompt and what follows: rounds write into them, never reallocate."""
     tree = dict(total_tokens=24, depth=5, tree_topk=4)

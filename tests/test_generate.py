@@ -128,6 +128,25 @@ def test_cpu_default_attention_falls_back_for_models_without_it(monkeypatch):
         hass_ext.load_target(device="cpu", attn_implementation="hass_tree")
 
 
+def test_default_attention_is_hass_tree_where_its_kernel_runs(monkeypatch):
+    # The CPU always; a CUDA device only with hass_ext's CUDA kernels and a head dim they are built for (the
+    # SmolLM2 target's 64 and Llama-3-8B's 128 yes, 96 no: that model loads with sdpa instead).
+    from types import SimpleNamespace
+
+    from hass_ext import target as target_mod
+
+    cuda = torch.device("cuda")
+    cfg = lambda d: SimpleNamespace(hidden_size=d * 8, num_attention_heads=8)  # noqa: E731
+    assert target_mod.tree_attention_runs_on(torch.device("cpu"), cfg(96))
+    monkeypatch.setattr(target_mod, "available_devices", lambda: ["cpu"])
+    assert not target_mod.tree_attention_runs_on(cuda) and not target_mod.tree_attention_runs_on(cuda, cfg(128))
+    monkeypatch.setattr(target_mod, "available_devices", lambda: ["cpu", "cuda"])
+    assert target_mod.tree_attention_runs_on(cuda)
+    assert [target_mod.tree_attention_runs_on(cuda, cfg(d)) for d in (64, 96, 128)] == [True, False, True]
+    assert target_mod.tree_attention_runs_on(cuda, SimpleNamespace(head_dim=128, hidden_size=3072,
+                                                                   num_attention_heads=32))
+
+
 def test_cached_default_target_loads_fast(target):
     import time
 

@@ -141,6 +141,10 @@ class SmallLinear(nn.Linear):
 
     def _streamed_weight(self) -> torch.Tensor:
         w = self.weight
+        if torch.compiler.is_compiling():
+            # The copy's freshness check reads storage pointers, which a traced graph cannot: a compiled call
+            # streams the weight itself (the same values, so the same output bits; only twice the bytes).
+            return w
         version = (tensor_version(w), w.data_ptr())  # in-place changes, and new storage (.data = ..., .to())
         cached = self.__dict__.get("_bf16_copy")
         if cached is None or cached[0] is not w or cached[1] != version:
