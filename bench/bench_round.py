@@ -19,7 +19,8 @@ The target's attention is each of --attn in turn (default both, on the same weig
     python bench/bench_round.py --shape llama3-8b           # the GPU shape (bf16)
     python bench/bench_round.py --tiny                      # seconds on a CPU (= --quick)
     python bench/bench_round.py --shape smollm2-135m --layers 2 --context 512 --attn hass_tree
-Writes bench/results/round_<device>_<attn>.json and .md per attention (round_<device>_<attn>-quick with --tiny).
+Writes bench/results/round_<device>_<attn>.json and .md per attention (round_<device>_<attn>-quick with --tiny;
+-ctx<N> / -tree<T>_<D>_<K> added for a context or tree other than the default).
 """
 import os
 import statistics
@@ -39,6 +40,7 @@ from hass_ext.sampling import sample_token  # noqa: E402
 from hass_ext.speculative import (DEFAULT_DEPTH, DEFAULT_TOTAL_TOKENS, DEFAULT_TREE_TOPK, Sampling,  # noqa: E402
                                   check_target, decode_step, initial_state, speculative_round)
 from hass_ext.timing import PhaseTimer  # noqa: E402
+from hass_ext.tree import check_tree_options  # noqa: E402
 
 ATTENTIONS = ("hass_tree", "sdpa")
 
@@ -142,6 +144,8 @@ def main():
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="default bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--tree", default=f"{DEFAULT_TOTAL_TOKENS}/{DEFAULT_DEPTH}/{DEFAULT_TREE_TOPK}",
+                    help="the tree as TOTAL_TOKENS/DEPTH/TOPK (default %(default)s, EAGLE-2's)")
     ap.add_argument("--attn", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS),
                     help="target attention implementations to time, each in turn (default both)")
     args = ap.parse_args()
@@ -155,7 +159,7 @@ def main():
     torch.set_grad_enabled(False)
 
     target, draft, shape = build(args, dev, dtype)
-    tree = dict(total_tokens=DEFAULT_TOTAL_TOKENS, depth=DEFAULT_DEPTH, tree_topk=DEFAULT_TREE_TOPK)
+    tree = parse_tree(ap, args.tree)
     b = Bench(target, draft, args.context, tree, dev)
 
     failures = []
@@ -168,6 +172,17 @@ def main():
             raise SystemExit(message)
         # in 16-bit a random model's near-tied logits can flip between the tree forward and single steps
         print("warning:", message, file=sys.stderr)
+
+
+def parse_tree(ap, text: str) -> dict:
+    """TOTAL_TOKENS/DEPTH/TOPK -> the tree options; a parser error naming --tree otherwise."""
+    try:
+        total, depth, topk = (int(x) for x in text.split("/"))
+        check_tree_options(total, depth, topk)
+    except ValueError as e:
+        ap.error(f"--tree must be TOTAL_TOKENS/DEPTH/TOPK of ints >= 1 with TOPK <= TOTAL_TOKENS, got {text!r}"
+                 f" ({e})")
+    return dict(total_tokens=total, depth=depth, tree_topk=topk)
 
 
 def measure(b, args, attn, dev, dtype, shape, tree, repeats) -> list:
@@ -222,6 +237,11 @@ def measure(b, args, attn, dev, dtype, shape, tree, repeats) -> list:
              f"to match vanilla decoding ({len(first)} committed here: random weights). {timing} Times are means "
              f"over the middle half of {repeats} repetitions; rest = the round minus its steps.")
     name = "round_" + (config["device"].replace(" ", "_") if cuda else "cpu") + "_" + attn
+    if args.context != (64 if args.tiny else 1024):  # runs at other contexts and trees beside the default one
+        name += f"-ctx{args.context}"
+    if (tree["total_tokens"], tree["depth"], tree["tree_topk"]) != (DEFAULT_TOTAL_TOKENS, DEFAULT_DEPTH,
+                                                                     DEFAULT_TREE_TOPK):
+        name += f"-tree{tree['total_tokens']}_{tree['depth']}_{tree['tree_topk']}"
     write(name, rows, args.out_dir, notes, args.quick or args.tiny, config, {"summary": summary})
     if matches_greedy and same_tokens:
         return []

@@ -223,8 +223,14 @@ bench bench_tree_attention 60 "--device cuda --out $BENCH" "--device cpu --quick
 bench bench_verify_tree 45 "--device cuda --llama --results-dir $BENCH" "--device cpu --quick --repeats 1 --results-dir $BENCH"
 sanitize memcheck 45
 sanitize racecheck 60
-bench bench_round 90 "--device cuda --shape llama3-8b --attn hass_tree sdpa --repeats 10 --out-dir $BENCH" \
-  "--device cpu --tiny --repeats 1 --attn hass_tree sdpa --out-dir $BENCH"
+# one round per attention at a 1k context, then hass_tree at a 4k context and with the 16/4/4 tree
+R="$PY bench/bench_round.py"
+bench bench_round 150 "--device cuda --shape llama3-8b --attn hass_tree sdpa --repeats 10 --out-dir $BENCH && \
+  $R --device cuda --shape llama3-8b --attn hass_tree --repeats 10 --context 4096 --out-dir $BENCH && \
+  $R --device cuda --shape llama3-8b --attn hass_tree --repeats 10 --tree 16/4/4 --out-dir $BENCH" \
+  "--device cpu --tiny --repeats 1 --attn hass_tree sdpa --out-dir $BENCH && \
+  $R --device cpu --tiny --repeats 1 --attn hass_tree --context 96 --out-dir $BENCH && \
+  $R --device cpu --tiny --repeats 1 --attn hass_tree --tree 16/4/4 --out-dir $BENCH"
 bench bench_distill_loss 60 "--device cuda --reps 10 --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"
 bench bench_compact_kv 20 "--device cuda --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"
 bench bench_small_linear 45 "--device cuda --shape-budget 6 --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"

@@ -53,6 +53,7 @@ def test_dry_run_walks_every_step(tmp_path):
     with tarfile.open(out / "bench.tar.gz") as tar:
         names = set(tar.getnames())
     for stem in ("attention_cpu_quick", "verify_tree_quick", "round_cpu_hass_tree-quick", "round_cpu_sdpa-quick",
+                 "round_cpu_hass_tree-ctx96-quick", "round_cpu_hass_tree-tree16_4_4-quick",
                  "bench_loss_quick", "small_linear_cpu-quick"):
         assert f"bench/{stem}.json" in names, names
     assert any(n.startswith("bench/compact_kv") and n.endswith(".json") for n in names), names
