@@ -62,9 +62,11 @@ def test_one_device_read_per_round(tree, temperature, monkeypatch):
 
 def test_tree_and_verification_trace_without_graph_breaks():
     """The device part of a round up to the accept read, as a GPU runs it (every draft level expanded): the draft
-    tree and the verification forward through the slot cache followed by verify_tree each trace into one graph
-    under torch.compile(fullgraph=True), which raises at any graph break, and give the eager results bit for bit.
-    (Compaction and the draft's context pass still take the accepted length on the host.)"""
+    tree, and the verification forward through the slot cache followed by verify_tree and a fixed-shape compaction
+    (the path padded with -1 to depth + 1 entries, the destination a device tensor), each trace into one graph
+    under torch.compile(fullgraph=True), which raises at any graph break, and give the eager results bit for bit;
+    the padded compaction leaves the cache as the loop's own does. (The loop itself still compacts with the host's
+    path, and the draft's context pass takes the accepted count on the host.)"""
     from hass_ext import ops
     from hass_ext.speculative import _verify_forward
     from hass_ext.tree import Tree, draft_tree
@@ -75,21 +77,53 @@ def test_tree_and_verification_trace_without_graph_breaks():
         t = draft_tree(draft, state.draft_cache, root_hidden, state.root, 12, 4, 3, early_stop=False)
         return t.tokens, t.parents, t.depths, t.mask
 
-    def verify_fn(tokens, parents, depths, mask):
+    P, width = state.length, 4 + 1  # committed length; the longest path of a depth-4 tree
+
+    def verify_fn(tokens, parents, depths, mask, length):
         logits, features = _verify_forward(target, state, Tree(tokens, parents, depths, mask))
-        return (*ops.verify_tree(logits, tokens[None], parents[None], 0.0, 1.0, 0, None), features)
+        accepted, accept_len, next_token = ops.verify_tree(logits, tokens[None], parents[None], 0.0, 1.0, 0, None)
+        path = accepted[:, :width]
+        ops.compact_kv(state.cache.buffer, torch.where(path >= 0, path + length, -1), length)
+        return accepted, accept_len, next_token, features
+
+    def loop_compaction(tokens, parents, depths, mask):  # what speculative_round does, with the host's path
+        logits, _ = _verify_forward(target, state, Tree(tokens, parents, depths, mask))
+        accepted, accept_len, _ = ops.verify_tree(logits, tokens[None], parents[None], 0.0, 1.0, 0, None)
+        state.cache.keep(accepted[0, :int(accept_len) + 1] + P, P)
+
+    def greedy_path(tree):  # the deepest node's ancestors become the target's greedy tokens: a path is accepted
+        tokens, parents, depths, mask = (t.clone() for t in tree)
+        path = [int(depths.argmax())]
+        while parents[path[-1]] >= 0:
+            path.append(int(parents[path[-1]]))
+        for a, b in zip(path[::-1], path[-2::-1]):
+            logits, _ = _verify_forward(target, state, Tree(tokens, parents, depths, mask))
+            state.cache.truncate(P)
+            tokens[b] = logits[0, a].argmax()
+        return tokens, parents, depths, mask
 
     torch._dynamo.reset()
     with torch.inference_mode():
         want_tree = tree_fn(state.root_hidden)
         got_tree = torch.compile(tree_fn, fullgraph=True, backend="eager")(state.root_hidden)
         assert all(torch.equal(a, b) for a, b in zip(got_tree, want_tree))
-        want = verify_fn(*want_tree)
-        state.cache.truncate(state.length)  # the verification appended the tree's K/V: drop them again
-        got = torch.compile(verify_fn, fullgraph=True, backend="eager")(*want_tree)
-        state.cache.truncate(state.length)
+        want_tree = greedy_path(want_tree)
+        before = state.cache.buffer.clone()
+
+        def run(fn, *args):  # fn's outputs and the committed cache entries after it; then back to the start
+            out = fn(*want_tree, *args)
+            kept = state.cache.length if out is None else P + int(out[1]) + 1
+            cache = state.cache.buffer[..., :kept, :].clone()
+            state.cache.buffer.copy_(before)
+            state.cache.truncate(P)
+            return out, cache
+
+        _, loop_cache = run(loop_compaction)
+        want, eager_cache = run(verify_fn, torch.tensor([P]))
+        got, compiled_cache = run(torch.compile(verify_fn, fullgraph=True, backend="eager"), torch.tensor([P]))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    assert int(want[1]) >= 0 and state.cache.length == state.length
+    assert torch.equal(eager_cache, loop_cache) and torch.equal(compiled_cache, loop_cache)
+    assert int(want[1]) >= 2 and state.cache.length == state.length  # entries really moved
 
 
 def test_caches_keep_their_storage_across_rounds():
