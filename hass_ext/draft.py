@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ops.compact_kv import compact_kv
 from .ops.small_linear import linear, tensor_version, use_small_linear
 
 _ROPE_TYPES = ("default", "linear", "llama3")
@@ -256,12 +257,15 @@ class DraftAttention(nn.Module):
     def forward(self, x, cos, sin, cache=None, layer_idx: int = 0, cache_pos: int = 0, attn_mask=None):
         """Attention of the L new positions over the cached keys ``[0, cache_pos)`` and themselves.
 
-        attn_mask: bool ``[L, cache_pos + L]`` (True = attend) or None for causal order.
+        attn_mask: bool ``[L, cache_pos + L]`` or ``[B, L, cache_pos + L]`` (True = attend) or None for causal
+        order.
         """
         q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
             k, v = cache.write(layer_idx, cache_pos, k, v)
         L, S = q.shape[2], k.shape[2]
+        if attn_mask is not None and attn_mask.dim() == 3:  # one mask per batch row: [B, L, S]
+            attn_mask = attn_mask[:, None]
         if attn_mask is None and S > L:
             attn_mask = torch.arange(S, device=x.device)[None, :] <= (S - L + torch.arange(L, device=x.device))[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and L > 1,
@@ -343,6 +347,23 @@ class DraftCache:
         kv[0, :, :, pos:end] = k
         kv[1, :, :, pos:end] = v
         return kv[0, :, :, :end], kv[1, :, :, :end]
+
+    def select_rows(self, rows) -> None:
+        """Keep batch rows ``rows`` (ascending indices), moved to the front of the same storage in place."""
+        rows = list(rows)
+        B, H, _, d = self._shape
+        index = None if rows == list(range(len(rows))) else torch.tensor(rows, dtype=torch.long, device=self.device)
+        for i, kv in enumerate(self.layers):
+            kept = kv.narrow(1, 0, len(rows))
+            if index is not None:
+                kept.copy_(kv.index_select(1, index))
+            self.layers[i] = kept
+        self._shape = (len(rows), H, 0, d)
+
+    def compact(self, slots: torch.Tensor, starts: torch.Tensor) -> None:
+        """Move each row's entries at ``slots [B, m]`` (-1 after its valid ones) to ``starts[b] ...``, all layers in
+        one hass_ext.ops.compact_kv call (a batch whose rows committed different numbers of positions)."""
+        compact_kv(self.layers, slots, starts)
 
 
 # ---- the draft model ----------------------------------------------------------------------------------------
@@ -476,7 +497,7 @@ class DraftModel(nn.Module):
 
         position_ids: default ``cache_pos + arange(L)``. cache: keys/values are written at ``cache_pos``
         (default ``cache.length``) and attention covers ``[0, cache_pos + L)``; ``cache.length`` is not advanced
-        (the caller decides what becomes context). attn_mask: bool ``[L, cache_pos + L]``, default causal.
+        (the caller decides what becomes context). attn_mask: bool ``[L, cache_pos + L]`` (or ``[B, L, cache_pos + L]``), default causal.
         """
         if cache is not None and cache_pos is None:
             cache_pos = cache.length

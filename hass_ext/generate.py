@@ -12,12 +12,12 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from .batch import batched_speculative_decode, batched_vanilla_decode
 from .draft_io import resolve_draft
 from .sampling import check_sampling_args
-from .speculative import decode_step, speculative_decode, vanilla_decode  # noqa: F401  (decode_step: public)
+from .speculative import Sampling, decode_step, speculative_decode, vanilla_decode  # noqa: F401  (public)
 from .target import resolve_target
 from .tree_choice import TREE_OPTIONS, given_tree, resolve_tree
-
 
 
 @dataclass
@@ -128,13 +128,139 @@ def _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, 
                             accept_lengths=accepts, stop_reason=stop, tree=tree, setup_seconds=setup)
 
 
+# ---- batches ----------------------------------------------------------------------------------------------
+
+def is_batch(prompts) -> bool:
+    """Whether ``prompts`` is a list of prompts rather than one prompt. One prompt is a string, token ids (a
+    tensor or a list of ints) or one conversation (a list of message dicts); any other list or tuple is a batch,
+    whose rows are then checked one by one (an empty list is an empty batch, refused there)."""
+    if not isinstance(prompts, (list, tuple)):
+        return False
+    one = bool(prompts) and (all(isinstance(p, dict) for p in prompts)
+                             or all(isinstance(p, int) and not isinstance(p, bool) for p in prompts))
+    return not one
+
+
+def _check_batch(prompts, max_new_tokens, seed, batch_size) -> tuple:
+    """ValueError naming the first bad row or per-row option; returns (max_new per row, seed per row)."""
+    if not prompts:
+        raise ValueError("prompts is an empty list: give at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (str, list, tuple, torch.Tensor)):
+            raise ValueError(f"prompts[{i}] must be a string, a list of chat messages or token ids, got "
+                             f"{type(p).__name__} {p!r:.60}")
+    B = len(prompts)
+
+    def per_row(name, value, check):
+        if isinstance(value, (list, tuple)):
+            if len(value) != B:
+                raise ValueError(f"{name} has {len(value)} entries; give one per prompt ({B}) or one value")
+            for i, v in enumerate(value):
+                check(f"{name}[{i}]", v)
+            return list(value)
+        check(name, value)
+        return [value] * B
+
+    def check_max_new(name, v):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be an int > 0, got {v!r}")
+
+    def check_seed(name, v):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{name} must be an int or None, got {v!r}")
+
+    max_new = per_row("max_new_tokens", max_new_tokens, check_max_new)
+    seeds = per_row("seed", seed, check_seed)
+    if not isinstance(seed, (list, tuple)) and seed is not None:
+        seeds = [seed + i for i in range(B)]  # one seed for the batch: row i draws from seed + i
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be an int >= 1 or None (all prompts in one batch), got {batch_size!r}")
+    return max_new, seeds
+
+
+def _batch_generation(prompts, target, draft, max_new_tokens, temperature, top_p, top_k, seed, chat,
+                      tree_options, batch_size):
+    """Generator behind generate/stream for a list of prompts: yields (target, row, tokens of the row so far)
+    after each event and returns one GenerationResult per prompt. Prompts go in batches of ``batch_size`` (all at
+    once by default); each batch runs until its last row is done."""
+    max_new, seeds = _check_batch(prompts, max_new_tokens, seed, batch_size)
+    check_generation_args(max(max_new), temperature, top_p, top_k, draft, tree_options)
+    setup = time.perf_counter()
+    target = resolve_target(target)
+    ids = []
+    for i, p in enumerate(prompts):
+        try:
+            row = target.encode(p, chat=chat)
+        except ValueError as e:
+            raise ValueError(f"prompts[{i}]: {e}") from e
+        if row.shape[1] >= target.max_length:
+            raise ValueError(f"prompts[{i}] has {row.shape[1]} tokens; {target.name} accepts at most "
+                             f"{target.max_length} tokens including the generation")
+        ids.append(row)
+    max_new = [min(m, target.max_length - r.shape[1]) for m, r in zip(max_new, ids)]
+    if draft is not None:
+        draft = resolve_draft(draft, target)
+    size = batch_size or len(prompts)
+    trees = {}
+    setup = time.perf_counter() - setup
+    results = [None] * len(prompts)
+    sampling = Sampling(temperature, top_p, top_k, None)
+    for lo in range(0, len(prompts), size):
+        rows = range(lo, min(lo + size, len(prompts)))
+        generators = [_make_generator(seeds[i], target.device) for i in rows]
+        tree = None
+        if draft is None:
+            decoder = batched_vanilla_decode(target, [ids[i] for i in rows], [max_new[i] for i in rows], sampling,
+                                             generators, target.eos_token_ids)
+        else:
+            B = len(rows)
+            if B not in trees:
+                t0 = time.perf_counter()
+                trees[B] = resolve_tree(target, draft, batch=B, **tree_options)
+                setup += time.perf_counter() - t0
+            tree = trees[B]
+            decoder = batched_speculative_decode(target, draft, [ids[i] for i in rows], [max_new[i] for i in rows],
+                                                 sampling, generators, target.eos_token_ids, **tree.options())
+        tokens = {i: [] for i in rows}
+        accepts = {i: [] for i in rows}
+        start = time.perf_counter()
+        try:
+            for ev in decoder:
+                i = lo + ev.row
+                tokens[i] += ev.tokens
+                if ev.accepted is not None:
+                    accepts[i].append(ev.accepted)
+                yield target, i, tokens[i]
+                if ev.stop is not None:
+                    results[i] = GenerationResult(
+                        text=target.tokenizer.decode(tokens[i], skip_special_tokens=True), token_ids=tokens[i],
+                        prompt_tokens=int(ids[i].shape[1]), elapsed=time.perf_counter() - start,
+                        accept_lengths=accepts[i], stop_reason=ev.stop, tree=tree, setup_seconds=setup)
+        finally:
+            decoder.close()
+    return results
+
+
+def _drive(gen):
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
 def generate(prompt_or_messages, *, target=None, draft=None, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None, chat: Optional[bool] = None,
-             **tree_options) -> GenerationResult:
-    """Generate a continuation of a prompt.
+             batch_size: Optional[int] = None, **tree_options):
+    """Generate a continuation of a prompt, or of each prompt of a list.
 
     prompt_or_messages: a string (wrapped as a user turn of the chat template when the tokenizer has one,
-        unless ``chat=False``), a list of chat messages, or token ids.
+        unless ``chat=False``), a list of chat messages, or token ids. A list of such prompts is decoded as a
+        batch and gives a list of results, one per prompt, in order: each row is decoded exactly as it would be
+        alone (greedy rows token-identical to a lone run; sampled rows from their own generator), rows that end
+        leave the batch. ``max_new_tokens`` and ``seed`` may then be lists (one value per prompt); one int seed
+        gives row i the seed ``seed + i``. ``batch_size``: at most that many rows per batch (default: all).
     target: None for the embedded default (SmolLM2-135M-Instruct), a model name/path, or a ``Target``.
     draft: None for vanilla autoregressive decoding; otherwise speculative decoding with a draft: a
         ``hass_ext.DraftModel`` (on the target's device and dtype), an EAGLE/HASS checkpoint folder, or
@@ -154,33 +280,59 @@ def generate(prompt_or_messages, *, target=None, draft=None, max_new_tokens: int
         ``result.calibration`` says whether they were measured or read, and ``result.setup_seconds`` how long
         the set-up took (not part of ``elapsed``).
     """
-    gen = _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k, seed, chat,
-                      tree_options)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    if is_batch(prompt_or_messages):
+        return _drive(_batch_generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p,
+                                        top_k, seed, chat, tree_options, batch_size))
+    if batch_size is not None:
+        raise ValueError("batch_size applies to a list of prompts; one prompt was given")
+    return _drive(_generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k, seed,
+                              chat, tree_options))
 
 
 def stream(prompt_or_messages, *, target=None, draft=None, max_new_tokens: int = 256, temperature: float = 0.0,
            top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None, chat: Optional[bool] = None,
-           **tree_options) -> Iterator[str]:
+           batch_size: Optional[int] = None, **tree_options) -> Iterator:
     """``generate`` that yields the text as it is produced; the generator returns the GenerationResult
-    (``StopIteration.value``, or ``result = yield from stream(...)``)."""
+    (``StopIteration.value``, or ``result = yield from stream(...)``). For a list of prompts it yields
+    ``(row, piece)`` pairs (row: the prompt's index) and returns the list of results."""
+    if is_batch(prompt_or_messages):
+        gen = _batch_generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k,
+                                seed, chat, tree_options, batch_size)
+        return (yield from _pieces(gen, batched=True))
+    if batch_size is not None:
+        raise ValueError("batch_size applies to a list of prompts; one prompt was given")
     gen = _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k, seed, chat,
                       tree_options)
-    shown = ""
+    return (yield from _pieces(_as_row_events(gen), batched=False))
+
+
+def _as_row_events(gen):
+    """``_generation``'s (target, tokens) updates as (target, 0, tokens); returns its result."""
     while True:
         try:
             tgt, tokens = next(gen)
         except StopIteration as stop:
-            result = stop.value
+            return stop.value
+        yield tgt, 0, tokens
+
+
+def _pieces(gen, batched: bool):
+    """Text pieces of each row as its tokens come (a partial UTF-8 character held back), then the rest of each
+    row's final text; returns the generator's result(s)."""
+    shown = {}
+    while True:
+        try:
+            tgt, row, tokens = next(gen)
+        except StopIteration as stop:
+            results = stop.value
             break
         text = tgt.tokenizer.decode(tokens, skip_special_tokens=True)
-        if len(text) > len(shown) and not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
-            yield text[len(shown):]
-            shown = text
-    if len(result.text) > len(shown) and result.text.startswith(shown):
-        yield result.text[len(shown):]
-    return result
+        old = shown.get(row, "")
+        if len(text) > len(old) and not text.endswith("\ufffd"):
+            yield (row, text[len(old):]) if batched else text[len(old):]
+            shown[row] = text
+    for row, result in enumerate(results if batched else [results]):
+        old = shown.get(row, "")
+        if len(result.text) > len(old) and result.text.startswith(old):
+            yield (row, result.text[len(old):]) if batched else result.text[len(old):]
+    return results

@@ -108,8 +108,37 @@ class SlotCache(Cache):
             if layer.is_initialized:
                 layer._set_length(length)
 
-    def keep(self, slots: torch.Tensor, start: int) -> None:
+    def adopt(self, buffer: torch.Tensor, length: int) -> None:
+        """Use ``buffer`` ``[2 * layers, B, Hkv, capacity, d]`` (filled elsewhere, e.g. by per-row prefills) as this
+        cache's storage, every layer holding ``length`` entries."""
+        if buffer.dim() != 5 or buffer.shape[0] != 2 * len(self.layers) or buffer.shape[3] != self.capacity:
+            raise ValueError(f"SlotCache.adopt needs a [{2 * len(self.layers)}, B, Hkv, {self.capacity}, d] buffer, "
+                             f"got {tuple(buffer.shape)}")
+        if not 0 <= length <= self.capacity:
+            raise ValueError(f"SlotCache.adopt: length must lie in [0, {self.capacity}], got {length}")
+        self.buffer = buffer
+        for layer in self.layers:
+            layer.dtype, layer.device, layer.is_initialized = buffer.dtype, buffer.device, True
+            layer._set_length(length)
+
+    def select_rows(self, rows) -> None:
+        """Keep batch rows ``rows`` (ascending indices), moved to the front of the same storage in place: the
+        cache then has ``len(rows)`` rows (a batch whose finished rows leave it)."""
+        rows = list(rows)
+        if rows == list(range(len(rows))):
+            kept = self.buffer.narrow(1, 0, len(rows))
+        else:
+            index = torch.tensor(rows, dtype=torch.long, device=self.buffer.device)
+            kept = self.buffer.narrow(1, 0, len(rows))
+            kept.copy_(self.buffer.index_select(1, index))
+        self.adopt(kept, self.length)
+
+    def keep(self, slots: torch.Tensor, start) -> None:
         """Move the entries at ``slots`` (int64 ``[m]`` on the buffer's device, in order) to ``start ..
-        start + m - 1`` in every layer at once (one compact_kv over the buffer) and keep ``start + m`` entries."""
+        start + m - 1`` in every layer at once (one compact_kv over the buffer) and keep ``start + m`` entries.
+
+        A batch with rows of different lengths passes ``slots [B, m]`` (-1 after a row's valid entries) and
+        ``start`` as an int64 ``[B]`` tensor; the common length is then the caller's to set (``truncate``)."""
         ops.compact_kv(self.buffer, slots, start)
-        self.truncate(start + slots.shape[0])
+        if isinstance(start, int):
+            self.truncate(start + slots.shape[-1])

@@ -40,7 +40,8 @@ EARLY_STOP_DEVICES = ("cpu",)
 
 @dataclass
 class Tree:
-    """A token tree for verification; node 0 is the root (the last committed token)."""
+    """A token tree for verification; node 0 is the root (the last committed token). A batch of trees (one per
+    row, ``draft_trees``) has a leading batch dim on every field."""
     tokens: torch.Tensor    # [n] int64
     parents: torch.Tensor   # [n] int64, parents[0] = -1, parents[i] < i
     depths: torch.Tensor    # [n] int64, root 0
@@ -48,7 +49,7 @@ class Tree:
 
     @property
     def size(self) -> int:
-        return int(self.tokens.shape[0])
+        return int(self.tokens.shape[-1])
 
 
 def check_tree_options(total_tokens, depth, top_k) -> None:
@@ -178,3 +179,88 @@ def _select(scores, tokens, parent, root_token, n_draft, max_depth: Optional[int
     all_tokens = torch.cat([torch.tensor([int(root_token)], device=dev), tokens[sel]])
     all_parents = torch.cat([torch.tensor([-1], device=dev), node_parent])
     return tree_from_parents(all_tokens, all_parents, max_depth)
+
+
+# ---- a batch of trees ---------------------------------------------------------------------------------------
+
+def trees_from_parents(tokens: torch.Tensor, parents: torch.Tensor, max_depth: int) -> Tree:
+    """``tree_from_parents`` for a batch: tokens, parents ``[B, n]``; depths ``[B, n]``, mask ``[B, n, n]``."""
+    B, n = tokens.shape
+    mask = torch.eye(n, dtype=torch.bool, device=tokens.device).repeat(B, 1, 1)
+    depths = torch.zeros_like(parents)
+    anc = parents.clone()
+    for _ in range(max_depth):
+        live = anc >= 0
+        col = anc.clamp(min=0)
+        mask.scatter_(2, col[..., None], mask.gather(2, col[..., None]) | live[..., None])
+        depths += live.long()
+        anc = torch.where(live, parents.gather(1, col), anc)
+    return Tree(tokens=tokens, parents=parents, depths=depths, mask=mask)
+
+
+@torch.inference_mode()
+def draft_trees(draft, cache, root_hidden: torch.Tensor, root_tokens: torch.Tensor, lengths: torch.Tensor,
+                total_tokens: int, depth: int, top_k: int, early_stop: Optional[bool] = None) -> Tree:
+    """``draft_tree`` for a batch of rows whose contexts differ in length: one tree per row, all of
+    ``total_tokens`` nodes, built with one draft forward per level for the whole batch.
+
+    root_hidden ``[B, H]``, root_tokens int64 ``[B]``, lengths int64 ``[B]``: row b's context is its draft cache
+    entries ``[0, lengths[b])``; ``cache.length`` is the longest (rows are right-padded to it), and level-l nodes
+    are written at slots ``cache.length + (l - 1) * k ...`` for every row, each row attending its own context, its
+    ancestors and itself. The early stop (one read per level) stops when no row can keep a deeper node.
+    """
+    dev = root_hidden.device
+    B = root_hidden.shape[0]
+    k = min(top_k, draft.tree_vocab_size)
+    n_draft = total_tokens - 1
+    if n_draft <= 0 or depth <= 0:
+        return trees_from_parents(root_tokens[:, None], torch.full((B, 1), -1, dtype=torch.long, device=dev), 0)
+    ctx = cache.length
+    cache.reserve(ctx + (depth - 1) * k)
+    scores, tokens = _top_log_probs(draft, root_hidden, k)       # [B, k]
+    cand_scores, cand_tokens = [scores], [tokens]
+    cand_parent = [torch.full((B, k), -1, dtype=torch.long, device=dev)]
+    frontier = torch.arange(k, device=dev).expand(B, k)
+    hidden, ids = root_hidden[:, None].expand(B, k, -1), tokens
+    eye = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)
+    fmask = eye
+    ctx_cols = (torch.arange(ctx, device=dev) < lengths[:, None])[:, None].expand(B, k, ctx)
+    n_cand = k
+    if early_stop is None:
+        early_stop = dev.type in EARLY_STOP_DEVICES
+    for step in range(depth - 1):
+        if early_stop:  # as in draft_tree, for every row at once
+            best_frontier = scores.max(dim=1, keepdim=True).values
+            kept = sum((s >= best_frontier).sum(dim=1) for s in cand_scores)
+            if bool((kept >= n_draft).all()):
+                break
+        attn_mask = torch.cat([ctx_cols, fmask], dim=2)
+        pos = (lengths + step)[:, None].expand(B, k)
+        out = draft(ids, hidden, position_ids=pos, cache=cache, cache_pos=ctx + step * k, attn_mask=attn_mask)
+        child_lp, child_tok = _top_log_probs(draft, out, k)      # [B, k, k]
+        child_scores = (child_lp + scores[..., None]).flatten(1)
+        cand_scores.append(child_scores)
+        cand_tokens.append(child_tok.flatten(1))
+        cand_parent.append(frontier.repeat_interleave(k, dim=1))
+        scores, best = torch.topk(child_scores, k, dim=1)
+        slot = best // k
+        frontier = n_cand + best
+        n_cand += k * k
+        hidden = out.gather(1, slot[..., None].expand(B, k, out.shape[-1]))
+        ids = child_tok.flatten(1).gather(1, best)
+        fmask = torch.cat([fmask.gather(1, slot[..., None].expand(B, k, fmask.shape[-1])), eye], dim=2)
+    return _select_batch(torch.cat(cand_scores, 1), torch.cat(cand_tokens, 1), torch.cat(cand_parent, 1),
+                         root_tokens, n_draft, max_depth=len(cand_scores))
+
+
+def _select_batch(scores, tokens, parent, root_tokens, n_draft, max_depth: int) -> Tree:
+    """``_select`` row by row: each row keeps its n_draft best candidates (stable: parents first at ties)."""
+    n_keep = min(n_draft, scores.shape[1])
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n_keep]
+    sel = torch.sort(order, dim=1).values
+    par = parent.gather(1, sel)
+    pos = torch.searchsorted(sel, par.clamp(min=0))
+    node_parent = torch.where(par < 0, torch.zeros_like(pos), pos + 1)
+    all_tokens = torch.cat([root_tokens[:, None], tokens.gather(1, sel)], dim=1)
+    all_parents = torch.cat([torch.full_like(node_parent[:, :1], -1), node_parent], dim=1)
+    return trees_from_parents(all_tokens, all_parents, max_depth)

@@ -27,6 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .batch import measure_batch_costs
 from .calibration import Calibration, calibrated, calibration_key, fingerprint
 from .draft import DraftModel, context_pass
 from .draft_io import PROFILE_FORMAT, PROFILE_NAME, resolve_draft  # noqa: F401  (PROFILE_NAME: where it goes)
@@ -286,14 +287,20 @@ def _profile_shapes(profile, depth=None, tree_topk=None):
     return out
 
 
-def _round_costs(target, draft, taus: Dict[tuple, float], recalibrate: bool):
-    """Round costs of the profiled shapes and a vanilla step, measured once per machine (hass_ext.calibration)."""
+def _round_costs(target, draft, taus: Dict[tuple, float], recalibrate: bool, batch: int = 1):
+    """Round costs of the profiled shapes and a vanilla step, measured once per machine (hass_ext.calibration);
+    for ``batch`` > 1 rows, of batched rounds and steps (hass_ext.batch.measure_batch_costs)."""
     shapes = sorted(taus)
+    settings = {} if batch == 1 else {"batch": batch}
     key = calibration_key("round-costs", target, draft, context=128, repeats=_COST_REPEATS,
-                          shapes=[[n, d, k, max(1, round(taus[(n, d, k)]))] for n, d, k in shapes])
+                          shapes=[[n, d, k, max(1, round(taus[(n, d, k)]))] for n, d, k in shapes], **settings)
 
     def measure(tick, steps):
-        costs, vanilla = measure_costs(target, draft, shapes, taus, repeats=_COST_REPEATS, tick=tick)
+        if batch > 1:
+            costs, vanilla = measure_batch_costs(target, draft, shapes, taus, batch, repeats=_COST_REPEATS,
+                                                 tick=tick)
+        else:
+            costs, vanilla = measure_costs(target, draft, shapes, taus, repeats=_COST_REPEATS, tick=tick)
         return {"rounds": [[n, d, k, costs[(n, d, k)]] for n, d, k in shapes], "vanilla": vanilla}
 
     def check(result):
@@ -306,14 +313,17 @@ def _round_costs(target, draft, taus: Dict[tuple, float], recalibrate: bool):
     return costs, float(cal.result["vanilla"]), cal
 
 
-def _forward_cost_size(target, tree_topk: int, recalibrate: bool):
-    """The tree size from the target's forward cost (``auto_total_tokens``) and its calibration."""
+def _forward_cost_size(target, tree_topk: int, recalibrate: bool, batch: int = 1):
+    """The tree size from the target's forward cost (``auto_total_tokens``) and its calibration. A batch of
+    ``batch`` rows verifies batch x size tokens per round: that forward's cost decides."""
     sizes = [s for s in _AUTO_SIZES if s >= tree_topk] or [max(_AUTO_SIZES[-1], tree_topk)]
-    key = calibration_key("forward-cost", target, None, context=128, repeats=_FORWARD_REPEATS, sizes=sizes)
+    settings = {} if batch == 1 else {"batch": batch}
+    key = calibration_key("forward-cost", target, None, context=128, repeats=_FORWARD_REPEATS, sizes=sizes,
+                          **settings)
 
     def measure(tick, steps):
-        times = measure_forwards(target, sizes, repeats=_FORWARD_REPEATS, tick=tick)
-        return {"forwards": [[s, times[s]] for s in sizes]}
+        times = measure_forwards(target, [batch * s for s in sizes], repeats=_FORWARD_REPEATS, tick=tick)
+        return {"forwards": [[s, times[batch * s]] for s in sizes]}
 
     def check(result):
         got = {int(s): float(t) for s, t in result["forwards"]}
@@ -337,23 +347,25 @@ def auto_total_tokens(target, tree_topk: int = DEFAULT_TREE_TOPK, recalibrate: b
 
 
 def choose_tree(target, draft, depth: Optional[int] = None, tree_topk: Optional[int] = None,
-                recalibrate: bool = False) -> TreeChoice:
+                recalibrate: bool = False, batch: int = 1) -> TreeChoice:
     """The tree for ``draft`` on this device (module docstring); ``depth`` / ``tree_topk`` fix those options and
     choose among the profiled shapes that have them. The costs are measured once per machine and cached on disk
-    (``recalibrate=True`` or ``HASS_EXT_RECALIBRATE=1`` measures again); the choice is kept for the process."""
+    (``recalibrate=True`` or ``HASS_EXT_RECALIBRATE=1`` measures again); the choice is kept for the process.
+    batch: rows decoded together; their round verifies batch x total_tokens tokens, so the costs of batched
+    rounds (and steps, for the expected speedup) decide."""
     profile = getattr(draft, "tree_profile", None)
     taus = _profile_shapes(profile, depth, tree_topk) if profile else {}
     key = (id(target.model), id(draft), str(target.device), torch.get_num_threads(), depth, tree_topk,
-           fingerprint(sorted(taus.items())))
+           fingerprint(sorted(taus.items())), batch)
     if key in _CHOICES and not recalibrate:
         return _CHOICES[key]
     if not taus:
         k = tree_topk if tree_topk is not None else DEFAULT_TREE_TOPK
-        size, cal = _forward_cost_size(target, k, recalibrate)
+        size, cal = _forward_cost_size(target, k, recalibrate, batch)
         choice = TreeChoice(size, depth if depth is not None else DEFAULT_DEPTH, k, "forward-cost",
                             calibration=cal)
     else:
-        costs, vanilla, cal = _round_costs(target, draft, taus, recalibrate)
+        costs, vanilla, cal = _round_costs(target, draft, taus, recalibrate, batch)
         best = max(taus, key=lambda s: (taus[s] / costs[s], -s[0]))
         choice = TreeChoice(*best, source="profile", expected_tau=taus[best], round_ms=costs[best] * 1e3,
                             vanilla_step_ms=vanilla * 1e3, expected_speedup=taus[best] * vanilla / costs[best],
@@ -391,17 +403,18 @@ def given_tree(total_tokens="auto", depth: Optional[int] = None, tree_topk: Opti
 
 
 def resolve_tree(target, draft: DraftModel, total_tokens="auto", depth: Optional[int] = None,
-                 tree_topk: Optional[int] = None, recalibrate: bool = False) -> TreeChoice:
+                 tree_topk: Optional[int] = None, recalibrate: bool = False, batch: int = 1) -> TreeChoice:
     """The tree shape of a run as a ``TreeChoice`` (checked; ValueError naming a bad option).
 
     ``total_tokens="auto"`` (the default) chooses the shape for this device (``choose_tree``): from the draft's
     acceptance profile when it has one (``depth`` / ``tree_topk``, when given, are kept), else the size from the
     target's forward cost with depth 6 and top-k 10 unless given. An int ``total_tokens`` is used as given, with
     depth 6 and top-k 10 (the EAGLE-2 settings) unless given; a top-k the caller did not give is lowered to fit
-    a smaller tree. recalibrate: measure the round costs again instead of reading the cached ones.
+    a smaller tree. recalibrate: measure the round costs again instead of reading the cached ones. batch: the
+    number of rows decoded together (the automatic choice weighs the cost of verifying all their trees at once).
     """
     choice = given_tree(total_tokens, depth, tree_topk, recalibrate)
     if choice is None:
-        choice = choose_tree(target, draft, depth, tree_topk, recalibrate)
+        choice = choose_tree(target, draft, depth, tree_topk, recalibrate, batch)
         check_tree_options(choice.total_tokens, choice.depth, choice.tree_topk)
     return choice

@@ -78,7 +78,7 @@ def test_stops_on_max_new_tokens_and_eos(target):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prompt=""), "prompt is empty"),
     (dict(prompt="   "), "prompt is empty"),
-    (dict(prompt=[]), "prompt must be"),
+    (dict(prompt=[]), "empty list"),
     (dict(prompt=[{"content": "hi"}]), "role"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=-3), "max_new_tokens"),
