@@ -91,7 +91,7 @@ def _prefill_rows(target, prompts: Sequence[torch.Tensor], capacity: int):
     return cache, torch.cat(logits), feats
 
 
-def _first_tokens(logits: torch.Tensor, sampling: Sampling, generators) -> List[int]:
+def _sample_rows(logits: torch.Tensor, sampling: Sampling, generators) -> List[int]:
     """Each row's token from its logits, drawn with its own generator as a lone run draws it."""
     if sampling.temperature == 0:
         return logits.argmax(-1).tolist()
@@ -101,15 +101,16 @@ def _first_tokens(logits: torch.Tensor, sampling: Sampling, generators) -> List[
 
 @torch.inference_mode()
 def forward_rows(target, cache, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
-                 lengths: torch.Tensor):
+                 lengths: torch.Tensor, ragged: bool = True):
     """The target over ``tokens [B, n]`` at ``positions``, written after the cache's common length; row b
     attends its prefix ``[0, lengths[b])`` and the nodes ``tree_mask [B, n, n]`` shows it. Returns logits
-    ``[B, n, V]`` and final-norm features ``[B, n, H]``."""
+    ``[B, n, V]`` and final-norm features ``[B, n, H]``. ragged=False: the caller knows every row's length is
+    the common one (the attention then needs no prefix lengths)."""
     B, n = tokens.shape
     P = cache.length
     with row_invariant():
         if _attention_impl(target) == TREE_ATTENTION:
-            ragged = None if bool((lengths == P).all()) else lengths
+            ragged = lengths if ragged else None
             out = target.model.model(input_ids=tokens, position_ids=positions, past_key_values=cache,
                                      use_cache=True, tree_mask=tree_mask, tree_prefix_lens=ragged)
         else:  # eager / sdpa: the same visibility as an additive 4D mask over [prefix, tree]
@@ -134,7 +135,7 @@ def batched_vanilla_decode(target, prompts: Sequence[torch.Tensor], max_new: Seq
     cache, logits, _ = _prefill_rows(target, prompts, capacity)
     lengths = [p.shape[1] for p in prompts]
     dev = target.device
-    tokens = _first_tokens(logits, sampling, rows.generators)
+    tokens = _sample_rows(logits, sampling, rows.generators)
     one = torch.ones(1, 1, 1, dtype=torch.bool, device=dev)
     while True:
         tokens, lengths = _emit_and_drop(rows, [[t] for t in tokens], [None] * len(tokens), lengths,
@@ -146,17 +147,13 @@ def batched_vanilla_decode(target, prompts: Sequence[torch.Tensor], max_new: Seq
         tok = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
         length_t = torch.tensor(lengths, dtype=torch.long, device=dev)
         P = cache.length
-        logits, _ = forward_rows(target, cache, tok, length_t[:, None], one.expand(B, 1, 1), length_t)
-        slots = torch.where(length_t < P, P, -1)[:, None]
-        if bool((slots >= 0).any()):
-            cache.keep(slots, length_t)
+        ragged = any(n != P for n in lengths)
+        logits, _ = forward_rows(target, cache, tok, length_t[:, None], one.expand(B, 1, 1), length_t, ragged)
+        if ragged:  # the new entries of the shorter rows go to their own length
+            cache.keep(torch.tensor([[P if n < P else -1] for n in lengths], device=dev), length_t)
         lengths = [n + 1 for n in lengths]
         cache.truncate(max(lengths))
         tokens = _sample_rows(logits[:, -1], sampling, rows.generators)
-
-
-def _sample_rows(logits: torch.Tensor, sampling: Sampling, generators) -> List[int]:
-    return _first_tokens(logits, sampling, generators)
 
 
 def _emit_and_drop(rows: _Rows, chunks: List[List[int]], accepted: List[Optional[int]], lengths: List[int],
@@ -193,7 +190,7 @@ def batched_speculative_decode(target, draft: DraftModel, prompts: Sequence[torc
     cache, logits, feats = _prefill_rows(target, prompts, longest + room)
     lengths = [p.shape[1] for p in prompts]
     dev = target.device
-    first = _first_tokens(logits, sampling, rows.generators)
+    first = _sample_rows(logits, sampling, rows.generators)
     dcache = draft.new_cache(batch=len(prompts), capacity=longest + room)
     # the draft context pass over each prompt: pairs (f_t, x_{t+1}), the prompt shifted by one plus the first token
     pairs = [(f, torch.cat([p[0, 1:], torch.tensor([t], device=dev)])) for f, p, t in zip(feats, prompts, first)]
@@ -224,7 +221,8 @@ def batched_round(target, draft, cache, dcache, roots: List[int], lengths: List[
     root_t = torch.tensor(roots, dtype=torch.long, device=dev)
     dcache.length = cache.length  # both right-padded to the longest row
     tree = draft_trees(draft, dcache, root_hidden, root_t, length_t, total_tokens, depth, tree_topk)
-    logits, hidden = forward_rows(target, cache, tree.tokens, length_t[:, None] + tree.depths, tree.mask, length_t)
+    logits, hidden = forward_rows(target, cache, tree.tokens, length_t[:, None] + tree.depths, tree.mask, length_t,
+                                  ragged=any(n != cache.length for n in lengths))
     chunks, path = _accept_rows(logits, tree, sampling, generators)
     P = cache.length - tree.size
     slots = torch.where(path >= 0, path + P, -1)
@@ -309,14 +307,14 @@ def measure_batch_costs(target, draft, shapes, taus, batch: int, context: int = 
     def one_round(shape):
         n, d, k = shape
         tree = draft_trees(draft, dcache, hidden, roots, lengths, n, d, k)
-        forward_rows(target, cache, tree.tokens, lengths[:, None] + tree.depths, tree.mask, lengths)
+        forward_rows(target, cache, tree.tokens, lengths[:, None] + tree.depths, tree.mask, lengths, ragged=False)
         cache.truncate(context)
         m = max(1, round((taus or {}).get(shape, 1.0)))
         _extend(draft, dcache, [context] * batch, [(f[:m], p[0, :m]) for f, p in zip(feats, prompts)])
         dcache.length = context  # timed only: the context stays as it was
 
     def step():
-        forward_rows(target, cache, roots[:, None], lengths[:, None], one, lengths)[0].argmax(-1)
+        forward_rows(target, cache, roots[:, None], lengths[:, None], one, lengths, ragged=False)[0].argmax(-1)
         cache.truncate(context)
 
     times = {s: [] for s in shapes}
