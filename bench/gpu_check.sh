@@ -234,6 +234,10 @@ bench bench_round 150 "--device cuda --shape llama3-8b --attn hass_tree sdpa --r
 bench bench_distill_loss 60 "--device cuda --reps 10 --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"
 bench bench_compact_kv 20 "--device cuda --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"
 bench bench_small_linear 45 "--device cuda --shape-budget 6 --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"
+# batched rounds at B = 1, 2, 4, 8 in vanilla steps (Llama-3-8B shapes, 1k context per row), then B rows decoded
+# together against each alone; no new B starts after 25 s, and the results are written after every B
+bench bench_batch 40 "--rounds --device cuda --shape llama3-8b --budget 25 --out-dir $BENCH" \
+  "--rounds --device cpu --tiny --out-dir $BENCH"
 
 pack_bench
 write_summary

@@ -4,6 +4,7 @@ Arguments are checked before any model is loaded. ``hass-ext --help`` is answere
 (``hass_ext_cli``) without importing this package.
 """
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -18,6 +19,7 @@ from .tree_choice import DEFAULT_SHAPES, TREE_OPTIONS, given_tree, measure_accep
 
 # The packaged ShareGPT file holds 17671 records; the packaged drafts were trained on the first 9400.
 TREE_PROFILE_START = 17000
+DEFAULT_BATCH_SIZE = 8  # generate --prompts-file: rows per batch
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -89,6 +91,8 @@ def check_args(args) -> None:
     if getattr(args, "device", None) is not None:
         check_device(args.device)
     tree = _tree_options(args)
+    if args.command == "generate":
+        _check_prompt_source(args)
     if args.command in ("generate", "chat"):
         check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.draft, tree)
     elif args.command == "eval":
@@ -168,6 +172,8 @@ def _report(result, file=None):
 
 
 def cmd_generate(args):
+    if args.prompts_file is not None:
+        return _generate_file(args)
     target = _load(args)
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     kwargs = _generation_kwargs(args, target, _load_draft(args, target))
@@ -180,6 +186,152 @@ def cmd_generate(args):
     if args.stats:
         _stats(prompt, kwargs, result)
     return 0
+
+
+# ---- generate --prompts-file: a JSONL file of prompts, decoded in batches ------------------------------------
+
+PROMPT_KEYS = ("prompt", "messages", "input_ids")
+LINE_OPTIONS = ("max_new_tokens", "seed")
+
+
+def _check_prompt_source(args) -> None:
+    """One prompt or one prompts file, the options that go with each; the file read and checked (args.entries)."""
+    if args.prompts_file is None:
+        if args.prompt is None:
+            raise ValueError("give a prompt, - to read it from standard input, or --prompts-file FILE.jsonl")
+        for name in ("batch_size", "output"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} applies to --prompts-file")
+        return
+    if args.prompt is not None:
+        raise ValueError("give either a prompt or --prompts-file, not both")
+    if args.stats:
+        raise ValueError("--stats applies to a single prompt, not to --prompts-file")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.output is not None:
+        folder = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--output {args.output}: the folder {folder} does not exist")
+    args.entries = read_prompts_file(args.prompts_file)
+
+
+def read_prompts_file(path: str) -> list:
+    """The prompts of a JSONL file (``-``: standard input): ``[(line number, prompt, options)]``, blank lines
+    skipped. A line is a JSON string (the prompt) or an object with exactly one of "prompt" (a string),
+    "messages" (a chat list) or "input_ids" (token ids), and optionally "max_new_tokens" and "seed". ValueError
+    naming the line of the first bad one; the prompts themselves are checked by the target's encode."""
+    if path == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--prompts-file {path}: no such file")
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of line 1
+            lines = f.read().splitlines()
+    entries = []
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            entries.append(_prompt_line(path, lineno, line))
+    if not entries:
+        raise ValueError(f"--prompts-file {path}: no prompts (the file is empty)")
+    return entries
+
+
+def _prompt_line(path: str, lineno: int, line: str):
+    where = f"{path}:{lineno}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    if isinstance(obj, str):
+        obj = {"prompt": obj}
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: a line must be a JSON object or string, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(PROMPT_KEYS) - set(LINE_OPTIONS))
+    if unknown:  # a misspelt option would otherwise be ignored without a word
+        raise ValueError(f"{where}: unknown key(s) {unknown}; a line has one of {', '.join(PROMPT_KEYS)} and "
+                         f"optionally {', '.join(LINE_OPTIONS)}")
+    given = [k for k in PROMPT_KEYS if k in obj]
+    if len(given) != 1:
+        raise ValueError(f"{where}: a line needs exactly one of {', '.join(PROMPT_KEYS)}, got "
+                         f"{given or 'none'}")
+    prompt = obj[given[0]]
+    kind = {"prompt": str, "messages": list, "input_ids": list}[given[0]]
+    if not isinstance(prompt, kind):
+        raise ValueError(f"{where}: {given[0]!r} must be a {'string' if kind is str else 'list'}, got "
+                         f"{type(prompt).__name__}")
+    if given[0] == "messages" and not all(isinstance(m, dict) for m in prompt):
+        raise ValueError(f"{where}: 'messages' must be a list of {{\"role\", \"content\"}} objects")
+    if given[0] == "input_ids" and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise ValueError(f"{where}: 'input_ids' must be a list of ints")
+    options = {}
+    m = obj.get("max_new_tokens")
+    if "max_new_tokens" in obj:
+        if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+            raise ValueError(f"{where}: max_new_tokens must be an int > 0, got {m!r}")
+        options["max_new_tokens"] = m
+    seed = obj.get("seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{where}: seed must be an int or null, got {seed!r}")
+        options["seed"] = seed
+    return lineno, prompt, options
+
+
+def _generate_file(args):
+    """generate --prompts-file: every prompt of the file, in batches of --batch-size, one JSON line each."""
+    path = args.prompts_file
+    entries = args.entries
+    target = _load(args)
+    chat = False if args.raw else None
+    prompts = []
+    for lineno, prompt, _ in entries:  # every prompt encoded before any decoding: a bad line fails the run early
+        try:
+            ids = target.encode(prompt, chat=chat)
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+        if ids.shape[1] >= target.max_length:
+            raise ValueError(f"{path}:{lineno}: the prompt has {ids.shape[1]} tokens; {target.name} accepts at most "
+                             f"{target.max_length} tokens including the generation")
+        prompts.append(ids)
+    max_new = [o.get("max_new_tokens", args.max_new_tokens) for _, _, o in entries]
+    # one --seed: prompt i of the file draws from seed + i, whatever batch it lands in (as generate's one seed)
+    seeds = [o.get("seed", None if args.seed is None else args.seed + i) for i, (_, _, o) in enumerate(entries)]
+    kwargs = _generation_kwargs(args, target, _load_draft(args, target))
+    size = args.batch_size or DEFAULT_BATCH_SIZE
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    tokens, seconds = 0, 0.0
+    trees = {}
+    try:
+        for lo in range(0, len(prompts), size):  # one call per batch: each batch's lines are written as it ends
+            hi = min(lo + size, len(prompts))
+            kwargs.update(max_new_tokens=max_new[lo:hi], seed=seeds[lo:hi])
+            results = generate(prompts[lo:hi], batch_size=size, **kwargs)
+            kwargs.pop("recalibrate", None)  # measured again once, not for every batch
+            for i, r in enumerate(results, lo):
+                out.write(json.dumps(result_record(i, r)) + "\n")
+            out.flush()
+            tokens += sum(r.num_new_tokens for r in results)
+            seconds += max(r.elapsed for r in results)  # a row's elapsed runs from its batch's start
+            if results[0].tree is not None and hi - lo not in trees:
+                trees[hi - lo] = results[0].tree.describe()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    for b, text in sorted(trees.items()):
+        print(f"[batch of {b}: {text}]", file=sys.stderr)
+    rate = tokens / seconds if seconds > 0 else float("inf")
+    print(f"[{len(prompts)} prompts in batches of {size}: {tokens} tokens in {seconds:.2f} s: {rate:.1f} "
+          f"tokens/s]" + (f"; written: {args.output}" if args.output else ""), file=sys.stderr)
+    return 0
+
+
+def result_record(index: int, result) -> dict:
+    """One output line of generate --prompts-file."""
+    return {"index": index, "text": result.text, "token_ids": list(result.token_ids),
+            "stop_reason": result.stop_reason, "num_new_tokens": result.num_new_tokens,
+            "num_rounds": result.num_rounds, "mean_accept_length": result.mean_accept_length,
+            "elapsed": result.elapsed}
 
 
 def cmd_chat(args):
@@ -302,9 +454,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate a continuation of a prompt, streaming the text",
                        description="Generate text for a prompt (wrapped as a user turn of the chat template "
-                                   "unless --raw) and print the speed.")
-    g.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+                                   "unless --raw) and print the speed; or, with --prompts-file, for every prompt "
+                                   "of a JSONL file, decoded in batches, one JSON line per prompt.")
+    g.add_argument("prompt", nargs="?", default=None,
+                   help="the prompt text, or - to read it from standard input (not with --prompts-file)")
     g.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    g.add_argument("--prompts-file", default=None, metavar="FILE.jsonl",
+                   help="one prompt per line (- for standard input): a JSON string, or an object with \"prompt\" "
+                        "(text), \"messages\" (a chat list) or \"input_ids\", and optionally \"max_new_tokens\" "
+                        "and \"seed\" (default: the options' values; one --seed gives the i-th prompt seed + i); "
+                        "writes one JSON line per prompt, in input order: index, text, token_ids, stop_reason, "
+                        "num_new_tokens, num_rounds, mean_accept_length, elapsed (seconds from its batch's start)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"with --prompts-file: prompts decoded together (default {DEFAULT_BATCH_SIZE})")
+    g.add_argument("--output", default=None, metavar="FILE.jsonl",
+                   help="with --prompts-file: write the JSON lines here instead of standard output")
     _add_model_args(g)
     _add_sampling_args(g)
     _add_draft_args(g)

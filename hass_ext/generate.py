@@ -257,9 +257,10 @@ def generate(prompt_or_messages, *, target=None, draft=None, max_new_tokens: int
 
     prompt_or_messages: a string (wrapped as a user turn of the chat template when the tokenizer has one,
         unless ``chat=False``), a list of chat messages, or token ids. A list of such prompts is decoded as a
-        batch and gives a list of results, one per prompt, in order: each row is decoded exactly as it would be
-        alone (greedy rows token-identical to a lone run; sampled rows from their own generator), rows that end
-        leave the batch. ``max_new_tokens`` and ``seed`` may then be lists (one value per prompt); one int seed
+        batch and gives a list of results, one per prompt, in order: greedy rows are token-identical to the
+        prompt decoded alone, sampled rows draw from their own generator (the same prompts, options and seeds give
+        the same texts; a row's exact sample also depends on the tree depth, which near the end follows the
+        batch's longest remaining row), and rows that end leave the batch. ``max_new_tokens`` and ``seed`` may then be lists (one value per prompt); one int seed
         gives row i the seed ``seed + i``. ``batch_size``: at most that many rows per batch (default: all).
     target: None for the embedded default (SmolLM2-135M-Instruct), a model name/path, or a ``Target``.
     draft: None for vanilla autoregressive decoding; otherwise speculative decoding with a draft: a
