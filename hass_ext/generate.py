@@ -100,8 +100,11 @@ def _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, 
         draft = resolve_draft(draft, target)
         # the tree choice (its round costs measured once per machine) is set-up, not generation: timed apart
         tree = resolve_tree(target, draft, **tree_options)
-        decoder = speculative_decode(target, draft, input_ids, max_new_tokens, temperature, top_p, top_k,
-                                     generator, **tree.options())
+        if tree.vanilla_is_faster:  # the automatic tree found no shape faster than vanilla here: same output
+            decoder = vanilla_decode(target, input_ids, max_new_tokens, temperature, top_p, top_k, generator)
+        else:
+            decoder = speculative_decode(target, draft, input_ids, max_new_tokens, temperature, top_p, top_k,
+                                         generator, **tree.options())
     setup = time.perf_counter() - setup
     eos = target.eos_token_ids
     tokens, accepts, stop = [], [], "length"
@@ -210,16 +213,17 @@ def _batch_generation(prompts, target, draft, max_new_tokens, temperature, top_p
         rows = range(lo, min(lo + size, len(prompts)))
         generators = [_make_generator(seeds[i], target.device) for i in rows]
         tree = None
-        if draft is None:
-            decoder = batched_vanilla_decode(target, [ids[i] for i in rows], [max_new[i] for i in rows], sampling,
-                                             generators, target.eos_token_ids)
-        else:
+        if draft is not None:
             B = len(rows)
             if B not in trees:
                 t0 = time.perf_counter()
                 trees[B] = resolve_tree(target, draft, batch=B, **tree_options)
                 setup += time.perf_counter() - t0
             tree = trees[B]
+        if tree is None or tree.vanilla_is_faster:  # (an automatic tree slower than vanilla: the same output)
+            decoder = batched_vanilla_decode(target, [ids[i] for i in rows], [max_new[i] for i in rows], sampling,
+                                             generators, target.eos_token_ids)
+        else:
             decoder = batched_speculative_decode(target, draft, [ids[i] for i in rows], [max_new[i] for i in rows],
                                                  sampling, generators, target.eos_token_ids, **tree.options())
         tokens = {i: [] for i in rows}
@@ -279,7 +283,9 @@ def generate(prompt_or_messages, *, target=None, draft=None, max_new_tokens: int
         The round costs behind ``"auto"`` are measured once per machine and cached on disk
         (hass_ext.calibration); ``recalibrate=True`` (or ``HASS_EXT_RECALIBRATE=1``) measures them again.
         ``result.calibration`` says whether they were measured or read, and ``result.setup_seconds`` how long
-        the set-up took (not part of ``elapsed``).
+        the set-up took (not part of ``elapsed``). When the measured costs say no profiled shape beats a vanilla
+        step here (``result.tree.vanilla_is_faster``: e.g. a large batch on a CPU), the automatic tree decodes
+        without the draft, with a warning: the output is the same, sooner.
     """
     if is_batch(prompt_or_messages):
         return _drive(_batch_generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p,

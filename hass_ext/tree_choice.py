@@ -59,12 +59,19 @@ class TreeChoice:
     def options(self) -> dict:
         return {"total_tokens": self.total_tokens, "depth": self.depth, "tree_topk": self.tree_topk}
 
+    @property
+    def vanilla_is_faster(self) -> bool:
+        """Whether the measured costs say no tree beats a vanilla step here: an automatic choice then decodes
+        without the draft (the same output, sooner)."""
+        return self.source == "profile" and self.expected_speedup is not None and self.expected_speedup < 1.0
+
     def describe(self) -> str:
         s = f"tree {self.total_tokens} nodes, depth {self.depth}, top-k {self.tree_topk} ({self.source}"
         if self.expected_tau is not None:
             s += f": expected tau {self.expected_tau:.2f}, round {self.round_ms:.1f} ms vs vanilla step " \
                  f"{self.vanilla_step_ms:.1f} ms, expected speedup {self.expected_speedup:.2f}x"
-        return s + ")"
+        s += ")"
+        return s + "; vanilla decoding is faster here: not used" if self.vanilla_is_faster else s
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -374,7 +381,8 @@ def choose_tree(target, draft, depth: Optional[int] = None, tree_topk: Optional[
     if choice.expected_speedup is not None and choice.expected_speedup < 1.0:
         warnings.warn(f"hass_ext: with this draft, speculative decoding is expected to be slower than vanilla "
                       f"decoding on this device (best {choice.describe()}): its acceptance is too low for the cost "
-                      f"of a round here; a better-trained draft (or a GPU) changes that", stacklevel=3)
+                      f"of a round here, so the automatic tree decodes without the draft (the same output); a "
+                      f"better-trained draft, a smaller batch or a GPU changes that", stacklevel=3)
     _CHOICES[key] = choice
     return choice
 

@@ -137,7 +137,14 @@ def test_choice_follows_the_profile_and_the_costs(agreeing):
         # a profile whose best shape cannot beat a vanilla step warns that speculation will be slower here
         draft.tree_profile = _profile({(2, 1, 1): 1.01})
         with pytest.warns(UserWarning, match="expected to be slower than vanilla"):
-            choose_tree(target, draft)
+            slow = choose_tree(target, draft)
+        assert slow.vanilla_is_faster and "vanilla decoding is faster here" in slow.describe()
+        # ... and generate then decodes without the draft: no rounds, the same tokens
+        with pytest.warns(UserWarning, match="decodes without the draft"):
+            r = hass_ext.generate(prompts[0], target=target, draft=draft, max_new_tokens=16, recalibrate=True)
+        assert r.tree.vanilla_is_faster and r.num_rounds == 0
+        assert r.token_ids == hass_ext.generate(prompts[0], target=target, max_new_tokens=16).token_ids
+        assert not choice.vanilla_is_faster
     finally:
         draft.tree_profile = None
 
