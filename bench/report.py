@@ -219,7 +219,23 @@ def _draft_vocab(doc):
             f"{r['step_speedup']:.2f}x faster, {r['coverage']:.0%} of assistant tokens covered")
 
 
-HEADLINES = (("speedup_cpu", _speedup), ("speedup_cpu_bfloat16", _speedup),
+def _batch(doc):
+    rows, s = doc["rows"], doc["settings"]
+    speed = ", ".join(f"B={r['B']} {r['speculative_x_vanilla']:.2f}x ({r['tree']}"
+                      + ("; auto decodes without the draft)" if "vanilla" in r.get("auto_decodes_with", "") else ")")
+                      for r in rows)
+    base = rows[0]["B"]
+    scale = ", ".join(f"B={r['B']} {r[f'vanilla_x_B{base}']:.2f}x" for r in rows[1:])
+    ident = sum(int(r[k].split("/")[0]) for r in rows for k in ("identical_vanilla", "identical_speculative"))
+    total = sum(int(r[k].split("/")[1]) for r in rows for k in ("identical_vanilla", "identical_speculative"))
+    return ("batched generation: speculative vs vanilla per batch size B, greedy",
+            f"{s.get('target')} {s.get('dtype')}, shipped draft, {s.get('threads')} CPU threads, "
+            f"{s.get('prompts')} prompts x {s.get('max_new_tokens')} tokens, automatic tree per B",
+            f"{speed}; vanilla throughput vs B={base}: {scale}; {ident}/{total} rows identical to "
+            f"B=1 vanilla")
+
+
+HEADLINES = (("speedup_cpu", _speedup), ("batch_cpu", _batch), ("speedup_cpu_bfloat16", _speedup),
              ("lossless_greedy", _lossless), ("lossless_greedy_bfloat16", _lossless),
              ("lossless_greedy_float16", _lossless), ("draft_tau", _draft_tau),
              ("verify_tree", _verify), ("compact_kv", _compact), ("attention_decode_cpu", _attention_decode),

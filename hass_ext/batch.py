@@ -21,7 +21,6 @@ verification takes per-row uniforms from the row's generator (``verify_tree(unif
 The decoders yield ``Event``s: a row's new tokens (cut at its end of turn or max_new_tokens), the accepted draft
 tokens of the round (None for the first token and vanilla steps), and why the row stopped (None while it runs).
 """
-import statistics
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
 
@@ -32,7 +31,7 @@ from .draft import DraftModel, context_pass
 from .ops.small_linear import row_invariant
 from .sampling import sample_token
 from .speculative import TREE_ATTENTION, Sampling, _attention_impl, check_target
-from .timing import time_call
+from .timing import median_times
 from .tree import Tree, check_tree_options, draft_trees
 
 
@@ -317,17 +316,5 @@ def measure_batch_costs(target, draft, shapes, taus, batch: int, context: int = 
         forward_rows(target, cache, roots[:, None], lengths[:, None], one, lengths, ragged=False)[0].argmax(-1)
         cache.truncate(context)
 
-    times = {s: [] for s in shapes}
-    vanilla = []
-    for rep in range(repeats + 1):  # the first pass warms up
-        v = time_call(step, dev)
-        tick()
-        rounds = {}
-        for s in shapes:
-            rounds[s] = time_call(lambda: one_round(s), dev)
-            tick()
-        if rep:
-            vanilla.append(v)
-            for s in shapes:
-                times[s].append(rounds[s])
-    return {s: statistics.median(t) for s, t in times.items()}, statistics.median(vanilla)
+    medians = median_times({"vanilla": step, **{s: (lambda s=s: one_round(s)) for s in shapes}}, dev, repeats, tick)
+    return {s: medians[s] for s in shapes}, medians["vanilla"]

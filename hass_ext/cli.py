@@ -12,7 +12,7 @@ import sys
 import torch
 
 from .draft_io import load_draft, resolve_draft, save_profile
-from .generate import check_generation_args, generate, stream
+from .generate import check_generation_args, encode_prompts, generate, stream
 from .target import check_device, resolve_target
 from .tree import check_tree_options
 from .tree_choice import DEFAULT_SHAPES, TREE_OPTIONS, given_tree, measure_acceptance, resolve_tree
@@ -284,16 +284,8 @@ def _generate_file(args):
     entries = args.entries
     target = _load(args)
     chat = False if args.raw else None
-    prompts = []
-    for lineno, prompt, _ in entries:  # every prompt encoded before any decoding: a bad line fails the run early
-        try:
-            ids = target.encode(prompt, chat=chat)
-        except ValueError as e:
-            raise ValueError(f"{path}:{lineno}: {e}") from None
-        if ids.shape[1] >= target.max_length:
-            raise ValueError(f"{path}:{lineno}: the prompt has {ids.shape[1]} tokens; {target.name} accepts at most "
-                             f"{target.max_length} tokens including the generation")
-        prompts.append(ids)
+    # every prompt encoded before any decoding: a bad line fails the run early
+    prompts = encode_prompts(target, [p for _, p, _ in entries], chat, [f"{path}:{n}" for n, _, _ in entries])
     max_new = [o.get("max_new_tokens", args.max_new_tokens) for _, _, o in entries]
     # one --seed: prompt i of the file draws from seed + i, whatever batch it lands in (as generate's one seed)
     seeds = [o.get("seed", None if args.seed is None else args.seed + i) for i, (_, _, o) in enumerate(entries)]

@@ -182,6 +182,22 @@ def _check_batch(prompts, max_new_tokens, seed, batch_size) -> tuple:
     return max_new, seeds
 
 
+def encode_prompts(target, prompts, chat, names) -> list:
+    """Each prompt's token ids ``[1, L]`` (``Target.encode``), every one checked before anything is decoded; a
+    ValueError names the bad one by ``names[i]``."""
+    ids = []
+    for name, p in zip(names, prompts):
+        try:
+            row = target.encode(p, chat=chat)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if row.shape[1] >= target.max_length:
+            raise ValueError(f"{name} has {row.shape[1]} tokens; {target.name} accepts at most "
+                             f"{target.max_length} tokens including the generation")
+        ids.append(row)
+    return ids
+
+
 def _batch_generation(prompts, target, draft, max_new_tokens, temperature, top_p, top_k, seed, chat,
                       tree_options, batch_size):
     """Generator behind generate/stream for a list of prompts: yields (target, row, tokens of the row so far)
@@ -191,16 +207,7 @@ def _batch_generation(prompts, target, draft, max_new_tokens, temperature, top_p
     check_generation_args(max(max_new), temperature, top_p, top_k, draft, tree_options)
     setup = time.perf_counter()
     target = resolve_target(target)
-    ids = []
-    for i, p in enumerate(prompts):
-        try:
-            row = target.encode(p, chat=chat)
-        except ValueError as e:
-            raise ValueError(f"prompts[{i}]: {e}") from e
-        if row.shape[1] >= target.max_length:
-            raise ValueError(f"prompts[{i}] has {row.shape[1]} tokens; {target.name} accepts at most "
-                             f"{target.max_length} tokens including the generation")
-        ids.append(row)
+    ids = encode_prompts(target, prompts, chat, [f"prompts[{i}]" for i in range(len(prompts))])
     max_new = [min(m, target.max_length - r.shape[1]) for m, r in zip(max_new, ids)]
     if draft is not None:
         draft = resolve_draft(draft, target)

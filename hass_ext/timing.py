@@ -4,6 +4,7 @@ GPU work is asynchronous, so a CPU clock read around it measures only the launch
 around the call; ``PhaseTimer`` records CUDA events (no synchronisation between the steps it times) and reads
 them once the round is done.
 """
+import statistics
 import time
 from contextlib import contextmanager
 from typing import Callable, Dict, List, Tuple
@@ -24,6 +25,21 @@ def time_call(fn: Callable[[], object], device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def median_times(calls: Dict[object, Callable[[], object]], device, repeats: int, tick=lambda: None
+                 ) -> Dict[object, float]:
+    """The median seconds of each call over ``repeats`` passes, the calls timed in turns (a noisy machine then
+    affects all alike) after one untimed warm-up pass; ``tick()`` after each of the ``(repeats + 1) * len(calls)``
+    calls."""
+    times = {key: [] for key in calls}
+    for rep in range(repeats + 1):
+        for key, fn in calls.items():
+            t = time_call(fn, device)
+            tick()
+            if rep:
+                times[key].append(t)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 class PhaseTimer:

@@ -20,7 +20,6 @@ options of a ``generate`` call into the shape of its rounds.
 """
 import logging
 import math
-import statistics
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -32,7 +31,7 @@ from .calibration import Calibration, calibrated, calibration_key, fingerprint
 from .draft import DraftModel, context_pass
 from .draft_io import PROFILE_FORMAT, PROFILE_NAME, resolve_draft  # noqa: F401  (PROFILE_NAME: where it goes)
 from .speculative import Sampling, decode_step, initial_state, vanilla_decode, verify
-from .timing import time_call
+from .timing import median_times, time_call
 from .tree import DEFAULT_DEPTH, DEFAULT_TREE_TOPK, check_tree_options, draft_tree
 
 # (total_tokens, depth, tree_topk): chains, small trees for CPUs, the EAGLE-2 trees for GPUs
@@ -235,20 +234,8 @@ def measure_costs(target, draft, shapes, taus: Optional[Dict[tuple, float]] = No
         decode_step(target, ids[:, :1], state.cache).argmax(-1)
         state.cache.crop(-1)
 
-    times = {s: [] for s in shapes}
-    vanilla = []
-    for rep in range(repeats + 1):  # the first pass warms up
-        v = time_call(step, dev)
-        tick()
-        rounds = {}
-        for s in shapes:
-            rounds[s] = time_call(lambda: one_round(s), dev)
-            tick()
-        if rep:
-            vanilla.append(v)
-            for s in shapes:
-                times[s].append(rounds[s])
-    return {s: statistics.median(t) for s, t in times.items()}, statistics.median(vanilla)
+    medians = median_times({"vanilla": step, **{s: (lambda s=s: one_round(s)) for s in shapes}}, dev, repeats, tick)
+    return {s: medians[s] for s in shapes}, medians["vanilla"]
 
 
 @torch.inference_mode()

@@ -15,10 +15,10 @@ import hass_ext
 from hass_ext import batch
 from hass_ext.draft import context_pass
 from hass_ext.kv_cache import SlotCache
-from hass_ext.sampling import filtered_probs
 from hass_ext.speculative import Sampling, State, decode_step, verify
 from hass_ext.tree import draft_tree, draft_trees, tree_from_parents
-from tiny_models import tiny_target
+from sampling_stats import exact_three_tokens, goodness_of_fit
+from tiny_models import agreeing_draft, tiny_target
 
 TIE = 1e-4  # sdpa targets (BLAS linear layers): a divergence is tolerated only at a top-2 logit gap this small
 MAX_NEW = 24
@@ -86,28 +86,6 @@ def drain(gen):
             items.append(next(gen))
         except StopIteration as stop:
             return items, stop.value
-
-
-def agreeing_draft(target, sequences, steps=150):
-    """A draft fitted (EAGLE-style: feature regression + soft cross-entropy) to the target's continuations, so
-    that rounds accept several tokens: chunks then get cut at EOS / max_new_tokens and rows advance unevenly."""
-    draft = hass_ext.init_draft(target, seed=0)
-    n = min(s.numel() for s in sequences)
-    with torch.no_grad():
-        pre = [target.prefill(s[None, :n], all_logits=True) for s in sequences]
-        f = torch.stack([p.hidden_states[0].clone() for p in pre])
-        p = torch.stack([torch.softmax(x.logits[0].float(), -1) for x in pre])
-    ids = torch.stack([s[:n] for s in sequences])
-    opt = torch.optim.AdamW([q for q in draft.parameters() if q.requires_grad], lr=3e-3, betas=(0.9, 0.95))
-    draft.train()
-    for _ in range(steps):
-        out = draft(ids[:, 1:], f[:, :-1])
-        logq = torch.log_softmax(draft.logits(out), -1)
-        loss = torch.nn.functional.smooth_l1_loss(out, f[:, 1:]) - 0.1 * (p[:, 1:] * logq).sum(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return draft.eval()
 
 
 # ---- 1. greedy: every row == its lone vanilla run ------------------------------------------------------------
@@ -213,7 +191,7 @@ def test_rows_end_on_first_token_and_at_their_own_max_new_tokens():
     assert len(others) == 3, "the fixed prompts should give three rows that run 40 tokens"
     prompts = [pool[0]] + [pool[i] for i in others]
     max_new = [1, 5, 17, 40]
-    draft = agreeing_draft(target, [torch.cat([pool[i], torch.tensor(runs[i])]) for i in others])
+    draft = agreeing_draft(target, [torch.cat([pool[i], torch.tensor(runs[i])]) for i in others], steps=150)
     for name, d, tree in (("vanilla", None, {}), ("8-3-3", draft, TREES["8-3-3"]),
                           ("10-5-2", draft, dict(total_tokens=10, depth=5, tree_topk=2))):
         results = hass_ext.generate(prompts, target=target, draft=d, max_new_tokens=max_new, **tree)
@@ -278,32 +256,6 @@ def test_speculative_sampled_rows_are_reproducible_per_seed():
 
 # ---- 5. the sampled distribution with B > 1 -----------------------------------------------------------------
 
-def exact_three_tokens(target, prompt, temperature, top_p, top_k):
-    """p(x1, x2, x3 | prompt) under hass_ext.sampling's definition, by enumerating every prefix."""
-    V = target.config.vocab_size
-    with torch.no_grad():
-        p1 = filtered_probs(target.model(prompt[None]).logits[0, -1], temperature, top_p, top_k).double()
-        l2 = target.model(torch.cat([prompt.expand(V, -1), torch.arange(V)[:, None]], 1)).logits[:, -1]
-        p2 = filtered_probs(l2, temperature, top_p, top_k).double()
-        pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))
-        l3 = target.model(torch.cat([prompt.expand(V * V, -1), pairs], 1)).logits[:, -1]
-        p3 = filtered_probs(l3, temperature, top_p, top_k).double().view(V, V, V)
-    return p1[:, None, None] * p2[:, :, None] * p3
-
-
-def chi2_pvalue(counts, probs):
-    """Chi-square goodness of fit on the cells with expected count >= 5, the others pooled into one cell."""
-    from scipy.stats import chisquare
-
-    n = float(counts.sum())
-    expected = probs * n
-    big = expected >= 5
-    obs, exp = counts[big], expected[big]
-    if float(expected[~big].sum()) > 0:
-        obs, exp = torch.cat([obs, counts[~big].sum()[None]]), torch.cat([exp, expected[~big].sum()[None]])
-    return float(chisquare(obs.numpy(), (exp * (n / exp.sum())).numpy()).pvalue), int(big.sum())
-
-
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.8, 0.9, 6)])
 def test_batched_sampling_matches_target_distribution(temperature, top_p, top_k):
     """8 rows (two prompts of different lengths, four rows each, rows of 3 and of 5 new tokens: rows leave the
@@ -337,14 +289,7 @@ def test_batched_sampling_matches_target_distribution(temperature, top_p, top_k)
     for i, prompt in enumerate(prompts):
         exact = exact_three_tokens(target, prompt, temperature, top_p, top_k)
         c = counts[i]
-        pvalues = {"joint": chi2_pvalue(c.flatten(), exact.flatten())}
-        for pos in range(3):
-            dims = tuple(d for d in range(3) if d != pos)
-            pvalues[f"x{pos + 1}"] = chi2_pvalue(c.sum(dims), exact.sum(dims))
-        tv = 0.5 * float((c.flatten() / n - exact.flatten()).abs().sum())
-        ref_tv = torch.tensor([0.5 * float((torch.bincount(torch.multinomial(exact.flatten(), n, replacement=True,
-                                                                              generator=ref), minlength=V ** 3) / n
-                                            - exact.flatten()).abs().sum()) for _ in range(30)])
+        pvalues, tv, ref_tv = goodness_of_fit(c, exact, ref, ref_samplers=30)
         bound = float(ref_tv.mean() + 5 * ref_tv.std())
         print(f"prompt {i}: chi2 p-values {pvalues}; TV {tv:.3f} (bound {bound:.3f}); tau "
               f"{(accepted + rounds) / rounds:.2f}")

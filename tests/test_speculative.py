@@ -6,12 +6,12 @@ import torch
 
 import hass_ext
 from hass_ext.ops.small_linear import SmallLinear
-from hass_ext.sampling import filtered_probs
 from hass_ext.speed_eval import first_turns
 from hass_ext.speculative import State, decode_step, speculative_decode, verify
 from hass_ext.tree import tree_from_parents
 from hass_ext.tree_choice import auto_total_tokens
-from tiny_models import tiny_target
+from sampling_stats import exact_three_tokens, goodness_of_fit
+from tiny_models import agreeing_draft, tiny_target
 
 
 TIE = 1e-4  # a greedy divergence is only tolerated where vanilla's two best logits are this close
@@ -241,38 +241,13 @@ def test_lossless_greedy_smollm2_16bit(smollm2_16bit, tree):
 
 # ---- a draft trained to agree with its target ---------------------------------------------------------------
 
-def _train_agreeing_draft(target, sequences, steps=300, lr=3e-3):
-    """EAGLE-style fit on the target's own continuations: feature regression + soft cross-entropy."""
-    draft = hass_ext.init_draft(target, seed=0)
-    feats, probs = [], []
-    with torch.no_grad():
-        for seq in sequences:
-            pre = target.prefill(seq[None], all_logits=True)
-            feats.append(pre.hidden_states[0].clone())
-            probs.append(torch.softmax(pre.logits[0].float(), -1))
-    ids = torch.stack(sequences)
-    f, p = torch.stack(feats), torch.stack(probs)
-    params = [q for q in draft.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
-    draft.train()
-    for _ in range(steps):
-        # pair (f_t, x_{t+1}) -> regress f_{t+1}, distill p_{t+1} (the target's distribution of x_{t+2})
-        out = draft(ids[:, 1:], f[:, :-1])
-        logq = torch.log_softmax(draft.logits(out), -1)
-        loss = torch.nn.functional.smooth_l1_loss(out, f[:, 1:]) - 0.1 * (p[:, 1:] * logq).sum(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return draft.eval()
-
-
 def test_trained_draft_accepts_and_stays_lossless():
     target = tiny_target("llama", seed=11, vocab=128, hidden=64, heads=4, kv_heads=2, scale=15.0)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 128, (6,), generator=g) for _ in range(4)]
     vanilla = [hass_ext.generate(p, target=target, max_new_tokens=48).token_ids for p in prompts]
     sequences = [torch.cat([p, torch.tensor(v)]) for p, v in zip(prompts, vanilla)]
-    draft = _train_agreeing_draft(target, sequences)
+    draft = agreeing_draft(target, sequences)
     for tree in (dict(), dict(total_tokens=10, depth=5, tree_topk=2), dict(total_tokens=6, tree_topk=1)):
         accepted, rounds = 0, 0
         for p, v in zip(prompts, vanilla):
@@ -288,33 +263,6 @@ def test_trained_draft_accepts_and_stays_lossless():
 
 # ---- sampling follows the target's distribution -------------------------------------------------------------
 
-def _exact_three_token_distribution(target, prompt, temperature, top_p, top_k):
-    """p(x1, x2, x3 | prompt) under the sampling definition, by enumerating every prefix."""
-    V = target.config.vocab_size
-    with torch.no_grad():
-        p1 = filtered_probs(target.model(prompt[None]).logits[0, -1], temperature, top_p, top_k).double()
-        x1 = torch.arange(V)[:, None]
-        l2 = target.model(torch.cat([prompt.expand(V, -1), x1], 1)).logits[:, -1]
-        p2 = filtered_probs(l2, temperature, top_p, top_k).double()                       # [V(x1), V(x2)]
-        pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))
-        l3 = target.model(torch.cat([prompt.expand(V * V, -1), pairs], 1)).logits[:, -1]
-        p3 = filtered_probs(l3, temperature, top_p, top_k).double().view(V, V, V)
-    return p1[:, None, None] * p2[:, :, None] * p3
-
-
-def _chi2_pvalue(counts, probs):
-    """Chi-square goodness of fit on the cells with expected count >= 5, the others pooled into one cell."""
-    from scipy.stats import chisquare
-
-    n = float(counts.sum())
-    expected = probs * n
-    big = expected >= 5
-    obs, exp = counts[big], expected[big]
-    if float(expected[~big].sum()) > 0:
-        obs, exp = torch.cat([obs, counts[~big].sum()[None]]), torch.cat([exp, expected[~big].sum()[None]])
-    return float(chisquare(obs.numpy(), (exp * (n / exp.sum())).numpy()).pvalue), int(big.sum())
-
-
 def sampling_setup():
     """A tiny target, a prompt and a draft fitted to sampled continuations: its candidates then carry most of the
     target's mass, so that acceptances, sibling rejections and residual draws all happen often. Also returns the
@@ -324,7 +272,7 @@ def sampling_setup():
     samples = [torch.cat([prompt, torch.tensor(hass_ext.generate(prompt, target=target, max_new_tokens=6,
                                                                  temperature=1.0, seed=s).token_ids)])
                for s in range(24)]
-    draft = _train_agreeing_draft(target, [x for x in samples if x.numel() == 10], steps=200)
+    draft = agreeing_draft(target, [x for x in samples if x.numel() == 10], steps=200)
     return target, prompt, draft, samples
 
 
@@ -337,7 +285,7 @@ def check_sampling_distribution(target, draft, prompt, temperature, top_p, top_k
     Returns the sampled counts ``[V, V, V]``.
     """
     V = target.config.vocab_size
-    exact = _exact_three_token_distribution(target, prompt, temperature, top_p, top_k)
+    exact = exact_three_tokens(target, prompt, temperature, top_p, top_k)
     g = torch.Generator().manual_seed(1234)
     counts = torch.zeros_like(exact)
     accepted = 0
@@ -352,15 +300,7 @@ def check_sampling_distribution(target, draft, prompt, temperature, top_p, top_k
         counts[toks[0], toks[1], toks[2]] += 1
     min_accepted = n // 4 if min_accepted is None else min_accepted
     assert accepted > min_accepted, "too few accepted draft tokens for the test to exercise acceptance"
-    pvalues = {"joint": _chi2_pvalue(counts.flatten(), exact.flatten())}
-    for pos in range(3):
-        dims = tuple(d for d in range(3) if d != pos)
-        pvalues[f"x{pos + 1}"] = _chi2_pvalue(counts.sum(dims), exact.sum(dims))
-    tv = 0.5 * float((counts.flatten() / n - exact.flatten()).abs().sum())
-    ref = torch.Generator().manual_seed(99)
-    ref_tv = torch.tensor([0.5 * float((torch.bincount(torch.multinomial(exact.flatten(), n, replacement=True,
-                                                                          generator=ref), minlength=V ** 3) / n
-                                        - exact.flatten()).abs().sum()) for _ in range(50)])
+    pvalues, tv, ref_tv = goodness_of_fit(counts, exact, torch.Generator().manual_seed(99))
     tv_bound = float(ref_tv.mean() + 5 * ref_tv.std())
     print(f"T={temperature} top_p={top_p} top_k={top_k}: chi2 p-values (p, cells) {pvalues}; TV {tv:.3f} "
           f"(exact samplers {float(ref_tv.mean()):.3f} +- {float(ref_tv.std()):.3f}); {accepted} accepted drafts")

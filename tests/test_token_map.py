@@ -11,9 +11,9 @@ from hass_ext.draft_io import CheckpointError, load_token_map, save_token_map
 from hass_ext.draft import check_token_map
 from hass_ext.train.shards import MANIFEST, FORMAT, ShardDataset, pack_examples, shard_name, write_shard
 from hass_ext.train.token_map import hot_vocabulary, template_token_ids, token_frequencies
-from test_speculative import _train_agreeing_draft, check_sampling_distribution, sampling_setup
+from test_speculative import check_sampling_distribution, sampling_setup
 from test_tree import _brute_force_tree, _draft, tree_after_random_context
-from tiny_models import tiny_target
+from tiny_models import agreeing_draft, tiny_target
 
 
 # ---- the draft tree over a hot vocabulary -------------------------------------------------------------------
@@ -77,7 +77,7 @@ def test_greedy_lossless_with_hot_vocabulary():
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 128, (6,), generator=g) for _ in range(4)]
     vanilla = [hass_ext.generate(p, target=target, max_new_tokens=48).token_ids for p in prompts]
-    draft = _train_agreeing_draft(target, [torch.cat([p, torch.tensor(v)]) for p, v in zip(prompts, vanilla)])
+    draft = agreeing_draft(target, [torch.cat([p, torch.tensor(v)]) for p, v in zip(prompts, vanilla)])
     produced = sorted({t for v in vanilla for t in v})
     assert len(produced) >= 6
     # half of the tokens the target produces, plus unrelated ones

@@ -7,8 +7,7 @@ import torch
 import hass_ext
 from hass_ext import draft_io, tree_choice
 from hass_ext.tree_choice import accepted_length, choose_tree, measure_acceptance, replay_rounds
-from test_speculative import _train_agreeing_draft
-from tiny_models import tiny_target
+from tiny_models import agreeing_draft, tiny_target
 
 SHAPES = [(2, 1, 1), (5, 4, 1), (8, 3, 4), (10, 5, 2), (24, 6, 4)]
 
@@ -20,7 +19,7 @@ def agreeing():
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 128, (6,), generator=g) for _ in range(3)]
     vanilla = [hass_ext.generate(p, target=target, max_new_tokens=40).token_ids for p in prompts]
-    draft = _train_agreeing_draft(target, [torch.cat([p, torch.tensor(v)]) for p, v in zip(prompts, vanilla)],
+    draft = agreeing_draft(target, [torch.cat([p, torch.tensor(v)]) for p, v in zip(prompts, vanilla)],
                                   steps=200)
     return target, prompts, draft
 

@@ -43,3 +43,28 @@ def tiny_target(family="llama", seed=0, dtype=torch.float32, eos_token_id=None, 
         model.lm_head.weight.mul_(scale)
     model.generation_config.eos_token_id = eos_token_id
     return Target(model.eval(), StubTokenizer(eos_token_id), f"tiny-{family}")
+
+
+def agreeing_draft(target, sequences, steps=300, lr=3e-3):
+    """A draft fitted EAGLE-style (feature regression + soft cross-entropy) to the target's own continuations
+    ``sequences`` (cut to the shortest), so that rounds accept several tokens."""
+    import hass_ext
+
+    draft = hass_ext.init_draft(target, seed=0)
+    n = min(s.numel() for s in sequences)
+    with torch.no_grad():
+        pre = [target.prefill(s[None, :n], all_logits=True) for s in sequences]
+        f = torch.stack([p.hidden_states[0].clone() for p in pre])
+        p = torch.stack([torch.softmax(x.logits[0].float(), -1) for x in pre])
+    ids = torch.stack([s[:n] for s in sequences])
+    opt = torch.optim.AdamW([q for q in draft.parameters() if q.requires_grad], lr=lr, betas=(0.9, 0.95))
+    draft.train()
+    for _ in range(steps):
+        # pair (f_t, x_{t+1}) -> regress f_{t+1}, distill p_{t+1} (the target's distribution of x_{t+2})
+        out = draft(ids[:, 1:], f[:, :-1])
+        logq = torch.log_softmax(draft.logits(out), -1)
+        loss = torch.nn.functional.smooth_l1_loss(out, f[:, 1:]) - 0.1 * (p[:, 1:] * logq).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return draft.eval()
