@@ -129,8 +129,9 @@ def forward_rows(target, cache, tokens: torch.Tensor, positions: torch.Tensor, t
 def batched_vanilla_decode(target, prompts: Sequence[torch.Tensor], max_new: Sequence[int], sampling: Sampling,
                            generators, eos) -> Iterator[Event]:
     """Autoregressive decoding of a batch: one target forward over one token per running row per step."""
-    rows = _Rows(max_new, generators, eos)
     capacity = max(p.shape[1] for p in prompts) + max(max_new) + 1
+    check_target(target, capacity, "batched decoding")
+    rows = _Rows(max_new, generators, eos)
     cache, logits, _ = _prefill_rows(target, prompts, capacity)
     lengths = [p.shape[1] for p in prompts]
     dev = target.device

@@ -230,20 +230,21 @@ def _attention_impl(target) -> str:
     return getattr(target.model.config, "_attn_implementation", None) or "eager"
 
 
-def check_target(target, needed_length: int) -> None:
-    """Raise ValueError for targets whose attention ignores the tree mask or whose cache cannot be compacted."""
+def check_target(target, needed_length: int, what: str = "speculative decoding") -> None:
+    """Raise ValueError for targets whose attention ignores the tree mask or whose cache cannot be compacted.
+    what: the decoding that needs them, for the message ("batched decoding" for a vanilla batch, whose steps are
+    one-node trees over rows of different lengths)."""
     impl = _attention_impl(target)
     if impl not in _SUPPORTED_ATTENTION:
-        raise ValueError(f"speculative decoding needs the target's attention to take the tree mask "
+        raise ValueError(f"{what} needs the target's attention to take the tree mask "
                          f"(attn_implementation in {_SUPPORTED_ATTENTION}; '{TREE_ATTENTION}' after "
                          f"hass_ext.register_hass_tree()); {target.name} uses {impl!r}")
     window = getattr(target.model.config, "sliding_window", None)
     layer_types = getattr(target.model.config, "layer_types", None) or []
     sliding = window is not None and (not layer_types or any("sliding" in str(t) for t in layer_types))
     if sliding and getattr(target.model.config, "use_sliding_window", True) and needed_length >= window - 1:
-        raise ValueError(f"{target.name} uses sliding-window attention (window {window}); speculative decoding "
-                         f"supports it only while prompt + max_new_tokens + total_tokens < {window - 1}, "
-                         f"here {needed_length}")
+        raise ValueError(f"{target.name} uses sliding-window attention (window {window}); {what} supports it only "
+                         f"while prompt + max_new_tokens (+ tree size) < {window - 1}, here {needed_length}")
 
 
 _DEPRECATED = {"prefill": ("initial_state", lambda: initial_state),

@@ -360,6 +360,24 @@ def test_bad_batch_input(monkeypatch):
             hass_ext.generate(prompts, target=target, max_new_tokens=4)
 
 
+def test_targets_a_batch_cannot_decode_are_refused():
+    """Rows of different lengths need an attention that takes the per-row mask, and a sliding window would be
+    ignored by it: such targets get a ValueError naming the cause, vanilla batches included."""
+    prompts = [[1, 2, 3], [4, 5]]
+    flash = tiny_target("llama", seed=0, vocab=64)
+    flash.model.config._attn_implementation = "flash_attention_2"  # takes no custom mask
+    speculative = dict(draft=hass_ext.init_draft(flash, seed=1), total_tokens=4, depth=2, tree_topk=2)
+    for options in ({}, speculative):
+        with pytest.raises(ValueError, match="needs the target's attention to take the tree mask"):
+            hass_ext.generate(prompts, target=flash, max_new_tokens=4, **options)
+    window = tiny_target("mistral", seed=0, vocab=64, sliding_window=8)
+    with pytest.raises(ValueError, match="batched decoding supports it only while"):
+        hass_ext.generate(prompts, target=window, max_new_tokens=16)
+    with pytest.raises(ValueError, match="speculative decoding supports it only while"):
+        hass_ext.generate(prompts, target=window, draft=hass_ext.init_draft(window, seed=1), max_new_tokens=16,
+                          total_tokens=4, depth=2, tree_topk=2)
+
+
 # ---- 8. batch_size ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("batch_size", [1, 2])
