@@ -351,13 +351,14 @@ class DraftCache:
     def select_rows(self, rows) -> None:
         """Keep batch rows ``rows`` (ascending indices), moved to the front of the same storage in place."""
         rows = list(rows)
+        if any(b <= a for a, b in zip(rows, rows[1:])) or (rows and not 0 <= rows[0] <= rows[-1] < self._shape[0]):
+            raise ValueError(f"select_rows takes ascending row indices in [0, {self._shape[0]}), got {rows}")
         B, H, _, d = self._shape
-        index = None if rows == list(range(len(rows))) else torch.tensor(rows, dtype=torch.long, device=self.device)
         for i, kv in enumerate(self.layers):
-            kept = kv.narrow(1, 0, len(rows))
-            if index is not None:
-                kept.copy_(kv.index_select(1, index))
-            self.layers[i] = kept
+            for dst, src in enumerate(rows):  # ascending, so dst <= src: a row moves before anything overwrites it
+                if dst != src:
+                    kv[:, dst].copy_(kv[:, src])
+            self.layers[i] = kv.narrow(1, 0, len(rows))
         self._shape = (len(rows), H, 0, d)
 
     def compact(self, slots: torch.Tensor, starts: torch.Tensor) -> None:

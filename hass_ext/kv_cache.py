@@ -125,13 +125,12 @@ class SlotCache(Cache):
         """Keep batch rows ``rows`` (ascending indices), moved to the front of the same storage in place: the
         cache then has ``len(rows)`` rows (a batch whose finished rows leave it)."""
         rows = list(rows)
-        if rows == list(range(len(rows))):
-            kept = self.buffer.narrow(1, 0, len(rows))
-        else:
-            index = torch.tensor(rows, dtype=torch.long, device=self.buffer.device)
-            kept = self.buffer.narrow(1, 0, len(rows))
-            kept.copy_(self.buffer.index_select(1, index))
-        self.adopt(kept, self.length)
+        if any(b <= a for a, b in zip(rows, rows[1:])) or (rows and not 0 <= rows[0] <= rows[-1] < self.buffer.shape[1]):
+            raise ValueError(f"select_rows takes ascending row indices in [0, {self.buffer.shape[1]}), got {rows}")
+        for dst, src in enumerate(rows):  # ascending, so dst <= src: a row moves before anything overwrites it
+            if dst != src:
+                self.buffer[:, dst].copy_(self.buffer[:, src])
+        self.adopt(self.buffer.narrow(1, 0, len(rows)), self.length)
 
     def keep(self, slots: torch.Tensor, start) -> None:
         """Move the entries at ``slots`` (int64 ``[m]`` on the buffer's device, in order) to ``start ..

@@ -501,6 +501,11 @@ def test_select_rows_keeps_the_storage_and_moves_the_kept_rows():
     dcache.reserve(200)  # growing after a selection keeps the kept rows (the cache's shape follows them)
     for kv, (old, _) in zip(dcache.layers, saved):
         assert kv.shape[1] == 2 and torch.equal(kv[:, :, :, :old.shape[3]], old[:, [0, 2]])
+    for bad in ([1, 0], [0, 0], [0, 2]):  # not ascending, repeated, past the 2 rows left
+        with pytest.raises(ValueError, match="ascending row indices"):
+            dcache.select_rows(bad)
+        with pytest.raises(ValueError, match="ascending row indices"):
+            cache.select_rows(bad + [5])
 
 
 # ---- SmolLM2 with its shipped draft -------------------------------------------------------------------------
