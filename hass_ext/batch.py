@@ -138,9 +138,9 @@ def batched_vanilla_decode(target, prompts: Sequence[torch.Tensor], max_new: Seq
     tokens = _sample_rows(logits, sampling, rows.generators)
     one = torch.ones(1, 1, 1, dtype=torch.bool, device=dev)
     while True:
-        tokens, lengths = _emit_and_drop(rows, [[t] for t in tokens], [None] * len(tokens), lengths,
-                                         (cache,), lambda keep: None)
-        yield from rows.pending
+        events, tokens, lengths, _ = _emit_and_drop(rows, [[t] for t in tokens], [None] * len(tokens), lengths,
+                                                    (cache,))
+        yield from events
         if not rows.ids:
             return
         B = len(rows.ids)
@@ -157,22 +157,23 @@ def batched_vanilla_decode(target, prompts: Sequence[torch.Tensor], max_new: Seq
 
 
 def _emit_and_drop(rows: _Rows, chunks: List[List[int]], accepted: List[Optional[int]], lengths: List[int],
-                   caches, on_drop):
-    """Commit each cache row's new tokens (rows.pending: the events to yield), drop the rows that finished from
-    ``caches`` and the host lists; returns (each running row's last token, lengths) for the rows kept."""
-    rows.pending, keep = [], []
+                   caches):
+    """Commit each cache row's new tokens and drop the rows that finished from ``caches`` and the host lists.
+    Returns the events to yield, each running row's last token and length, and the kept rows' indices (None when
+    every row runs on)."""
+    events, keep = [], []
     for b, chunk in enumerate(chunks):
         kept, stop = rows.commit(b, chunk)
-        rows.pending.append(Event(rows.ids[b], kept, accepted[b], stop))
+        events.append(Event(rows.ids[b], kept, accepted[b], stop))
         if stop is None:
             keep.append(b)
-    if len(keep) < len(chunks):
+    if len(keep) == len(chunks):
+        return events, [c[-1] for c in chunks], lengths, None
+    if keep:
         for c in caches:
-            if keep:
-                c.select_rows(keep)
-        on_drop(keep)
-        rows.keep(keep)
-    return [chunks[b][-1] for b in keep], [lengths[b] for b in keep]
+            c.select_rows(keep)
+    rows.keep(keep)
+    return events, [chunks[b][-1] for b in keep], [lengths[b] for b in keep], keep
 
 
 # ---- speculative --------------------------------------------------------------------------------------------
@@ -195,20 +196,17 @@ def batched_speculative_decode(target, draft: DraftModel, prompts: Sequence[torc
     # the draft context pass over each prompt: pairs (f_t, x_{t+1}), the prompt shifted by one plus the first token
     pairs = [(f, torch.cat([p[0, 1:], torch.tensor([t], device=dev)])) for f, p, t in zip(feats, prompts, first)]
     root_hidden = _extend(draft, dcache, [0] * len(prompts), pairs)
-    state = {"hidden": root_hidden}
-
-    def drop(keep):
-        state["hidden"] = state["hidden"][keep]
-
     chunks, accepted = [[t] for t in first], [None] * len(first)
     while True:
-        roots, lengths = _emit_and_drop(rows, chunks, accepted, lengths, (cache, dcache), drop)
-        yield from rows.pending
+        events, roots, lengths, keep = _emit_and_drop(rows, chunks, accepted, lengths, (cache, dcache))
+        yield from events
         if not rows.ids:
             return
+        if keep is not None:
+            root_hidden = root_hidden[keep]
         levels = min(depth, max(m - p for m, p in zip(rows.max_new, rows.produced)) - 1)
-        chunks, accepted, lengths, state["hidden"] = batched_round(
-            target, draft, cache, dcache, roots, lengths, state["hidden"], sampling, rows.generators,
+        chunks, accepted, lengths, root_hidden = batched_round(
+            target, draft, cache, dcache, roots, lengths, root_hidden, sampling, rows.generators,
             total_tokens, levels, tree_topk)
 
 
