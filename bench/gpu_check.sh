@@ -231,6 +231,12 @@ bench bench_round 150 "--device cuda --shape llama3-8b --attn hass_tree sdpa --r
   "--device cpu --tiny --repeats 1 --attn hass_tree sdpa --out-dir $BENCH && \
   $R --device cpu --tiny --repeats 1 --attn hass_tree --context 96 --out-dir $BENCH && \
   $R --device cpu --tiny --repeats 1 --attn hass_tree --tree 16/4/4 --out-dir $BENCH"
+# fixed-shape rounds: eager and replayed from a CUDA graph, against eager and replayed vanilla steps
+S="$PY bench/bench_static_round.py"
+bench bench_static_round 90 "--device cuda --shape llama3-8b --tree 60/6/10 --out-dir $BENCH && \
+  $S --device cuda --shape llama3-8b --tree 16/4/4 --out-dir $BENCH && \
+  $S --device cuda --shape llama3-8b --tree 60/6/10 --context 4096 --out-dir $BENCH" \
+  "--device cpu --tiny --repeats 1 --out-dir $BENCH && $S --device cpu --tiny --repeats 1 --tree 16/4/4 --out-dir $BENCH"
 bench bench_distill_loss 60 "--device cuda --reps 10 --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"
 bench bench_compact_kv 20 "--device cuda --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"
 bench bench_small_linear 45 "--device cuda --shape-budget 6 --out-dir $BENCH" "--device cpu --quick --out-dir $BENCH"

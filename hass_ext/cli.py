@@ -51,6 +51,9 @@ def _add_draft_args(p):
                    help="speculative decoding with this draft: a checkpoint folder (EAGLE/HASS layout) or "
                         "'default' (the packaged draft); without it, vanilla decoding")
     _add_tree_args(p)
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, decode one prompt with eager rounds instead of replaying them from a CUDA graph "
+                        "(the same output)")
     p.add_argument("--stats", action="store_true",
                    help="also decode with the target alone and report tau, tokens/s and the speedup, and where "
                         "the tree's round costs came from")
@@ -109,8 +112,9 @@ def check_args(args) -> None:
 
 
 def _generation_kwargs(args, target, draft=None):
+    graphs = {"cuda_graphs": False} if getattr(args, "no_cuda_graphs", False) else {}
     return dict(target=target, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_p=args.top_p, top_k=args.top_k, seed=args.seed, draft=draft, **_tree_options(args))
+                top_p=args.top_p, top_k=args.top_k, seed=args.seed, draft=draft, **graphs, **_tree_options(args))
 
 
 def _load_draft(args, target):

@@ -332,7 +332,8 @@ class DraftCache:
         cap = max(needed, 2 * self.capacity, 64)
         B, H, _, d = self._shape
         for i, kv in enumerate(self.layers):
-            new = torch.empty(2, B, H, cap, d, dtype=self.dtype, device=self.device)
+            # zeros: a masked slot still enters sdpa's products (a NaN there would poison its row)
+            new = torch.zeros(2, B, H, cap, d, dtype=self.dtype, device=self.device)
             if kv is not None:
                 new[:, :, :, :self.capacity] = kv
             self.layers[i] = new

@@ -15,7 +15,9 @@ import torch
 from .batch import batched_speculative_decode, batched_vanilla_decode
 from .draft_io import resolve_draft
 from .sampling import check_sampling_args
-from .speculative import Sampling, decode_step, speculative_decode, vanilla_decode  # noqa: F401  (public)
+from .speculative import (TREE_ATTENTION, Sampling, _attention_impl, decode_step,  # noqa: F401  (public)
+                          speculative_decode, vanilla_decode)
+from .static_rounds import static_speculative_decode, static_vanilla_decode
 from .target import resolve_target
 from .tree_choice import TREE_OPTIONS, given_tree, resolve_tree
 
@@ -81,30 +83,44 @@ def check_generation_args(max_new_tokens, temperature, top_p, top_k, draft, tree
     given_tree(**tree_options)  # the option values, before the target is loaded
 
 
+def _check_cuda_graphs(cuda_graphs) -> None:
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True, False or None (True on CUDA), got {cuda_graphs!r}")
+
+
 def _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k, seed, chat,
-                tree_options):
+                tree_options, cuda_graphs=None):
     """Generator behind generate/stream: yields (target, tokens so far) after each chunk, returns the result."""
     check_generation_args(max_new_tokens, temperature, top_p, top_k, draft, tree_options)
+    _check_cuda_graphs(cuda_graphs)
     setup = time.perf_counter()
     target = resolve_target(target)
+    if cuda_graphs and target.device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA target; {target.name} is on {target.device}")
+    if cuda_graphs is None:  # where the fixed-shape steps keep the eager bits: the row-invariant attention
+        cuda_graphs = target.device.type == "cuda" and _attention_impl(target) == TREE_ATTENTION
     input_ids = target.encode(prompt_or_messages, chat=chat)
     if input_ids.shape[1] >= target.max_length:
         raise ValueError(f"prompt has {input_ids.shape[1]} tokens; {target.name} accepts at most "
                          f"{target.max_length} tokens including the generation")
     max_new_tokens = min(max_new_tokens, target.max_length - input_ids.shape[1])
     generator = _make_generator(seed, target.device)
+    sampling = (temperature, top_p, top_k, generator)
     tree = None
-    if draft is None:
-        decoder = vanilla_decode(target, input_ids, max_new_tokens, temperature, top_p, top_k, generator)
-    else:
+    if draft is not None:
         draft = resolve_draft(draft, target)
         # the tree choice (its round costs measured once per machine) is set-up, not generation: timed apart
         tree = resolve_tree(target, draft, **tree_options)
-        if tree.vanilla_is_faster:  # the automatic tree found no shape faster than vanilla here: same output
-            decoder = vanilla_decode(target, input_ids, max_new_tokens, temperature, top_p, top_k, generator)
+    if tree is None or tree.vanilla_is_faster:  # (an automatic tree slower than vanilla: the same output, sooner)
+        if cuda_graphs:  # fixed-shape steps, captured once and replayed (hass_ext.static_rounds)
+            decoder = static_vanilla_decode(target, input_ids, max_new_tokens, *sampling, cuda_graphs=True)
         else:
-            decoder = speculative_decode(target, draft, input_ids, max_new_tokens, temperature, top_p, top_k,
-                                         generator, **tree.options())
+            decoder = vanilla_decode(target, input_ids, max_new_tokens, *sampling)
+    elif cuda_graphs:  # fixed-shape rounds, captured once and replayed
+        decoder = static_speculative_decode(target, draft, input_ids, max_new_tokens, *sampling, **tree.options(),
+                                            cuda_graphs=True)
+    else:
+        decoder = speculative_decode(target, draft, input_ids, max_new_tokens, *sampling, **tree.options())
     setup = time.perf_counter() - setup
     eos = target.eos_token_ids
     tokens, accepts, stop = [], [], "length"
@@ -253,6 +269,13 @@ def _batch_generation(prompts, target, draft, max_new_tokens, temperature, top_p
     return results
 
 
+def _check_batch_graphs(cuda_graphs) -> None:
+    _check_cuda_graphs(cuda_graphs)
+    if cuda_graphs:
+        raise ValueError("cuda_graphs=True applies to one prompt: a batch (a list of prompts) decodes with eager "
+                         "rounds (leave cuda_graphs unset)")
+
+
 def _drive(gen):
     while True:
         try:
@@ -263,7 +286,7 @@ def _drive(gen):
 
 def generate(prompt_or_messages, *, target=None, draft=None, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None, chat: Optional[bool] = None,
-             batch_size: Optional[int] = None, **tree_options):
+             batch_size: Optional[int] = None, cuda_graphs: Optional[bool] = None, **tree_options):
     """Generate a continuation of a prompt, or of each prompt of a list.
 
     prompt_or_messages: a string (wrapped as a user turn of the chat template when the tokenizer has one,
@@ -293,30 +316,39 @@ def generate(prompt_or_messages, *, target=None, draft=None, max_new_tokens: int
         the set-up took (not part of ``elapsed``). When the measured costs say no profiled shape beats a vanilla
         step here (``result.tree.vanilla_is_faster``: e.g. a large batch on a CPU), the automatic tree decodes
         without the draft, with a warning: the output is the same, sooner.
+    cuda_graphs (one prompt): decode with fixed-shape rounds (vanilla: fixed-shape steps) captured once in a CUDA
+        graph and replayed (hass_ext.static_rounds): one launch and one host read per round or step, the tokens
+        of the eager loop. The default None means True on a CUDA target whose attention is hass_tree
+        (load_target's choice where the kernel runs), False elsewhere; True on a CPU target is an error. The first
+        round runs eagerly and the second is captured: a one-off set-up of about one round plus the capture.
+        A round that cannot be captured (e.g. a custom target layer that reads a value back) falls back to eager
+        rounds with a warning. Batches (a list of prompts) decode eagerly.
     """
     if is_batch(prompt_or_messages):
+        _check_batch_graphs(cuda_graphs)
         return _drive(_batch_generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p,
                                         top_k, seed, chat, tree_options, batch_size))
     if batch_size is not None:
         raise ValueError("batch_size applies to a list of prompts; one prompt was given")
     return _drive(_generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k, seed,
-                              chat, tree_options))
+                              chat, tree_options, cuda_graphs))
 
 
 def stream(prompt_or_messages, *, target=None, draft=None, max_new_tokens: int = 256, temperature: float = 0.0,
            top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None, chat: Optional[bool] = None,
-           batch_size: Optional[int] = None, **tree_options) -> Iterator:
+           batch_size: Optional[int] = None, cuda_graphs: Optional[bool] = None, **tree_options) -> Iterator:
     """``generate`` that yields the text as it is produced; the generator returns the GenerationResult
     (``StopIteration.value``, or ``result = yield from stream(...)``). For a list of prompts it yields
     ``(row, piece)`` pairs (row: the prompt's index) and returns the list of results."""
     if is_batch(prompt_or_messages):
+        _check_batch_graphs(cuda_graphs)
         gen = _batch_generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k,
                                 seed, chat, tree_options, batch_size)
         return (yield from _pieces(gen, batched=True))
     if batch_size is not None:
         raise ValueError("batch_size applies to a list of prompts; one prompt was given")
     gen = _generation(prompt_or_messages, target, draft, max_new_tokens, temperature, top_p, top_k, seed, chat,
-                      tree_options)
+                      tree_options, cuda_graphs)
     return (yield from _pieces(_as_row_events(gen), batched=False))
 
 

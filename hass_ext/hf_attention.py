@@ -36,12 +36,13 @@ def hass_tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         raise ValueError(f"{ATTN_IMPLEMENTATION}: dropout is not supported in the tree-verification path")
     if tree_mask.device != query.device:
         tree_mask = tree_mask.to(query.device)
-    if tree_prefix_lens is None and _is_batch_mask(tree_mask, query):
-        # q/k/v come from the model's own projections and cache: only the mask needed checking, and the op is
+    if _is_batch_mask(tree_mask, query) and _is_prefix_lens(tree_prefix_lens, query):
+        # q/k/v come from the model's own projections and cache: only the mask and the prefix lengths' form needed
+        # checking (the op checks their values itself, with no host read under CUDA graph capture), and the op is
         # called once per layer of every verification, where the full argument checks of tree_attention
         # cost a noticeable share of the kernel's time
         scale = softmax_scale(scaling, query.shape[-1])
-        out = torch.ops.hass.tree_attention(query, key, value, tree_mask, None, scale)
+        out = torch.ops.hass.tree_attention(query, key, value, tree_mask, tree_prefix_lens, scale)
     else:  # the public op checks and explains whatever is wrong (and the prefix lengths' values)
         out = tree_attention(query, key, value, tree_mask, scale=scaling, prefix_lens=tree_prefix_lens)
     return out.transpose(1, 2), None  # transformers expects [B, n, H, d]
@@ -51,6 +52,12 @@ def _is_batch_mask(tree_mask: torch.Tensor, query: torch.Tensor) -> bool:
     """Whether tree_mask is the bool [B, n, n] the kernel takes for queries [B, H, n, d]."""
     B, n = query.shape[0], query.shape[2]
     return tree_mask.dtype == torch.bool and tree_mask.shape == (B, n, n)
+
+
+def _is_prefix_lens(prefix_lens, query: torch.Tensor) -> bool:
+    """Whether prefix_lens is None or the int64 [B] on the queries' device the kernel takes."""
+    return prefix_lens is None or (isinstance(prefix_lens, torch.Tensor) and prefix_lens.dtype == torch.int64
+                                   and prefix_lens.shape == (query.shape[0],) and prefix_lens.device == query.device)
 
 
 def register_hass_tree() -> str:

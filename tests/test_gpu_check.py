@@ -11,8 +11,8 @@ import xml.etree.ElementTree as ET
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 STEPS = ["env", "build", "cxx_runtime", "tests", "bench_tree_attention", "bench_verify_tree", "sanitizer memcheck",
-         "sanitizer racecheck", "bench_round", "bench_distill_loss", "bench_compact_kv", "bench_small_linear",
-         "bench_batch"]
+         "sanitizer racecheck", "bench_round", "bench_static_round", "bench_distill_loss", "bench_compact_kv",
+         "bench_small_linear", "bench_batch"]
 FILES = {"summary.md", "env.txt", "build.log", "tests.log", "tests.xml", "bench.tar.gz", "sanitizer.log"}
 
 

@@ -27,7 +27,8 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
     scale: the softmax scale, default ``1/sqrt(d)``.
     prefix_lens: optional int64 ``[B]`` for a batch with prefixes of different lengths, each right-padded to
         ``L - n``: row b sees prefix keys ``[0, prefix_lens[b])`` only. Values must lie in ``[0, L - n]``
-        (checked before the launch; on CUDA by one host read, skipped under CUDA graph capture, when the kernel clamps them into range).
+        (checked here before the launch and by the op itself: on CUDA by one host read, skipped under CUDA graph
+        capture, where the kernel clamps them into range).
     Returns ``[B, Hq, n, d]`` in q's dtype: row i attends every visible prefix key and the tree keys j with
     ``tree_mask[b, i, j]``, with one softmax over both. A batch of trees of different sizes is padded to a common
     n: padding nodes (mask rows and columns false for real nodes) are never seen by real nodes, and their own
