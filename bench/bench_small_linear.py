@@ -11,10 +11,11 @@ The ratio row "M vs 1" says how much a forward over M tokens costs relative to a
 speculative decoding pays for verifying M tree tokens. Writes bench/results/small_linear_cpu.{json,md}.
 
 CUDA (--device cuda): the Llama-3-8B decode GEMMs (N x K = 4096 x 4096 (o), 6144 x 4096 (qkv), 28672 x 4096
-(gate+up), 4096 x 14336 (down), 128256 x 4096 (lm_head)) in bf16 for M = 1 .. 64, small_linear against F.linear
-(cuBLAS), each timed over several copies of the weight so that no call finds it in L2. Reports the time, the
-bandwidth (weight + x + y bytes over the time) and its share of the device's peak HBM bandwidth (from a table of
-known devices; GB/s only for others), and the largest difference from F.linear relative to its largest value.
+(gate+up), 4096 x 14336 (down), 128256 x 4096 (lm_head)) in bf16 for M = 1 .. 64, small_linear and
+small_linear_tc (tensor cores) against F.linear (cuBLAS), each timed over several copies of the weight so that no
+call finds it in L2. Reports the time, the bandwidth (weight + x + y bytes over the time) as its share of the
+device's peak HBM bandwidth (from a table of known devices; GB/s for others), and the largest difference from
+F.linear relative to its largest value.
 Writes bench/results/small_linear_<device>.{json,md}.
 """
 import math
@@ -59,6 +60,9 @@ def time_rotating(fn, weights, calls, repeats):
     return sorted(times)[len(times) // 2]
 
 
+KERNELS = ("small_linear", "small_linear_tc")  # CUDA: the fp32-FMA kernel and the tensor-core one
+
+
 def main_cuda(args):
     name = torch.cuda.get_device_name()
     peak = peak_bandwidth(name)
@@ -82,21 +86,24 @@ def main_cuda(args):
                     print(f"{layer}: M = {M} and larger skipped (over the {args.shape_budget} s per-shape budget)")
                     break
                 x = torch.randn(M, K, generator=g, device="cuda").to(dtype)
-                ours = torch.ops.hass.small_linear(x, weights[0], None)
                 ref = F.linear(x, weights[0])
-                err = ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-6)).item()
-                t = {"cublas": time_rotating(lambda w: F.linear(x, w), weights, calls, repeats),
-                     "small_linear": time_rotating(lambda w: torch.ops.hass.small_linear(x, w, None), weights, calls,
-                                                   repeats)}
+                err = {}
+                for kind in KERNELS:
+                    ours = getattr(torch.ops.hass, kind)(x, weights[0], None)
+                    err[kind] = ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-6)
+                                 ).item()
+                t = {"cublas": time_rotating(lambda w: F.linear(x, w), weights, calls, repeats)}
+                for kind in KERNELS:
+                    op = getattr(torch.ops.hass, kind)
+                    t[kind] = time_rotating(lambda w: op(x, w, None), weights, calls, repeats)
                 nbytes = wbytes + (M * K + M * N) * esize
-                row = {"layer": layer, "N": N, "K": K, "rows M": M,
-                       "small_linear us": t["small_linear"] * 1e6, "cublas us": t["cublas"] * 1e6,
-                       "small_linear GB/s": nbytes / t["small_linear"] / 1e9,
-                       "cublas GB/s": nbytes / t["cublas"] / 1e9}
-                if peak:
-                    row["small_linear % peak"] = 100 * nbytes / t["small_linear"] / peak
-                    row["cublas % peak"] = 100 * nbytes / t["cublas"] / peak
-                row["max rel diff vs cublas"] = err
+                row = {"layer": layer, "N": N, "K": K, "rows M": M}
+                for kind in (*KERNELS, "cublas"):
+                    row[f"{kind} us"] = t[kind] * 1e6
+                    row[f"{kind} {'% peak' if peak else 'GB/s'}"] = (100 * nbytes / t[kind] / peak if peak
+                                                                     else nbytes / t[kind] / 1e9)
+                for kind in KERNELS:
+                    row[f"{kind} max rel diff vs cublas"] = err[kind]
                 out.append(row)
             del weights
             torch.cuda.empty_cache()

@@ -144,7 +144,8 @@ def main():
     t = interleaved(fns, dev, repeats=repeats, warmup=2, setup=setup_all, stat=middle_mean)
     unit, scale = ("us", 1e6) if cuda or args.tiny else ("ms", 1e3)
     step = t["vanilla step"]
-    rows = [{"kind": k, unit: v * scale, "x_vanilla_step": v / step} for k, v in t.items() if k != "tree forward (graph)"]
+    rows = [{"kind": k, unit: v * scale, "x_vanilla_step": v / step} for k, v in t.items()
+            if k != "tree forward (graph)"]
     summary = {k: v for k, v in t.items()}
     if cuda:
         overhead = t["static round (graph)"] - t["tree forward (graph)"]

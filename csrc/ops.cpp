@@ -38,6 +38,9 @@ TORCH_LIBRARY(hass, m) {
   // (csrc/include/hass/small_linear.h): each weight row streamed once for all rows; a row's result does not depend
   // on the other rows. x [..., K], weight [N, K], bias [N] or None -> [..., N].
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // small_linear for bf16/fp16 x and weight of one dtype, K % 8 == 0, on tensor cores on CUDA (mma with fp32
+  // accumulation in an order fixed by N and K: still row-invariant); on the CPU it is small_linear.
+  m.def("small_linear_tc(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("online_softmax_chunk(Tensor logits, Tensor state, Tensor topk_val, Tensor topk_idx, int col0, "
         "bool want_exp) -> (Tensor exp, Tensor alpha, Tensor new_state, Tensor new_topk_val, Tensor new_topk_idx)");
 }

@@ -232,7 +232,8 @@ def tree_attention_runs_on(device: torch.device, config=None) -> bool:
 
 
 def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-                device: Optional[Union[str, torch.device]] = None, small_batch_linear: Optional[bool] = None,
+                device: Optional[Union[str, torch.device]] = None,
+                small_batch_linear: Optional[Union[bool, str]] = None,
                 attn_implementation: Optional[str] = None) -> Target:
     """Load a target model and its tokenizer.
 
@@ -243,7 +244,8 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
     small_batch_linear: run the linear layers' decode-sized calls through hass_ext.ops.small_linear; default: on
         the CPU, in every dtype. A row's result then does not depend on the other rows of the call, which is what
         makes a tree node's logits bit-identical to a one-token step's; vanilla and speculative decoding with this
-        target both use it.
+        target both use it. ``"tensor_cores"``: the same, with CUDA calls of a 16-bit target on
+        hass_ext.ops.small_linear_tc (tensor cores; not yet run on a GPU).
     attn_implementation: the transformers attention implementation; default "hass_tree" wherever its kernel runs
         (trees and vanilla decode steps go through hass_ext's tree-attention kernel; prefill is transformers' sdpa
         unchanged; model classes that cannot take it keep their own): the CPU, and CUDA devices with hass_ext's
@@ -252,6 +254,8 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
         masked path: bench/results/attention_decode_cpu.md measures both on the CPU; on an H200 at Llama-3-8B
         shapes a vanilla step took 25.2 ms with hass_tree and 28.9 ms with sdpa, a 60-node round 35.3 / 40.0 ms.
     """
+    if small_batch_linear not in (None, True, False, "tensor_cores"):
+        raise ValueError(f"small_batch_linear must be True, False, 'tensor_cores' or None, got {small_batch_linear!r}")
     device = check_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -300,7 +304,7 @@ def load_target(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype]
     if small_batch_linear is None:
         small_batch_linear = device.type == "cpu"
     if small_batch_linear:
-        use_small_linear(model)
+        use_small_linear(model, tensor_cores=small_batch_linear == "tensor_cores")
     return Target(model.to(device), tok, name)
 
 

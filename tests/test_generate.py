@@ -107,6 +107,11 @@ def test_unknown_model_path(tmp_path):
         hass_ext.load_target(str(tmp_path))
 
 
+def test_bad_small_batch_linear_is_refused_before_loading():
+    with pytest.raises(ValueError, match="small_batch_linear must be True, False, 'tensor_cores' or None"):
+        hass_ext.load_target(small_batch_linear="yes")
+
+
 def test_cpu_default_attention_falls_back_for_models_without_it(monkeypatch):
     # A model class that rejects attn_implementation="hass_tree" still loads with the default attention; an
     # implementation the caller asked for is never swapped silently.

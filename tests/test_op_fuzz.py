@@ -168,6 +168,10 @@ def linear_args(M=3, K=8, N=5):
     return [torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)]
 
 
+def tc_linear_args(M=3, K=8, N=5, dtype=torch.bfloat16):
+    return [t.to(dtype) for t in linear_args(M, K, N)]
+
+
 def with_(args, i, value):
     args = list(args)
     args[i] = value
@@ -672,6 +676,24 @@ bad("small_linear/x_on_other_device", "x must be on the CPU")(
     lambda: cpu_kernel(ops.small_linear, *[t.to("meta") for t in linear_args()]))
 
 
+@good("small_linear_tc/valid")
+def _():
+    for dtype in (torch.bfloat16, torch.float16):
+        x, w, b = tc_linear_args(dtype=dtype)
+        assert torch.equal(ops.small_linear_tc(x, w, b), ops.small_linear(x, w, b))  # on the CPU: small_linear
+        assert torch.equal(ops.small_linear_tc(x, w, None), ops.small_linear(x, w, None))
+
+
+bad("small_linear_tc/x_float32", "small_linear_tc: x must have dtype")(
+    lambda: ops.small_linear_tc(*with_(tc_linear_args(), 0, linear_args()[0])))
+bad("small_linear_tc/mixed_dtypes", "small_linear_tc: weight must have x's dtype")(
+    lambda: ops.small_linear_tc(*with_(tc_linear_args(), 1, linear_args()[1].half())))
+bad("small_linear_tc/k_not_multiple_of_8", "K = weight.shape.1. must be a multiple of 8")(
+    lambda: ops.small_linear_tc(*tc_linear_args(K=12)))
+bad("small_linear_tc/k_mismatch", r"x must be \[..., K\]")(
+    lambda: ops.small_linear_tc(*with_(tc_linear_args(), 0, tc_linear_args(K=16)[0])))
+
+
 # ---- generated matrix: every tensor argument of every op, mutated one at a time ------------------------------
 
 BASE = {  # op name -> (op, valid arguments factory)
@@ -684,6 +706,7 @@ BASE = {  # op name -> (op, valid arguments factory)
     "distill_loss_backward": (ops.distill_loss_backward, distill_backward_args),
     "online_softmax_chunk": (ops.online_softmax_chunk, chunk_args),
     "small_linear": (ops.small_linear, linear_args),
+    "small_linear_tc": (ops.small_linear_tc, tc_linear_args),
 }
 ARG_NAMES = {
     "tree_attention": ["q", "k", "v", "tree_mask", "prefix_lens"],
@@ -696,11 +719,14 @@ ARG_NAMES = {
                               "topk_idx"],
     "online_softmax_chunk": ["logits", "state", "topk_val", "topk_idx"],
     "small_linear": ["x", "weight", "bias"],
+    "small_linear_tc": ["x", "weight", "bias"],
 }
 # Mutations that leave a call valid: x of small_linear is [..., K] with any leading dims (none, several, empty);
 # a cache may carry a leading dim of stacked layers and any float dtype; a one-element [1] gradient scale.
 VALID_MUTATIONS = {("small_linear", "x", "empty"), ("small_linear", "x", "extra_dim"),
-                   ("small_linear", "x", "missing_dim"), ("compact_kv", "caches", "extra_dim"),
+                   ("small_linear", "x", "missing_dim"), ("small_linear_tc", "x", "empty"),
+                   ("small_linear_tc", "x", "extra_dim"), ("small_linear_tc", "x", "missing_dim"),
+                   ("compact_kv", "caches", "extra_dim"),
                    ("compact_kv", "caches", "wrong_dtype"), ("distill_loss_backward", "grad_ce", "extra_dim"),
                    ("distill_loss_backward", "grad_topk", "extra_dim")}
 # Arguments whose last dim must be contiguous (the op writes them in place).

@@ -1,15 +1,16 @@
 """Fixed-shape rounds and vanilla steps (hass_ext.static_rounds), the loops CUDA graphs replay: greedy output
-token-identical to vanilla decoding in fp32, bf16 and fp16; no host read and no host-to-device tensor inside a round, one read after it; the
-same storage every round; a whole round traced by torch.compile(fullgraph=True) with the eager bits; sampled
-output following the target's distribution; generate's cuda_graphs argument; capture and replay on CUDA (skipped
-without a GPU)."""
+token-identical to vanilla decoding in fp32, bf16 and fp16; no host read and no host-to-device tensor inside a
+round, one read after it; the same storage every round; a whole round traced by torch.compile(fullgraph=True)
+with the eager bits; sampled output following the target's distribution; generate's cuda_graphs argument; capture
+and replay on CUDA (skipped without a GPU)."""
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 import hass_ext
 from hass_ext.speculative import Sampling, vanilla_decode
-from hass_ext.static_rounds import StaticRounds, StaticSteps, static_speculative_decode, static_vanilla_decode
+from hass_ext.static_rounds import (StaticRounds, StaticSteps, static_speculative_decode,
+                                   static_vanilla_decode)
 from sampling_stats import exact_three_tokens, goodness_of_fit
 from test_batch import PROMPTS, TREES, exact_tiny
 from test_decode_loop import DeviceReads

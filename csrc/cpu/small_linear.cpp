@@ -77,6 +77,15 @@ at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   return y.to(x.scalar_type()).view(out_shape);
 }
 
+// On the CPU the tensor-core op is small_linear itself: the CPU kernel is row-invariant already.
+at::Tensor small_linear_tc_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  hass_check::small_linear_tc_args(x, weight, bias);
+  return small_linear_cpu(x, weight, bias);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hass, CPU, m) { m.impl("small_linear", &small_linear_cpu); }
+TORCH_LIBRARY_IMPL(hass, CPU, m) {
+  m.impl("small_linear", &small_linear_cpu);
+  m.impl("small_linear_tc", &small_linear_tc_cpu);
+}

@@ -123,6 +123,15 @@ __device__ __forceinline__ uint32_t pack2f(float lo, float hi) {
   return pack2<T>(Io<T>::from(lo), Io<T>::from(hi));
 }
 
+// 16 bytes read once (weights streamed by a decode-sized GEMM): not kept in L1.
+__device__ __forceinline__ uint4 load_streaming(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
 // ---- PTX: asynchronous copies, ldmatrix, mma ---------------------------------------------------------
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

@@ -30,6 +30,7 @@
 namespace {
 
 using hass::cuda::Io;
+using hass::cuda::load_streaming;
 
 constexpr int kWarps = 4;  // per CTA
 constexpr int kThreads = kWarps * 32;
@@ -51,14 +52,6 @@ struct Chunk {
   static constexpr int kWords = static_cast<int>(sizeof(T)) / 2;
   uint4 u[kWords];
 };
-
-__device__ __forceinline__ uint4 load_streaming(const void* p) {  // read once: do not keep in L1
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
 
 template <typename T>
 __device__ __forceinline__ Chunk<T> load_weight_chunk(const T* p) {

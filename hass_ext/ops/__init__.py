@@ -11,8 +11,8 @@ kernels themselves live in csrc/ (CPU) and csrc/cuda/ (CUDA), their plain-PyTorc
 - ``distill_loss``: HASS distillation losses from logits.
 - ``fused_linear_distill``: the same losses from hidden states through a frozen head (``fused_linear_distill_loss``,
   ``distill_target_stats``, ``DistillTargetStats``).
-- ``small_linear``: decode-sized linear layers on CPUs (``small_linear``, ``linear``, ``SmallLinear``,
-  ``use_small_linear``, ``use_blas_linear``).
+- ``small_linear``: decode-sized row-invariant linear layers (``small_linear``, ``small_linear_tc`` on tensor
+  cores, ``linear``, ``SmallLinear``, ``use_small_linear``, ``use_blas_linear``).
 - ``_checks``: the argument checks they share (``wants_grad``).
 
 As attributes of ``hass_ext.ops`` the op functions hide their modules (``ops.tree_attention`` is the function);
@@ -24,13 +24,14 @@ from .compact_kv import compact_kv
 from .distill_loss import distill_loss
 from .fused_linear_distill import (DEFAULT_VOCAB_CHUNK, DistillTargetStats, distill_target_stats,
                                    fused_linear_distill_loss)
-from .small_linear import SmallLinear, linear, small_linear, use_blas_linear, use_small_linear
+from .small_linear import SmallLinear, linear, small_linear, small_linear_tc, use_blas_linear, use_small_linear
 from .tree_attention import MAX_TREE_NODES, tree_attention
 from .verify_tree import verify_tree
 
 __all__ = [
     "compact_kv", "verify_tree", "tree_attention", "MAX_TREE_NODES", "align_attention", "ALIGN_ATTENTION_MODES",
     "distill_loss", "fused_linear_distill_loss", "distill_target_stats", "DistillTargetStats",
-    "DEFAULT_VOCAB_CHUNK", "small_linear", "linear", "SmallLinear", "use_small_linear", "use_blas_linear",
+    "DEFAULT_VOCAB_CHUNK", "small_linear", "small_linear_tc", "linear", "SmallLinear", "use_small_linear",
+    "use_blas_linear",
     "wants_grad",
 ]

@@ -76,6 +76,47 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return torch.ops.hass.small_linear(x, weight, bias)
 
 
+@torch.library.register_fake("hass::small_linear_tc")
+def _small_linear_tc_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def small_linear_tc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``small_linear`` on tensor cores: ``x @ weight.T + bias`` for decode-sized M, x and weight both bfloat16 or
+    both float16, K a multiple of 8.
+
+    On CUDA each output is a sum of mma.sync products accumulated in fp32 in an order fixed by N and K alone (K
+    split into segments by N and K, 64-k blocks in order, four mma steps per block, the segments added in order),
+    so a row's result is bit-identical whatever M is and wherever the row sits, like small_linear's, while the
+    multiplications run on tensor cores (small_linear's CUDA kernel is bound by its fp32 FMAs past a dozen rows).
+    Its bits differ from small_linear's (another summation order): a model decodes with one or the other for
+    every call. On the CPU it is small_linear (row-invariant already). bias: ``[N]`` in any float dtype, or None.
+    Returns ``[..., N]`` in x's dtype. No autograd.
+    """
+    check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16))
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"x must be on the CPU or a CUDA device, got {describe(x)}")
+    check_tensor("weight", weight, dims=(2,), dtypes=(x.dtype,), device=x.device)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be [..., {weight.shape[1]}] to match weight {tuple(weight.shape)}, got {describe(x)}")
+    if weight.shape[1] % 8:
+        raise ValueError(f"small_linear_tc needs K = weight.shape[1] to be a multiple of 8, got {describe(weight)}")
+    if bias is not None:
+        check_tensor("bias", bias, dims=(1,), dtypes=_FLOATS, device=x.device)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have {weight.shape[0]} entries (weight rows), got {describe(bias)}")
+    if wants_grad(x, weight, bias):
+        raise ValueError("small_linear_tc has no backward: call it under torch.no_grad()/inference_mode(), or use "
+                         "torch.nn.functional.linear for training")
+    return torch.ops.hass.small_linear_tc(x, weight, bias)
+
+
+def tensor_core_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``small_linear_tc`` takes this call: CUDA, x and weight of one 16-bit dtype, K % 8 == 0."""
+    return (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and weight.shape[1] % 8 == 0)
+
+
 @contextmanager
 def row_invariant():
     """Inside this context, SmallLinear layers send every CPU inference call to ``small_linear``, whatever its
@@ -130,11 +171,14 @@ class SmallLinear(nn.Linear):
     copy is made on first use and again whenever the weight is replaced or changed in place."""
 
     exact_bf16 = False
+    tensor_cores = False  # CUDA calls of one 16-bit dtype take small_linear_tc (use_small_linear(tensor_cores=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if not _small(x, w, self.bias):
             return F.linear(x, w, self.bias)
+        if self.tensor_cores and tensor_core_eligible(x, w):
+            return torch.ops.hass.small_linear_tc(x, w, self.bias)
         if self.exact_bf16:
             w = self._streamed_weight()
         return torch.ops.hass.small_linear(x, w, self.bias)
@@ -153,13 +197,15 @@ class SmallLinear(nn.Linear):
         return w if cached[2] is None else cached[2]
 
 
-def use_small_linear(model: nn.Module, exact_bf16: bool = False) -> int:
+def use_small_linear(model: nn.Module, exact_bf16: bool = False, tensor_cores: bool = False) -> int:
     """Switch every plain nn.Linear in ``model`` to SmallLinear, in place; returns how many were switched.
 
     Parameters, state dict, hooks and outputs on other devices are unchanged; on CPU inference calls of up to
     MAX_ROWS rows (any number inside ``row_invariant()``) the outputs differ from BLAS only by summation order
     (and, in 16-bit dtypes, by rounding once instead of BLAS's own way).
     exact_bf16: also stream bf16 copies of weights that hold only bf16 values (same outputs, half the bytes).
+    tensor_cores: CUDA calls whose x and weight share a 16-bit dtype (K % 8 == 0) take ``small_linear_tc`` (still
+    row-invariant, other bits than small_linear's; not yet run on a GPU: see docs/kernels.md).
     ``use_blas_linear`` undoes it.
     """
     count = 0
@@ -169,6 +215,8 @@ def use_small_linear(model: nn.Module, exact_bf16: bool = False) -> int:
             count += 1
         if type(module) is SmallLinear and exact_bf16:
             module.exact_bf16 = True
+        if type(module) is SmallLinear and tensor_cores:
+            module.tensor_cores = True
     return count
 
 
@@ -179,6 +227,7 @@ def use_blas_linear(model: nn.Module) -> int:
         if type(module) is SmallLinear:
             module.__class__ = nn.Linear
             module.__dict__.pop("exact_bf16", None)
+            module.__dict__.pop("tensor_cores", None)
             module.__dict__.pop("_bf16_copy", None)
             count += 1
     return count
