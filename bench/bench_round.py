@@ -134,27 +134,12 @@ class Bench:
 
 def main():
     ap = parser(__doc__)
-    ap.add_argument("--tiny", action="store_true", help="tiny Llama (2 layers, hidden 128, vocab 1000), context 64, "
-                                                        "fp32: seconds on a CPU (--quick implies it)")
-    ap.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default=None,
-                    help="target shape (default llama3-8b on CUDA, smollm2-135m on the CPU)")
-    ap.add_argument("--layers", type=int, default=None, help="override the number of target layers")
-    ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary size")
-    ap.add_argument("--context", type=int, default=None, help="prefilled tokens (default 1024; 64 with --tiny)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                    help="default bfloat16 on CUDA, float32 on the CPU")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--tree", default=f"{DEFAULT_TOTAL_TOKENS}/{DEFAULT_DEPTH}/{DEFAULT_TREE_TOPK}",
-                    help="the tree as TOTAL_TOKENS/DEPTH/TOPK (default %(default)s, EAGLE-2's)")
+    add_model_args(ap)
     ap.add_argument("--attn", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS),
                     help="target attention implementations to time, each in turn (default both)")
     args = ap.parse_args()
-    args.tiny = args.tiny or args.quick
-    dev = torch.device(args.device)
+    dev, dtype = model_settings(args)
     cuda = dev.type == "cuda"
-    args.shape = args.shape or ("llama3-8b" if cuda else "smollm2-135m")
-    args.context = args.context or (64 if args.tiny else 1024)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda and not args.tiny else torch.float32)
     repeats = args.repeats or (10 if args.tiny else 30 if cuda else 10)
     torch.set_grad_enabled(False)
 
@@ -172,6 +157,33 @@ def main():
             raise SystemExit(message)
         # in 16-bit a random model's near-tied logits can flip between the tree forward and single steps
         print("warning:", message, file=sys.stderr)
+
+
+def add_model_args(ap) -> None:
+    """The target shape, context, dtype, repeats and tree options of the round benchmarks."""
+    ap.add_argument("--tiny", action="store_true", help="tiny Llama (2 layers, hidden 128, vocab 1000), context 64, "
+                                                        "fp32: seconds on a CPU (--quick implies it)")
+    ap.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default=None,
+                    help="target shape (default llama3-8b on CUDA, smollm2-135m on the CPU)")
+    ap.add_argument("--layers", type=int, default=None, help="override the number of target layers")
+    ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary size")
+    ap.add_argument("--context", type=int, default=None, help="prefilled tokens (default 1024; 64 with --tiny)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="default bfloat16 on CUDA, float32 on the CPU")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--tree", default=f"{DEFAULT_TOTAL_TOKENS}/{DEFAULT_DEPTH}/{DEFAULT_TREE_TOPK}",
+                    help="the tree as TOTAL_TOKENS/DEPTH/TOPK (default %(default)s, EAGLE-2's)")
+
+
+def model_settings(args):
+    """Fill in the defaults of add_model_args' options for the device; returns (device, dtype)."""
+    args.tiny = args.tiny or args.quick
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    args.shape = args.shape or ("llama3-8b" if cuda else "smollm2-135m")
+    args.context = args.context or (64 if args.tiny else 1024)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda and not args.tiny else torch.float32)
+    return dev, dtype
 
 
 def parse_tree(ap, text: str) -> dict:

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from bench_round import SHAPES, Bench, build, middle_mean, parse_tree, set_attention
+from bench_round import Bench, add_model_args, build, middle_mean, model_settings, parse_tree, set_attention
 from common import interleaved, parser, write
 
 from hass_ext.batch import forward_rows  # noqa: E402
@@ -89,21 +89,10 @@ def graph_of(fn, setup):
 
 def main():
     ap = parser(__doc__.split("\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny Llama, context 64 (= --quick)")
-    ap.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default=None)
-    ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--vocab", type=int, default=None)
-    ap.add_argument("--context", type=int, default=None, help="prefilled tokens (default 1024; 64 with --tiny)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--tree", default="60/6/10", help="TOTAL_TOKENS/DEPTH/TOPK (default 60/6/10)")
+    add_model_args(ap)
     args = ap.parse_args()
-    args.tiny = args.tiny or args.quick
-    dev = torch.device(args.device)
+    dev, dtype = model_settings(args)
     cuda = dev.type == "cuda"
-    args.shape = args.shape or ("llama3-8b" if cuda else "smollm2-135m")
-    args.context = args.context or (64 if args.tiny else 1024)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda and not args.tiny else torch.float32)
     repeats = args.repeats or (10 if args.tiny else 20)
     torch.set_grad_enabled(False)
 
@@ -163,8 +152,8 @@ def main():
     name = "static_round_" + (config["device"].replace(" ", "_") if cuda else "cpu")
     if args.context != (64 if args.tiny else 1024):
         name += f"-ctx{args.context}"
-    if args.tree != "60/6/10":
-        name += "-tree" + args.tree.replace("/", "_")
+    if (tree["total_tokens"], tree["depth"], tree["tree_topk"]) != (60, 6, 10):
+        name += "-tree{total_tokens}_{depth}_{tree_topk}".format(**tree)
     write(name, rows, args.out_dir, notes, args.quick or args.tiny, config, {"summary": summary})
     if not same:
         message = f"rounds disagree or differ from greedy decoding: {got}, greedy {greedy}"

@@ -12,22 +12,12 @@ from hass_ext.speculative import Sampling, vanilla_decode
 from hass_ext.static_rounds import (StaticRounds, StaticSteps, static_speculative_decode,
                                    static_vanilla_decode)
 from sampling_stats import exact_three_tokens, goodness_of_fit
-from test_batch import PROMPTS, TREES, exact_tiny
+from test_batch import PROMPTS, TREES, _one_thread, exact_tiny  # noqa: F401  (_one_thread: autouse fixture)
 from test_decode_loop import DeviceReads
 from tiny_models import agreeing_draft, tiny_target
 
 SHAPES = {**TREES, "root-only": dict(total_tokens=1, depth=3, tree_topk=1),
           "shallow-3-6-2": dict(total_tokens=3, depth=6, tree_topk=2)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def tokens_of(decoder, limit):

@@ -60,10 +60,15 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     number of rows, so a tree node's result is bit-identical to a one-token step over the same input. No autograd:
     use torch.nn.functional.linear for training.
     """
-    check_tensor("x", x, dtypes=_FLOATS)
+    _check_linear_args("small_linear", x, weight, bias, _FLOATS, _FLOATS)
+    return torch.ops.hass.small_linear(x, weight, bias)
+
+
+def _check_linear_args(name: str, x, weight, bias, x_dtypes, weight_dtypes) -> None:
+    check_tensor("x", x, dtypes=x_dtypes)
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"x must be on the CPU or a CUDA device, got {describe(x)}")
-    check_tensor("weight", weight, dims=(2,), dtypes=_FLOATS, device=x.device)
+    check_tensor("weight", weight, dims=(2,), dtypes=weight_dtypes, device=x.device)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must be [..., {weight.shape[1]}] to match weight {tuple(weight.shape)}, got {describe(x)}")
     if bias is not None:
@@ -71,9 +76,8 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have {weight.shape[0]} entries (weight rows), got {describe(bias)}")
     if wants_grad(x, weight, bias):
-        raise ValueError("small_linear has no backward: call it under torch.no_grad()/inference_mode(), or use "
+        raise ValueError(f"{name} has no backward: call it under torch.no_grad()/inference_mode(), or use "
                          "torch.nn.functional.linear for training")
-    return torch.ops.hass.small_linear(x, weight, bias)
 
 
 @torch.library.register_fake("hass::small_linear_tc")
@@ -93,21 +97,9 @@ def small_linear_tc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     every call. On the CPU it is small_linear (row-invariant already). bias: ``[N]`` in any float dtype, or None.
     Returns ``[..., N]`` in x's dtype. No autograd.
     """
-    check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16))
-    if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"x must be on the CPU or a CUDA device, got {describe(x)}")
-    check_tensor("weight", weight, dims=(2,), dtypes=(x.dtype,), device=x.device)
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x must be [..., {weight.shape[1]}] to match weight {tuple(weight.shape)}, got {describe(x)}")
+    _check_linear_args("small_linear_tc", x, weight, bias, (torch.bfloat16, torch.float16), (x.dtype,))
     if weight.shape[1] % 8:
         raise ValueError(f"small_linear_tc needs K = weight.shape[1] to be a multiple of 8, got {describe(weight)}")
-    if bias is not None:
-        check_tensor("bias", bias, dims=(1,), dtypes=_FLOATS, device=x.device)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have {weight.shape[0]} entries (weight rows), got {describe(bias)}")
-    if wants_grad(x, weight, bias):
-        raise ValueError("small_linear_tc has no backward: call it under torch.no_grad()/inference_mode(), or use "
-                         "torch.nn.functional.linear for training")
     return torch.ops.hass.small_linear_tc(x, weight, bias)
 
 
