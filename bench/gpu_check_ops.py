@@ -5,7 +5,7 @@ The cases hit the kernels' edge paths: tree attention with a ragged prefix and k
 alignment attention with T < F (no level-0 key: the case of the fixed missing barrier) and over several tiles,
 verify_tree greedy and with top-p / top-k filters, compact_kv, distill_loss forward and backward, small_linear
 with whole 16-byte chunks and with a K tail, and its row invariance (60 rows at once give each row the bits of a
-one-row call).
+one-row call); small_linear_tc likewise, with a partial 64-k block and a K split over 8 warps.
 
     python bench/gpu_check_ops.py [--device cuda|cpu]
 --device cpu runs the same cases with the CPU kernels against themselves (checks this script, not the kernels).
@@ -105,7 +105,26 @@ def small_linear(dev, gen):
             yield f"{name} rows M=1 vs M=60", rows, got, 0.0
 
 
-CASES = (tree_attention, align_attention, verify_tree, compact_kv, distill_loss, small_linear)
+def small_linear_tc(dev, gen):
+    # Against the CPU kernel (small_linear there): another summation order, so a tolerance; row invariance bitwise.
+    # K = 1000: a partial last 64-k block; N = 37: a partial 16-column slab; N = 300 splits K over 8 warps (the
+    # shared-memory reduction racecheck looks at).
+    for dtype in (torch.bfloat16, torch.float16):
+        for N, K in ((37, 1000), (300, 512)):
+            x = torch.randn(60, K, generator=gen).to(dtype)
+            w = (torch.randn(N, K, generator=gen) * 0.1).to(dtype)
+            b = torch.randn(N, generator=gen).to(dtype)
+            with torch.inference_mode():
+                want = ops.small_linear_tc(x, w, b)
+                xd, wd, bd = x.to(dev), w.to(dev), b.to(dev)
+                got = torch.ops.hass.small_linear_tc(xd, wd, bd)
+                rows = torch.cat([torch.ops.hass.small_linear_tc(xd[m:m + 1], wd, bd) for m in range(60)])
+            name = f"small_linear_tc {dtype} N={N} K={K}"
+            yield name, got, want, 1e-2
+            yield f"{name} rows M=1 vs M=60", rows, got, 0.0
+
+
+CASES = (tree_attention, align_attention, verify_tree, compact_kv, distill_loss, small_linear, small_linear_tc)
 
 
 def main(argv=None):
