@@ -34,9 +34,11 @@ from .speculative import Sampling, decode_step, initial_state, vanilla_decode, v
 from .timing import median_times, time_call
 from .tree import DEFAULT_DEPTH, DEFAULT_TREE_TOPK, check_tree_options, draft_tree
 
-# (total_tokens, depth, tree_topk): chains, small trees for CPUs, the EAGLE-2 trees for GPUs
+# (total_tokens, depth, tree_topk): chains; shallow wide trees (siblings cost verification rows but no draft
+# forward, which is what a CPU affords); small trees for CPUs; the EAGLE-2 trees for GPUs
 DEFAULT_SHAPES: Tuple[Tuple[int, int, int], ...] = (
     (2, 1, 1), (3, 2, 1), (4, 3, 1), (5, 4, 1), (6, 5, 1), (7, 6, 1),
+    (3, 1, 2), (4, 1, 3), (4, 2, 2), (5, 2, 2), (6, 2, 3), (5, 3, 2),
     (6, 3, 2), (8, 4, 2), (10, 4, 3), (12, 5, 3), (16, 5, 4), (24, 6, 4), (32, 6, 8), (48, 6, 10), (60, 6, 10),
 )
 

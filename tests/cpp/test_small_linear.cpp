@@ -1,7 +1,8 @@
 // Unit tests of csrc/include/hass/small_linear.h: values against a double-precision loop, the lane rule (a row's
 // result is the same whatever rows it is blocked with), tails of K below and past a multiple of 16, bias; and the
 // row-major product sg_acc_rows (y += x w, attention's P * V) with its column tails, strides and bf16 rows; the
-// exact widening of every fp16 bit pattern, in software and by the hardware conversion.
+// exact widening of every fp16 bit pattern, in software and by the hardware conversion; the 64-byte-register blocks
+// of x86-64-v4 against the 8-lane pairs.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -120,6 +121,54 @@ __attribute__((target("arch=x86-64-v3"))) hass::sg_vec load_hw(const uint16_t* p
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The blocks of one 64-byte register per 16 lanes (sg_zvec, what x86-64-v4 runs) give the bits of the blocks of
+// 8-lane pairs compiled for the same level, for fp32, bf16 and fp16 (hardware-widened) weights.
+template <typename W, int MR, typename V>
+__attribute__((target("arch=x86-64-v4"))) void rows_v4(const float* x, int64_t M, int64_t K, const W* w, int64_t N,
+                                                       const float* bias, float* y) {
+  hass::sg_rows<MR, 4, W, V>(x, M, K, w, K, K, bias, y, N, 0, N);
+}
+
+template <typename W>
+void check_zvec_bits(const std::vector<float>& x, int64_t M, int64_t K, const std::vector<W>& w, int64_t N,
+                     const float* bias) {
+  std::vector<float> pair(M * N), z(M * N), z1(N);
+  rows_v4<W, 2, hass::sg_vec>(x.data(), M, K, w.data(), N, bias, pair.data());
+  rows_v4<W, 4, hass::sg_zvec>(x.data(), M, K, w.data(), N, bias, z.data());
+  CHECK(std::memcmp(pair.data(), z.data(), pair.size() * sizeof(float)) == 0);
+  for (int64_t m = 0; m < M; ++m) {
+    rows_v4<W, 4, hass::sg_zvec>(x.data() + m * K, 1, K, w.data(), N, bias, z1.data());
+    CHECK(std::memcmp(z1.data(), z.data() + m * N, N * sizeof(float)) == 0);
+  }
+}
+
+void check_zvec(std::mt19937& rng) {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("x86-64-v4")) return;
+  std::normal_distribution<float> d(0.f, 1.f);
+  for (int64_t K : {1, 15, 16, 17, 576, 1001})
+    for (int64_t M : {1, 3, 4, 5, 9})
+      for (int64_t N : {1, 5, 9}) {
+        std::vector<float> x(M * K), w(N * K), b(N);
+        std::vector<uint16_t> bf(N * K);
+        std::vector<hass::sg_f16_hw> fp(N * K);
+        for (auto& v : x) v = d(rng);
+        for (auto& v : b) v = d(rng);
+        for (int64_t i = 0; i < N * K; ++i) {
+          w[i] = d(rng);
+          uint32_t u;
+          std::memcpy(&u, &w[i], 4);
+          bf[i] = uint16_t(u >> 16);
+          fp[i].bits = uint16_t((rng() & 0x83ff) | ((rng() % 30 + 1) << 10));  // finite fp16, subnormals aside
+        }
+        check_zvec_bits(x, M, K, w, N, M % 2 ? b.data() : nullptr);
+        check_zvec_bits(x, M, K, bf, N, b.data());
+        check_zvec_bits(x, M, K, fp, N, nullptr);
+      }
+}
+#endif
+
 void check_f16_widening() {
   for (uint32_t base = 0; base < 65536; base += 16) {
     uint16_t h[16];
@@ -147,6 +196,9 @@ void check_f16_widening() {
 int main() {
   check_f16_widening();
   std::mt19937 rng(7);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  check_zvec(rng);
+#endif
   for (int64_t K : {1, 15, 16, 17, 48, 576, 1001})
     for (int64_t M : {1, 2, 3, 4, 5, 9})
       for (int64_t N : {1, 3, 4, 7}) {

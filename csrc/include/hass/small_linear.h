@@ -178,6 +178,71 @@ HASS_SG_INLINE const typename sg_hw<W>::type* const* sg_hw_ptr(const W* const* p
   return reinterpret_cast<const typename sg_hw<W>::type* const*>(p);
 }
 
+// ---- one 64-byte register per 16 lanes (levels with AVX-512) ---------------------------------------------
+// The same 16 lanes as sg_vec in one native vector: where 64-byte registers exist (x86-64-v4) every FMA covers all
+// 16 lanes, so a block of several input rows needs half the instructions of the pair of halves. Lane l still holds
+// the k = l mod 16 partial sum and sg_reduce(sg_zvec) adds the lanes as sg_reduce(sg_vec) does, so the bits are
+// those of sg_vec. Only code compiled for such a level may use it (elsewhere GCC would split it, badly).
+typedef float sg_zvec __attribute__((vector_size(kSgLanes * sizeof(float))));
+typedef uint16_t sg_zvec_u16 __attribute__((vector_size(kSgLanes * sizeof(uint16_t))));
+typedef uint32_t sg_zvec_u32 __attribute__((vector_size(kSgLanes * sizeof(uint32_t))));
+
+HASS_SG_INLINE sg_zvec sg_join(sg_vec v) {
+  return __builtin_shufflevector(v.lo, v.hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+HASS_SG_INLINE sg_vec sg_split(sg_zvec v) {
+  return {__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)};
+}
+HASS_SG_INLINE sg_zvec sg_zload(const float* p) {
+  sg_zvec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+HASS_SG_INLINE sg_zvec sg_zload(const uint16_t* p) {  // 16 bf16 values, widened as sg_widen_bf16 does
+  sg_zvec_u16 h;
+  std::memcpy(&h, p, sizeof h);
+  const sg_zvec_u32 u = __builtin_convertvector(h, sg_zvec_u32) << 16;
+  sg_zvec v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+template <typename W>
+HASS_SG_INLINE sg_zvec sg_zload(const W* p) {  // other weight types: through their 8-lane widening
+  return sg_join(sg_load(p));
+}
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+HASS_SG_INLINE sg_zvec sg_zload(const sg_f16_hw* p) {  // 16 fp16 values in one vcvtph2ps
+  sg_zvec_u16 h;
+  std::memcpy(&h, &p->bits, sizeof h);
+  sg_zvec f;
+  asm("vcvtph2ps %1, %0" : "=v"(f) : "v"(h));
+  return f;
+}
+#endif
+template <typename W>
+HASS_SG_INLINE sg_zvec sg_zload_tail(const W* p, int64_t count) {
+  return sg_join(sg_load_tail(p, count));
+}
+
+// The vector type a block computes in: loads and zero per type (sg_block and sg_acc_* take it as a parameter).
+template <typename V>
+struct sg_lanes;
+template <>
+struct sg_lanes<sg_vec> {
+  template <typename T>
+  static HASS_SG_INLINE sg_vec load(const T* p) { return sg_load(p); }
+  template <typename T>
+  static HASS_SG_INLINE sg_vec load_tail(const T* p, int64_t count) { return sg_load_tail(p, count); }
+};
+template <>
+struct sg_lanes<sg_zvec> {
+  template <typename T>
+  static HASS_SG_INLINE sg_zvec load(const T* p) { return sg_zload(p); }
+  template <typename T>
+  static HASS_SG_INLINE sg_zvec load_tail(const T* p, int64_t count) { return sg_zload_tail(p, count); }
+};
+
 HASS_SG_INLINE void sg_store(float* p, sg_vec v, int64_t count) {  // the first count <= 16 lanes
   if (count == kSgLanes) {
     std::memcpy(p, &v.lo, sizeof v.lo);
@@ -202,31 +267,37 @@ HASS_SG_INLINE float sg_reduce(sg_vec v) {
 HASS_SG_INLINE sg_vec4 sg_reduce4(sg_vec a, sg_vec b, sg_vec c, sg_vec d) {
   return sg_vec4{sg_reduce(a), sg_reduce(b), sg_reduce(c), sg_reduce(d)};
 }
+HASS_SG_INLINE float sg_reduce(sg_zvec v) { return sg_reduce(sg_split(v)); }
+HASS_SG_INLINE sg_vec4 sg_reduce4(sg_zvec a, sg_zvec b, sg_zvec c, sg_zvec d) {
+  return sg_reduce4(sg_split(a), sg_split(b), sg_split(c), sg_split(d));
+}
 
 // MR input rows x NR weight rows: x rows at x + i*ldx, weight rows at w + r*ldw, outputs at y + i*ldy + r.
-template <int MR, int NR, typename W>
+// V: the vector type of the lanes (sg_vec, or sg_zvec where 64-byte registers exist).
+template <int MR, int NR, typename W, typename V = sg_vec>
 HASS_SG_INLINE void sg_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, const float* bias,
                              float* y, int64_t ldy) {
-  sg_vec acc[MR][NR];
+  using L = sg_lanes<V>;
+  V acc[MR][NR];
   for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) acc[i][r] = sg_vec{};
+    for (int r = 0; r < NR; ++r) acc[i][r] = V{};
   int64_t k = 0;
   for (; k + kSgLanes <= K; k += kSgLanes) {
-    sg_vec wv[NR];
+    V wv[NR];
     for (int r = 0; r < NR; ++r) {
-      wv[r] = sg_load(w + r * ldw + k);
+      wv[r] = L::load(w + r * ldw + k);
       __builtin_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kSgPrefetchBytes, 0, kSgPrefetchLocality);
     }
     for (int i = 0; i < MR; ++i) {
-      const sg_vec xv = sg_load(x + i * ldx + k);
+      const V xv = L::load(x + i * ldx + k);
       for (int r = 0; r < NR; ++r) acc[i][r] += xv * wv[r];
     }
   }
   if (k < K) {  // the tail lands in lanes 0..K-k-1, as the lane rule says (k is a multiple of 16 here)
-    sg_vec wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = sg_load_tail(w + r * ldw + k, K - k);
+    V wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = L::load_tail(w + r * ldw + k, K - k);
     for (int i = 0; i < MR; ++i) {
-      const sg_vec xv = sg_load_tail(x + i * ldx + k, K - k);
+      const V xv = L::load_tail(x + i * ldx + k, K - k);
       for (int r = 0; r < NR; ++r) acc[i][r] += xv * wv[r];
     }
   }
@@ -241,26 +312,26 @@ HASS_SG_INLINE void sg_block(const float* x, int64_t ldx, const W* w, int64_t ld
 }
 
 // rows < MR remaining rows (1 <= rows): one block of exactly that many.
-template <int MR, int R, typename W>
+template <int MR, int R, typename W, typename V = sg_vec>
 HASS_SG_INLINE void sg_tail(const float* x, int64_t rows, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                             const float* bias, float* y, int64_t ldy) {
   if (rows == MR) {
-    sg_block<MR, R, W>(x, ldx, w, ldw, K, bias, y, ldy);
+    sg_block<MR, R, W, V>(x, ldx, w, ldw, K, bias, y, ldy);
   } else if constexpr (MR > 1) {
-    sg_tail<MR - 1, R, W>(x, rows, ldx, w, ldw, K, bias, y, ldy);
+    sg_tail<MR - 1, R, W, V>(x, rows, ldx, w, ldw, K, bias, y, ldy);
   }
 }
 
 // All M rows of x against the R weight rows starting at row n (MR input rows at a time).
-template <int MR, int R, typename W>
+template <int MR, int R, typename W, typename V = sg_vec>
 HASS_SG_INLINE void sg_row_block(const float* x, int64_t M, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                                  const float* bias, float* y, int64_t ldy, int64_t n) {
   const W* wn = w + n * ldw;
   const float* bn = bias ? bias + n : nullptr;
   int64_t m = 0;
-  for (; m + MR <= M; m += MR) sg_block<MR, R, W>(x + m * ldx, ldx, wn, ldw, K, bn, y + m * ldy + n, ldy);
+  for (; m + MR <= M; m += MR) sg_block<MR, R, W, V>(x + m * ldx, ldx, wn, ldw, K, bn, y + m * ldy + n, ldy);
   if constexpr (MR > 1) {  // the last M mod MR rows in one block
-    if (m < M) sg_tail<MR - 1, R, W>(x + m * ldx, M - m, ldx, wn, ldw, K, bn, y + m * ldy + n, ldy);
+    if (m < M) sg_tail<MR - 1, R, W, V>(x + m * ldx, M - m, ldx, wn, ldw, K, bn, y + m * ldy + n, ldy);
   }
 }
 
@@ -268,12 +339,12 @@ HASS_SG_INLINE void sg_row_block(const float* x, int64_t M, int64_t ldx, const W
 // groups of MR while the block is still in L1. x [M, K] (row stride ldx), w [N, K] (row stride ldw; float, or
 // uint16_t holding bf16, or sg_f16), y [M, N] (row stride ldy); bias [N] or null. (No lambdas: they would not inherit the
 // caller's target attributes.)
-template <int MR, int NR, typename W>
+template <int MR, int NR, typename W, typename V = sg_vec>
 HASS_SG_INLINE void sg_rows(const float* x, int64_t M, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                             const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) sg_row_block<MR, NR, W>(x, M, ldx, w, ldw, K, bias, y, ldy, n);
-  for (; n < n1; ++n) sg_row_block<MR, 1, W>(x, M, ldx, w, ldw, K, bias, y, ldy, n);
+  for (; n + NR <= n1; n += NR) sg_row_block<MR, NR, W, V>(x, M, ldx, w, ldw, K, bias, y, ldy, n);
+  for (; n < n1; ++n) sg_row_block<MR, 1, W, V>(x, M, ldx, w, ldw, K, bias, y, ldy, n);
 }
 
 // ---- the product with a row-major w: y[m, n] += sum_k x[m, k] * w[k, n] ---------------------------------
