@@ -225,23 +225,15 @@ HASS_SG_INLINE sg_zvec sg_zload_tail(const W* p, int64_t count) {
   return sg_join(sg_load_tail(p, count));
 }
 
-// The vector type a block computes in: loads and zero per type (sg_block and sg_acc_* take it as a parameter).
-template <typename V>
-struct sg_lanes;
-template <>
-struct sg_lanes<sg_vec> {
-  template <typename T>
-  static HASS_SG_INLINE sg_vec load(const T* p) { return sg_load(p); }
-  template <typename T>
-  static HASS_SG_INLINE sg_vec load_tail(const T* p, int64_t count) { return sg_load_tail(p, count); }
-};
-template <>
-struct sg_lanes<sg_zvec> {
-  template <typename T>
-  static HASS_SG_INLINE sg_zvec load(const T* p) { return sg_zload(p); }
-  template <typename T>
-  static HASS_SG_INLINE sg_zvec load_tail(const T* p, int64_t count) { return sg_zload_tail(p, count); }
-};
+// Loads into the vector type a block computes in (sg_block's V: sg_vec or sg_zvec), picked by a value of that type.
+template <typename T>
+HASS_SG_INLINE sg_vec sg_load_as(sg_vec, const T* p) { return sg_load(p); }
+template <typename T>
+HASS_SG_INLINE sg_zvec sg_load_as(sg_zvec, const T* p) { return sg_zload(p); }
+template <typename T>
+HASS_SG_INLINE sg_vec sg_load_tail_as(sg_vec, const T* p, int64_t count) { return sg_load_tail(p, count); }
+template <typename T>
+HASS_SG_INLINE sg_zvec sg_load_tail_as(sg_zvec, const T* p, int64_t count) { return sg_zload_tail(p, count); }
 
 HASS_SG_INLINE void sg_store(float* p, sg_vec v, int64_t count) {  // the first count <= 16 lanes
   if (count == kSgLanes) {
@@ -277,7 +269,6 @@ HASS_SG_INLINE sg_vec4 sg_reduce4(sg_zvec a, sg_zvec b, sg_zvec c, sg_zvec d) {
 template <int MR, int NR, typename W, typename V = sg_vec>
 HASS_SG_INLINE void sg_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, const float* bias,
                              float* y, int64_t ldy) {
-  using L = sg_lanes<V>;
   V acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = V{};
@@ -285,19 +276,19 @@ HASS_SG_INLINE void sg_block(const float* x, int64_t ldx, const W* w, int64_t ld
   for (; k + kSgLanes <= K; k += kSgLanes) {
     V wv[NR];
     for (int r = 0; r < NR; ++r) {
-      wv[r] = L::load(w + r * ldw + k);
+      wv[r] = sg_load_as(V{}, w + r * ldw + k);
       __builtin_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kSgPrefetchBytes, 0, kSgPrefetchLocality);
     }
     for (int i = 0; i < MR; ++i) {
-      const V xv = L::load(x + i * ldx + k);
+      const V xv = sg_load_as(V{}, x + i * ldx + k);
       for (int r = 0; r < NR; ++r) acc[i][r] += xv * wv[r];
     }
   }
   if (k < K) {  // the tail lands in lanes 0..K-k-1, as the lane rule says (k is a multiple of 16 here)
     V wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = L::load_tail(w + r * ldw + k, K - k);
+    for (int r = 0; r < NR; ++r) wv[r] = sg_load_tail_as(V{}, w + r * ldw + k, K - k);
     for (int i = 0; i < MR; ++i) {
-      const V xv = L::load_tail(x + i * ldx + k, K - k);
+      const V xv = sg_load_tail_as(V{}, x + i * ldx + k, K - k);
       for (int r = 0; r < NR; ++r) acc[i][r] += xv * wv[r];
     }
   }
