@@ -3,12 +3,14 @@
 Sizing the tree for the device (``total_tokens="auto"``) needs the cost of a round here, which only a measurement
 gives. Measuring takes a while and its result varies a little from run to run; a choice that flips between runs
 changes the sampled text for a given seed. So the measurement is written under ``target.cache_dir()/calibration``
-(one small JSON file per device, target, draft, dtype, torch and hass_ext version) and read back by later
-processes: a given seed and options then give the same text on every run.
+(one small JSON file per device, target, draft, dtype, torch and hass_ext version and build of the compiled
+kernels) and read back by later processes: a given seed and options then give the same text on every run. A
+rebuilt extension (new kernels, other speeds) measures again.
 
 A cache file that cannot be read, or that belongs to another key, is ignored with a warning and measured again.
 ``HASS_EXT_RECALIBRATE=1`` (or ``recalibrate=True``) measures again and replaces it.
 """
+import functools
 import hashlib
 import json
 import os
@@ -75,11 +77,25 @@ def draft_identity(draft) -> Optional[dict]:
             "dtype": str(draft.dtype)}
 
 
+@functools.lru_cache(maxsize=1)
+def kernels_identity() -> str:
+    """The build of the compiled kernels in this process (size and modification time of hass_ext._C's file): a
+    rebuild changes it, so costs measured with other kernels are not reused."""
+    from . import _C
+
+    try:
+        st = os.stat(_C.__file__)
+    except (OSError, TypeError, AttributeError):
+        return "unknown"
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
 def calibration_key(kind: str, target, draft=None, **settings) -> dict:
-    """What a measurement depends on: the device, the target, the draft, their dtype and the software."""
+    """What a measurement depends on: the device, the target, the draft, their dtype and the software (torch,
+    hass_ext and the build of its kernels)."""
     return {"kind": kind, "device": device_name(target.device), "target": target_identity(target),
             "draft": draft_identity(draft), "torch": torch.__version__, "hass_ext": __version__,
-            "settings": settings}
+            "kernels": kernels_identity(), "settings": settings}
 
 
 def _path(key: dict) -> str:

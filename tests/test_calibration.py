@@ -82,6 +82,21 @@ def test_cached_result_of_the_wrong_shape_is_measured_again(cache):
         assert calibrated(KEY, _measure(calls), 1, check=check).source == "measured"
 
 
+def test_key_names_the_kernel_build_and_a_rebuild_measures_again(cache, monkeypatch):
+    from tiny_models import tiny_target
+
+    target = tiny_target()
+    key = calibration.calibration_key("test", target, None, context=1)
+    assert key["kernels"] == calibration.kernels_identity() != "unknown"
+    calls = []
+    assert calibrated(key, _measure(calls), 1).source == "measured"
+    same = calibration.calibration_key("test", target, None, context=1)
+    assert calibrated(same, _measure(calls), 1).source == "cache"
+    monkeypatch.setattr(calibration, "kernels_identity", lambda: "another build")  # the extension was rebuilt
+    rebuilt = calibration.calibration_key("test", target, None, context=1)
+    assert rebuilt["kernels"] == "another build" and calibrated(rebuilt, _measure(calls), 1).source == "measured"
+
+
 SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
