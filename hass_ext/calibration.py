@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import _C  # the compiled kernels, whose build the key names
 from ._version import __version__
 from .atomic_io import atomic_write_json
 from .target import cache_dir
@@ -81,8 +82,6 @@ def draft_identity(draft) -> Optional[dict]:
 def kernels_identity() -> str:
     """The build of the compiled kernels in this process (size and modification time of hass_ext._C's file): a
     rebuild changes it, so costs measured with other kernels are not reused."""
-    from . import _C
-
     try:
         st = os.stat(_C.__file__)
     except (OSError, TypeError, AttributeError):
