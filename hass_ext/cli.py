@@ -509,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-prompts", type=int, default=12)
     t.add_argument("--max-new-tokens", type=int, default=96)
     t.add_argument("--shapes", nargs="+", metavar="NODES:DEPTH:TOPK", default=None,
-                   help="tree shapes to measure (default: chains, small trees and the EAGLE-2 trees)")
+                   help="tree shapes to measure (default: chains, shallow wide trees, small trees and the EAGLE-2 "
+                        "trees)")
     _add_model_args(t)
     t.set_defaults(func=cmd_tree_profile)
 
