@@ -10,7 +10,9 @@ takes the medians of --repeats turns); the table holds the median over the passe
 
 Writes bench/results/tree_shapes_<device>[-<dtype>].{json,md}.
 """
+import os
 import statistics
+import sys
 
 import torch
 
@@ -20,17 +22,15 @@ import hass_ext
 from hass_ext import tree_choice
 from hass_ext.draft_io import default_draft_path
 
+# the random Llama targets of the tests, for --quick (tests/tiny_models.py)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from tiny_models import tiny_target  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def tiny():
     """A tiny random target and draft with a made-up profile (for --quick)."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from tiny_models import tiny_target
-
     target = tiny_target()
     draft = hass_ext.init_draft(target)
     draft.tree_profile = {"shapes": [{"total_tokens": n, "depth": d, "tree_topk": k, "tau": 1.0 + 0.1 * n}
@@ -49,8 +49,7 @@ def main():
     else:
         target = hass_ext.load_target(dtype=DTYPES[args.dtype], device=args.device)
         draft = hass_ext.load_draft(default_draft_path(target), target=target)
-    profile = draft.tree_profile
-    taus = {(s["total_tokens"], s["depth"], s["tree_topk"]): float(s["tau"]) for s in profile["shapes"]}
+    taus = tree_choice._profile_shapes(draft.tree_profile)
     passes = [tree_choice.measure_costs(target, draft, list(taus), taus, repeats=2 if args.quick else args.repeats)
               for _ in range(1 if args.quick else args.passes)]
     vanilla = statistics.median(v for _, v in passes)

@@ -30,10 +30,8 @@ from hass_ext.train.token_map import hot_vocabulary, template_token_ids, token_f
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = (4096, 8192, 16384)
-# the shapes profiled for the shipped drafts: chains and small trees for CPUs, the EAGLE-2 tree for GPUs
-SHAPES = ((2, 1, 1), (3, 2, 1), (4, 3, 1), (5, 4, 1), (6, 5, 1), (3, 1, 2), (4, 1, 3), (4, 2, 2), (5, 2, 2),
-          (6, 2, 3), (5, 3, 2), (6, 3, 2), (8, 3, 3), (8, 4, 2), (10, 5, 2), (10, 4, 3), (12, 4, 3), (12, 5, 3),
-          (16, 5, 4), (24, 6, 4), (60, 6, 10))
+# the shapes profiled for the shipped drafts: those `hass-ext tree-profile` measures by default
+SHAPES = tree_choice.DEFAULT_SHAPES
 
 
 def destination(mode: str, target_name: str) -> str:

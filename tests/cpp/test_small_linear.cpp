@@ -48,6 +48,20 @@ void check_shape(int64_t M, int64_t N, int64_t K, bool with_bias, std::mt19937& 
   }
 }
 
+// bf16 bit patterns by truncation (any bf16 pattern will do) and their exact fp32 values.
+uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return uint16_t(u >> 16);
+}
+
+float bf16_value(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 // A bf16 weight (raw 16-bit patterns) gives exactly the fp32 result with the widened weight, tails included.
 template <int MR, int NR>
 void check_bf16(int64_t M, int64_t N, int64_t K, std::mt19937& rng) {
@@ -57,12 +71,8 @@ void check_bf16(int64_t M, int64_t N, int64_t K, std::mt19937& rng) {
   for (auto& v : x) v = d(rng);
   for (auto& v : b) v = d(rng);
   for (int64_t i = 0; i < N * K; ++i) {
-    const float f = d(rng);
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    w16[i] = uint16_t(u >> 16);  // truncation: any bf16 pattern will do
-    u = uint32_t(w16[i]) << 16;
-    std::memcpy(&wide[i], &u, 4);
+    w16[i] = bf16_bits(d(rng));
+    wide[i] = bf16_value(w16[i]);
   }
   hass::sg_rows<MR, NR>(x.data(), M, K, w16.data(), K, K, b.data(), y.data(), N, 0, N);
   hass::sg_rows<MR, NR>(x.data(), M, K, wide.data(), K, K, b.data(), y32.data(), N, 0, N);
@@ -81,11 +91,8 @@ void check_acc(int64_t M, int64_t N, int64_t K, std::mt19937& rng) {
   for (auto& v : y0) v = d(rng);
   for (int64_t i = 0; i < K * ldw; ++i) {
     w[i] = d(rng);
-    uint32_t u;
-    std::memcpy(&u, &w[i], 4);
-    w16[i] = uint16_t(u >> 16);
-    u = uint32_t(w16[i]) << 16;
-    std::memcpy(&wide[i], &u, 4);
+    w16[i] = bf16_bits(w[i]);
+    wide[i] = bf16_value(w16[i]);
   }
   y = y0;
   hass::sg_acc_rows<MR>(x.data(), M, K, w.data(), ldw, K, y.data(), ldy, N);
@@ -157,9 +164,7 @@ void check_zvec(std::mt19937& rng) {
         for (auto& v : b) v = d(rng);
         for (int64_t i = 0; i < N * K; ++i) {
           w[i] = d(rng);
-          uint32_t u;
-          std::memcpy(&u, &w[i], 4);
-          bf[i] = uint16_t(u >> 16);
+          bf[i] = bf16_bits(w[i]);
           fp[i].bits = uint16_t((rng() & 0x83ff) | ((rng() % 30 + 1) << 10));  // finite fp16, subnormals aside
         }
         check_zvec_bits(x, M, K, w, N, M % 2 ? b.data() : nullptr);
